@@ -1,0 +1,739 @@
+"""DPO (Direct Preference Optimization), with an optional SFT stage first, in one file.
+
+DPO (Rafailov et al., 2023, arXiv 2305.18290, eq. 7) trains the policy directly on preference pairs: with the
+implicit reward  r(x, y) = beta * [log pi(y|x) - log pi_ref(y|x)],  it minimises the Bradley-Terry loss
+    L = -log sigmoid( r(x, y_w) - r(x, y_l) )
+against a frozen reference policy pi_ref (here: the SFT model). Options: conservative DPO (label smoothing eps,
+L = -(1-eps) log sig(h) - eps log sig(-h)) and IPO (Azar et al., 2023: L = (h/beta - 1/(2 beta))^2, h the
+beta-scaled margin). In AIHF's terms (Li et al., ICLR 2025, arXiv 2406.06874) this is the special case with
+an implicit reward and no demonstration term.
+
+Stages: (1) SFT on demonstrations (next-token cross-entropy, prompt masked; --sft_epochs 0 skips it), then
+(2) DPO with the SFT model as reference. The reference log-probs are computed once before DPO, so no second
+model sits in memory while training. Log-probs never materialise the (tokens x vocab) logits: a chunked loop
+over the LM head computes the loss and its gradients chunk by chunk (see "Fused losses" below).
+
+    python dpo_llm.py                                   # embedded digit-sorting task, offline, CPU, minutes
+    python dpo_llm.py --model_name_or_path EleutherAI/pythia-160m --dataset_name Anthropic/hh-rlhf \
+        --max_length 512 --max_prompt_length 384 --learning_rate 5e-7 --sft_learning_rate 1e-5 --bf16
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import tyro
+
+try:  # the embedded task is the one module shared by the LLM scripts; a copied script runs without it
+    from sort_task import SortTaskConfig
+except ImportError:  # pragma: no cover
+
+    @dataclass
+    class SortTaskConfig:
+        pass
+
+
+@dataclass
+class Args:
+    exp_name: str = "dpo_llm"
+    """name of the experiment (prefix of the run directory)"""
+    seed: int = 1
+    """seed of the run (data order, sampling)"""
+    run_name: Optional[str] = None
+    """run directory name under --output_dir (default: {exp_name}__{seed}__{unix time})"""
+    output_dir: str = "runs"
+    """where run directories are written"""
+    resume: Optional[str] = None
+    """a run directory to continue: its config.json replaces the other flags"""
+
+    # Model and data
+    model_name_or_path: Optional[str] = None
+    """policy to start from (hub id or local dir); default: the embedded task's base model pi0"""
+    dataset_name: Optional[str] = None
+    """preference data: hub id (e.g. Anthropic/hh-rlhf) or local dir/.jsonl/.json/.parquet; default: embedded task"""
+    dataset_split: str = "train"
+    """split used for training"""
+    eval_split: str = "test"
+    """split for held-out pairs; if missing, the last --num_eval_prefs training pairs are held out"""
+    sft_dataset_name: Optional[str] = None
+    """demonstrations (prompt/completion) for SFT; default: the chosen responses of the preference data"""
+    num_eval_prefs: int = 512
+    """held-out pairs scored for preference accuracy (real data)"""
+    max_length: int = 64
+    """longest prompt + response in tokens; responses are truncated to fit"""
+    max_prompt_length: int = 32
+    """pairs whose prompt is longer than this are dropped (counted and reported)"""
+
+    # SFT stage
+    sft_epochs: int = 3
+    """epochs of SFT on the demonstrations before DPO (0 = start DPO from the given model)"""
+    sft_learning_rate: float = 3e-4
+    """AdamW learning rate of SFT"""
+
+    # DPO stage
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO) or ipo"""
+    beta: float = 0.1
+    """KL weight beta of the implicit reward (paper: 0.1)"""
+    label_smoothing: float = 0.0
+    """conservative DPO: assumed probability that a preference label is flipped (0 = plain DPO)"""
+    num_epochs: int = 4
+    """epochs of DPO over the preference pairs"""
+    learning_rate: float = 5e-5
+    """AdamW learning rate of DPO"""
+    batch_size: int = 32
+    """examples (pairs in DPO, demonstrations in SFT) per optimizer step"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step (batch_size must be divisible by it)"""
+    warmup_ratio: float = 0.1
+    """share of each stage's steps with a linear learning-rate warm-up (then linear decay to 0)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    logprob_chunk_size: int = 1024
+    """tokens per chunk of the fused LM-head loss: memory ~ chunk x vocab instead of tokens x vocab"""
+
+    # Evaluation, logging, checkpoints, hardware
+    eval_every: int = 50
+    """evaluate held-out preference accuracy every this many DPO steps"""
+    save_every: int = 100
+    """write a checkpoint every this many optimizer steps (0 = only at stage ends)"""
+    device: str = "auto"
+    """cpu, cuda or auto"""
+    bf16: bool = False
+    """bfloat16 autocast (GPU); master weights stay fp32"""
+    num_threads: int = 0
+    """torch CPU threads (0 = torch's default)"""
+    task: SortTaskConfig = field(default_factory=SortTaskConfig)
+    """the embedded task (used when --dataset_name is not given)"""
+
+
+def fail(message: str):
+    """Bad input: one line naming the problem and the fix, exit code 1."""
+    sys.exit(f"error: {message}")
+
+
+def validate_args(args: Args):
+    checks = [
+        (args.beta > 0, f"--beta must be > 0 (got {args.beta}); the DPO paper uses 0.1"),
+        (args.loss_type in ("sigmoid", "ipo"), f"unknown --loss_type {args.loss_type!r}; use sigmoid or ipo"),
+        (0 <= args.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5) (got {args.label_smoothing})"),
+        (args.batch_size > 0 and args.gradient_accumulation_steps > 0, "--batch_size and --gradient_accumulation_steps must be > 0"),
+        (args.batch_size % args.gradient_accumulation_steps == 0,
+         f"--batch_size {args.batch_size} is not divisible by --gradient_accumulation_steps {args.gradient_accumulation_steps}; "
+         "make it a multiple"),
+        (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be > 0 and < --max_length"),
+        (args.sft_epochs >= 0 and args.num_epochs >= 0, "--sft_epochs and --num_epochs must be >= 0"),
+        (args.logprob_chunk_size > 0, "--logprob_chunk_size must be > 0"),
+        (args.device in ("auto", "cpu", "cuda"), f"unknown --device {args.device!r}; use auto, cpu or cuda"),
+        (args.dataset_name is not None or args.model_name_or_path is None,
+         "--model_name_or_path needs --dataset_name (the embedded task comes with its own base model)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+
+
+# ==========================================================================================================
+# Data
+# ==========================================================================================================
+DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_table(name: str, split: str, required: bool = True):
+    """A datasets.Dataset from a local saved dataset / data file / folder, or from the hub."""
+    import datasets
+
+    path = os.path.expanduser(name)
+    saved_markers = ("dataset_info.json", "dataset_dict.json", "state.json")
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in saved_markers):
+        table = datasets.load_from_disk(path)
+    elif os.path.isfile(path):
+        kind = DATA_FILE_TYPES.get(os.path.splitext(path)[1])
+        if kind is None:
+            fail(f"unknown data file type {path!r}; use .jsonl, .json, .parquet or .csv")
+        if os.path.getsize(path) == 0:
+            fail(f"dataset file {path!r} is empty; give a file with preference pairs")
+        try:
+            table = datasets.load_dataset(kind, data_files={split: path})
+        except Exception as e:  # malformed json/parquet/csv
+            fail(f"could not read {path!r} as {kind} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); fix the file")
+    elif os.path.isdir(path):
+        table = datasets.load_dataset(path)
+    elif name.startswith((".", "/", "~")) or os.path.splitext(name)[1] in DATA_FILE_TYPES:
+        fail(f"dataset path not found: {name!r}; give an existing file or folder, or a hub id like Anthropic/hh-rlhf")
+    else:
+        try:
+            table = datasets.load_dataset(name)
+        except Exception as e:  # offline, unknown id, gated ...
+            fail(f"could not load dataset {name!r} from the hub ({type(e).__name__}); check the id or pass a local path")
+    if isinstance(table, datasets.DatasetDict):
+        if split not in table:
+            if required:
+                fail(f"dataset {name!r} has no split {split!r} (it has {list(table)}); pick one with --dataset_split")
+            return None
+        table = table[split]
+    return table
+
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def split_hh(transcript: str):
+    """Anthropic-HH transcript -> (prompt up to and including the last '\\n\\nAssistant:', response)."""
+    cut = transcript.rfind(HH_ASSISTANT)
+    if cut < 0:
+        return None, None
+    cut += len(HH_ASSISTANT)
+    return transcript[:cut], transcript[cut:]
+
+
+def preference_pairs(table, name: str):
+    """prompt/chosen/rejected lists from a table with those columns, or HH-style chosen/rejected transcripts."""
+    columns = set(table.column_names)
+    if {"prompt", "chosen", "rejected"} <= columns:
+        return list(table["prompt"]), list(table["chosen"]), list(table["rejected"])
+    if {"chosen", "rejected"} <= columns:  # Anthropic-HH: the prompt is the shared transcript prefix
+        prompts, chosen, rejected, unmatched = [], [], [], 0
+        for c, r in zip(table["chosen"], table["rejected"]):
+            prompt, c_response = split_hh(c)
+            if prompt is None or not r.startswith(prompt):
+                unmatched += 1
+                continue
+            prompts.append(prompt)
+            chosen.append(c_response)
+            rejected.append(r[len(prompt):])
+        if unmatched:
+            print(f"[data] {name}: skipped {unmatched} HH pairs whose chosen/rejected do not share the prompt")
+        return prompts, chosen, rejected
+    fail(f"dataset {name!r} lacks the columns prompt/chosen/rejected (or HH-style chosen/rejected); "
+         f"found {sorted(columns)}")
+
+
+def demonstrations(table, name: str):
+    columns = set(table.column_names)
+    if {"prompt", "completion"} <= columns:
+        return list(table["prompt"]), list(table["completion"])
+    if "chosen" in columns:  # preference data reused as demonstrations: the chosen responses
+        prompts, chosen, _ = preference_pairs(table, name)
+        return prompts, chosen
+    fail(f"SFT dataset {name!r} lacks the columns prompt/completion; found {sorted(columns)}")
+
+
+def tokenize_examples(tokenizer, prompts, responses_per_prompt, args: Args, what: str):
+    """Token ids of each prompt and its responses (+EOS). Drops over-long prompts, truncates responses."""
+    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    responses = [tokenizer(list(r), add_special_tokens=False)["input_ids"] for r in responses_per_prompt]
+    kept, dropped, truncated = [], 0, 0
+    for i, p in enumerate(prompt_ids):
+        if len(p) > args.max_prompt_length:
+            dropped += 1
+            continue
+        budget = args.max_length - len(p) - 1  # room left for the response and its EOS
+        row = []
+        for rs in responses:
+            truncated += len(rs[i]) > budget
+            row.append(rs[i][:budget] + [tokenizer.eos_token_id])
+        kept.append((p, *row))
+    if dropped or truncated:
+        print(f"[data] {what}: dropped {dropped} of {len(prompt_ids)} examples whose prompt exceeds "
+              f"--max_prompt_length={args.max_prompt_length}; truncated {truncated} responses to fit --max_length={args.max_length}")
+    if not kept:
+        fail(f"{what}: no examples left (all {len(prompt_ids)} prompts exceed --max_prompt_length="
+             f"{args.max_prompt_length}, or the data is empty); raise --max_prompt_length or check the data")
+    return kept
+
+
+def collate(sequences, loss_starts, pad_id):
+    """Right-padded batch: input ids, attention mask and the targets of each position (-100 = no loss).
+
+    Targets are shifted here, once: targets[:, t] is the token at t+1, so hidden state t predicts it."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    targets = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for i, (s, start) in enumerate(zip(sequences, loss_starts)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        targets[i, start - 1 : len(s) - 1] = torch.tensor(s[start:])
+    return ids, mask, targets
+
+
+def pair_batch(examples, pad_id):
+    """Chosen and rejected of each pair as adjacent rows [c0, r0, c1, r1, ...]: one forward for both, and a
+    chunk of whole pairs is a contiguous block of rows (the fused DPO loss needs whole pairs per chunk)."""
+    sequences, starts = [], []
+    for prompt, chosen, rejected in examples:
+        sequences += [prompt + chosen, prompt + rejected]
+        starts += [len(prompt), len(prompt)]
+    return collate(sequences, starts, pad_id)
+
+
+def sft_batch(examples, pad_id):
+    return collate([p + c for p, c in examples], [len(p) for p, _ in examples], pad_id)
+
+
+def batch_order(num_examples, batch_size, epochs, seed):
+    """Index lists of every optimizer step, reshuffled each epoch, deterministic (resume skips a prefix)."""
+    steps = []
+    for epoch in range(epochs):
+        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        steps += [order[i : i + batch_size].tolist() for i in range(0, num_examples - batch_size + 1, batch_size)]
+    return steps
+
+
+# ==========================================================================================================
+# Fused losses: log-probs through the LM head, chunk by chunk
+# ==========================================================================================================
+# Naively, log p(y_t) needs logits = hidden @ W^T for all N tokens: an (N, V) tensor, plus its log-softmax,
+# plus their gradients: 4 x N x V floats (N = 4096 tokens, V = 50304: 3.3 GB in fp32). Here the tokens are
+# cut into chunks of C: each chunk's (C, V) logits are made, used and freed, so memory is ~ C x V.
+#
+# Where the loss is a function of per-sequence sums of log-probs whose gradient is known once the chunk is
+# scored (SFT cross-entropy; DPO over whole pairs with precomputed reference log-probs), the gradients w.r.t.
+# hidden states and LM-head weight are computed *inside the forward*, chunk by chunk (FusedLinearLoss), so the
+# logits are never recomputed. ChunkedLogprobs is the general path (per-token log-probs for any downstream
+# use): it keeps only the log-sum-exp per token and recomputes each chunk's logits in the backward.
+#
+# For log p(y) = z_y - logsumexp(z):  d log p(y) / dz = onehot(y) - softmax(z).
+
+
+def _chunk_logits(hidden, weight, start, end):
+    """fp32 logits of one chunk (bf16 inputs: bf16 matmul, fp32 softmax math)."""
+    return (hidden[start:end] @ weight.t()).float()
+
+
+class ChunkedLogprobs(torch.autograd.Function):
+    """Per-token log p(target) from hidden (N, D) and LM-head weight (V, D); targets == ignore_index give 0."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int = -100):
+        weight = weight.to(hidden.dtype)
+        valid = targets != ignore_index
+        safe_targets = targets.masked_fill(~valid, 0)
+        logps = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.zeros_like(logps)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            logits = _chunk_logits(hidden, weight, start, end)
+            lse[start:end] = logits.logsumexp(-1)
+            logps[start:end] = logits.gather(1, safe_targets[start:end, None]).squeeze(1) - lse[start:end]
+        logps = logps.masked_fill(~valid, 0.0)
+        ctx.save_for_backward(hidden, weight, safe_targets, valid, lse)
+        ctx.chunk_size = chunk_size
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, targets, valid, lse = ctx.saved_tensors
+        grad_logps = grad_logps.float().masked_fill(~valid, 0.0)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            logits = _chunk_logits(hidden, weight, start, end)  # recomputed: nothing (N, V) was kept
+            g = grad_logps[start:end]
+            grad_logits = _grad_logits_(logits, lse[start:end], targets[start:end], g).to(hidden.dtype)
+            grad_hidden[start:end] = grad_logits @ weight
+            grad_weight += (grad_logits.t() @ hidden[start:end]).float()
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _grad_logits_(logits, lse, targets, grad_logp):
+    """In place on `logits`: dL/dz = g * (onehot(y) - softmax(z)), for dL/dlog p(y) = g per row."""
+    probs = logits.sub_(lse[:, None]).exp_()
+    grad = probs.mul_(-grad_logp[:, None])
+    grad[torch.arange(len(targets), device=grad.device), targets] += grad_logp
+    return grad
+
+
+class FusedLinearLoss(torch.autograd.Function):
+    """loss = loss_fn(per-row sums of log p(target), first_row, end_row), summed over chunks of whole groups.
+
+    hidden (N, D): one row per scored token; targets (N,); rows (N,) the sequence each token belongs to,
+    non-decreasing. A chunk never splits a group of `rows_per_group` consecutive rows (2 for a DPO pair), so
+    loss_fn sees complete per-row sums and its gradient d loss / d row-log-prob is exact inside the chunk.
+    Returns the loss (gradients already computed; backward only scales them) and the row log-prob sums."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows, num_rows: int, rows_per_group: int, chunk_size: int, loss_fn):
+        cast_weight = weight.to(hidden.dtype)
+        n = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        row_logps = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # Chunk boundaries: the first token of each group, grouped by which chunk_size bucket it falls in.
+        group = rows // rows_per_group
+        group_starts = torch.cat([group.new_zeros(1), torch.nonzero(group[1:] != group[:-1]).squeeze(1) + 1])
+        bucket = group_starts // chunk_size
+        starts = group_starts[torch.cat([bucket.new_ones(1, dtype=torch.bool), bucket[1:] != bucket[:-1]])]
+        ends = torch.cat([starts[1:], starts.new_full((1,), n)])
+        first_rows = rows[starts] // rows_per_group * rows_per_group
+        plan = torch.stack([starts, ends, first_rows, rows[ends - 1] + 1]).t().tolist()  # the one host sync
+        for start, end, first_row, end_row in plan:
+            local_rows = rows[start:end] - first_row
+            span = end_row - first_row
+            logits = _chunk_logits(hidden, cast_weight, start, end)
+            lse = logits.logsumexp(-1)
+            token_logps = logits.gather(1, targets[start:end, None]).squeeze(1) - lse
+            chunk_rows = torch.zeros(span, dtype=torch.float32, device=hidden.device).index_add_(0, local_rows, token_logps)
+            row_logps[first_row:end_row] = chunk_rows
+            # The loss on this chunk's rows, and d loss / d row-log-prob, by autograd on a tiny tensor.
+            with torch.enable_grad():
+                x = chunk_rows.detach().requires_grad_()
+                chunk_loss = loss_fn(x, first_row, end_row)
+                (grad_rows,) = torch.autograd.grad(chunk_loss, x)
+            loss += chunk_loss.detach()
+            grad_logits = _grad_logits_(logits, lse, targets[start:end], grad_rows[local_rows]).to(hidden.dtype)
+            grad_hidden[start:end] = grad_logits @ cast_weight
+            grad_weight += (grad_logits.t() @ hidden[start:end]).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(row_logps)
+        return loss, row_logps
+
+    @staticmethod
+    def backward(ctx, grad_loss, _unused):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss, None, None, None, None, None, None
+
+
+def dpo_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type, label_smoothing):
+    """Per-pair DPO / conservative DPO / IPO loss on sequence log-probs, and the implicit rewards."""
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
+    margin = chosen_rewards - rejected_rewards
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    else:  # ipo: regress the log-ratio margin h/beta onto 1/(2 beta)
+        losses = (margin / beta - 1 / (2 * beta)) ** 2
+    return losses, chosen_rewards, rejected_rewards
+
+
+# ==========================================================================================================
+# Models
+# ==========================================================================================================
+def load_policy(path: str, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
+        fail(f"model path not found: {path!r}; give a saved model directory or a hub id like EleutherAI/pythia-160m")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        fail(f"could not load the tokenizer of {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
+    if tokenizer.eos_token_id is None:
+        fail(f"tokenizer of {path!r} has no EOS token; set one (tokenizer.eos_token) and save it")
+    if tokenizer.pad_token_id is None:  # e.g. Pythia; padding is masked by attention masks and -100 targets
+        tokenizer.pad_token = tokenizer.eos_token
+        print(f"[model] tokenizer has no pad token: using EOS {tokenizer.eos_token!r} for padding (masked out)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    except (OSError, ValueError) as e:
+        fail(f"could not load model {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        fail(f"{path!r} has an LM head with a bias, which the fused log-prob path does not handle")
+    return model, tokenizer
+
+
+def hidden_states(model, ids, mask):
+    """Last hidden states (B, T, D) of the backbone, without the LM head (the fused losses apply it)."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # correct for left or right padding
+    return model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+
+
+def scored_tokens(model, ids, mask, targets):
+    """Hidden states, targets and row index of the positions that carry a target (prompt/padding skipped)."""
+    hidden = hidden_states(model, ids, mask)
+    keep = targets != -100
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(targets)[keep]
+    return hidden[keep], targets[keep], rows
+
+
+@torch.no_grad()
+def sequence_logps(model, batches, chunk_size, device, autocast):
+    """Sum of response log-probs of each row of each (ids, mask, targets) batch, concatenated."""
+    model.eval()
+    out = []
+    for ids, mask, targets in batches:
+        ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
+        with autocast:
+            hidden, flat_targets, rows = scored_tokens(model, ids, mask, targets)
+        token_logps = ChunkedLogprobs.apply(hidden, model.get_output_embeddings().weight, flat_targets, chunk_size)
+        out.append(torch.zeros(ids.shape[0], device=device).index_add_(0, rows, token_logps))
+    model.train()
+    return torch.cat(out).cpu()
+
+
+# ==========================================================================================================
+# Checkpoints
+# ==========================================================================================================
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a killed run never leaves a truncated checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def linear_schedule(optimizer, total_steps, warmup_ratio):
+    warmup = max(1, int(total_steps * warmup_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
+    )
+
+
+# ==========================================================================================================
+# Main
+# ==========================================================================================================
+def main():
+    args = tyro.cli(Args)
+    if args.resume is not None:
+        checkpoint_path = os.path.join(args.resume, "checkpoint.pt")
+        if not os.path.exists(checkpoint_path):
+            fail(f"--resume {args.resume!r} holds no checkpoint.pt; point it at a run directory written by this script")
+        with open(os.path.join(args.resume, "config.json")) as f:
+            saved = json.load(f)
+        task = SortTaskConfig(**saved.pop("task"))
+        args = Args(**{**saved, "task": task, "resume": args.resume})
+    validate_args(args)
+    embedded = args.dataset_name is None
+    if embedded:
+        import sort_task
+
+        try:
+            sort_task.validate(args.task)
+        except ValueError as e:
+            fail(str(e))
+
+    import transformers
+    import datasets
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    started = time.time()
+
+    # ---- data (everything that can fail on bad input happens before the run directory exists) ----
+    if embedded:
+        task = sort_task.SortTask(args.task)
+        model_path = task.model_path
+        prefs, eval_prefs, demos = task.prefs, task.eval_prefs, task.demos
+        pref_train = preference_pairs(prefs, "embedded task")
+        pref_eval = preference_pairs(eval_prefs, "embedded task")
+        demo_prompts, demo_completions = demonstrations(demos, "embedded task")
+    else:
+        task, model_path = None, args.model_name_or_path or "EleutherAI/pythia-160m"
+        train_table = load_table(args.dataset_name, args.dataset_split)
+        if len(train_table) == 0:
+            fail(f"dataset {args.dataset_name!r} split {args.dataset_split!r} is empty; check the path or split")
+        pref_train = preference_pairs(train_table, args.dataset_name)
+        eval_table = load_table(args.dataset_name, args.eval_split, required=False)
+        if eval_table is not None and args.eval_split != args.dataset_split:
+            pref_eval = tuple(c[: args.num_eval_prefs] for c in preference_pairs(eval_table, args.dataset_name))
+        else:  # hold out the tail of the training pairs
+            held = min(args.num_eval_prefs, len(pref_train[0]) // 5)
+            pref_eval = tuple(c[len(c) - held :] for c in pref_train)
+            pref_train = tuple(c[: len(c) - held] for c in pref_train)
+            print(f"[data] no {args.eval_split!r} split: holding out the last {held} training pairs for evaluation")
+        if args.sft_dataset_name:
+            demo_prompts, demo_completions = demonstrations(load_table(args.sft_dataset_name, args.dataset_split), args.sft_dataset_name)
+        else:
+            demo_prompts, demo_completions = pref_train[0], pref_train[1]
+    model, tokenizer = load_policy(model_path, device)
+    train_pairs = tokenize_examples(tokenizer, pref_train[0], pref_train[1:], args, "preference pairs")
+    eval_pairs = tokenize_examples(tokenizer, pref_eval[0], pref_eval[1:], args, "held-out pairs") if pref_eval[0] else []
+    sft_examples = tokenize_examples(tokenizer, demo_prompts, [demo_completions], args, "demonstrations") if args.sft_epochs else []
+    micro = args.batch_size // args.gradient_accumulation_steps
+    for name, examples, epochs in (("preference pairs", train_pairs, args.num_epochs), ("demonstrations", sft_examples, args.sft_epochs)):
+        if epochs and len(examples) < args.batch_size:
+            fail(f"only {len(examples)} {name} for --batch_size {args.batch_size}; lower --batch_size or add data")
+
+    # ---- run directory, logging ----
+    if args.resume:
+        run_dir = args.resume
+        state = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+        model.load_state_dict(state["model"])
+    else:
+        run_dir = os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(asdict(args), os.path.join(run_dir, "config.json"))
+        state = {"stage": "sft" if args.sft_epochs else "dpo", "step": 0, "metrics": {}, "global_step": 0}
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(run_dir)
+    metrics = state["metrics"]
+    head_weight = model.get_output_embeddings().weight
+    print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(train_pairs)} pairs, {len(eval_pairs)} held-out pairs, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
+
+    def evaluate_gold(suffix):
+        """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task)."""
+        if task is None:
+            return {}
+        model.eval()
+        result = task.evaluate(model, tokenizer, seed=args.seed)
+        model.train()
+        print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
+        return {f"{k}{suffix}": v for k, v in result.items()}
+
+    def checkpoint(optimizer, scheduler, extra=None):
+        atomic_save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **(extra or {})},
+                    os.path.join(run_dir, "checkpoint.pt"))
+
+    if "gold_reward_init" not in metrics:
+        metrics.update(evaluate_gold("_init"))
+
+    def new_optimizer(lr, steps):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+        return optimizer, linear_schedule(optimizer, steps, args.warmup_ratio)
+
+    # ---- stage 1: SFT on demonstrations: -mean log pi(y_t | x, y_<t) over response tokens ----
+    if state["stage"] == "sft":
+        steps = batch_order(len(sft_examples), args.batch_size, args.sft_epochs, args.seed)
+        optimizer, scheduler = new_optimizer(args.sft_learning_rate, len(steps))
+        if state["step"]:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+        model.train()
+        for step in range(state["step"], len(steps)):
+            total_loss = torch.zeros((), device=device)
+            for m in range(args.gradient_accumulation_steps):
+                ids, mask, targets = (t.to(device) for t in sft_batch([sft_examples[i] for i in steps[step][m * micro : (m + 1) * micro]], tokenizer.pad_token_id))
+                num_tokens = (targets != -100).sum()
+                with autocast:
+                    hidden, flat_targets, _ = scored_tokens(model, ids, mask, targets)
+                # Each token is its own "row": cross-entropy is linear in the log-probs, so any chunking is exact.
+                scale = 1.0 / (num_tokens * args.gradient_accumulation_steps)
+                loss, _ = FusedLinearLoss.apply(hidden, head_weight, flat_targets, torch.arange(len(flat_targets), device=device),
+                                                len(flat_targets), 1, args.logprob_chunk_size, lambda lp, a, b: -lp.sum() * scale)
+                loss.backward()
+                total_loss += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"], state["global_step"] = step + 1, state["global_step"] + 1
+            if step % 20 == 0 or step + 1 == len(steps):
+                writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
+                writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
+                print(f"[sft] step {step + 1}/{len(steps)} loss {total_loss.item():.4f}")
+            if args.save_every and (step + 1) % args.save_every == 0:
+                checkpoint(optimizer, scheduler)
+        model.save_pretrained(os.path.join(run_dir, "sft_model"))
+        tokenizer.save_pretrained(os.path.join(run_dir, "sft_model"))
+        metrics.update(evaluate_gold("_sft"))
+        state.update(stage="dpo", step=0)
+        checkpoint(optimizer, scheduler)
+
+    # ---- stage 2: DPO against the frozen reference (the model as it enters this stage) ----
+    steps = batch_order(len(train_pairs), args.batch_size, args.num_epochs, args.seed + 1)
+    optimizer, scheduler = new_optimizer(args.learning_rate, len(steps))
+    eval_batches = [pair_batch(eval_pairs[i : i + micro], tokenizer.pad_token_id) for i in range(0, len(eval_pairs), micro)]
+    if state["step"] == 0 or "ref_logps" not in state:  # reference log-probs, once: no second model in memory
+        state["ref_logps"] = sequence_logps(model, [pair_batch(train_pairs[i : i + micro], tokenizer.pad_token_id)
+                                                    for i in range(0, len(train_pairs), micro)],
+                                            args.logprob_chunk_size, device, autocast)
+        state["eval_ref_logps"] = sequence_logps(model, eval_batches, args.logprob_chunk_size, device, autocast)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+    ref_logps = state["ref_logps"].view(-1, 2)  # (pairs, [chosen, rejected])
+
+    def preference_accuracy():
+        """Held-out pairs where the implicit reward ranks chosen above rejected."""
+        if not eval_pairs:
+            return {}
+        logps = sequence_logps(model, eval_batches, args.logprob_chunk_size, device, autocast).view(-1, 2)
+        ref = state["eval_ref_logps"].view(-1, 2)
+        _, chosen_r, rejected_r = dpo_losses(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], args.beta, args.loss_type, 0.0)
+        return {"eval/rewards/accuracies": (chosen_r > rejected_r).float().mean().item(),
+                "eval/rewards/margins": (chosen_r - rejected_r).mean().item()}
+
+    model.train()
+    for step in range(state["step"], len(steps)):
+        stats = torch.zeros(6, device=device)
+        for m in range(args.gradient_accumulation_steps):
+            index = steps[step][m * micro : (m + 1) * micro]
+            ids, mask, targets = (t.to(device) for t in pair_batch([train_pairs[i] for i in index], tokenizer.pad_token_id))
+            ref = ref_logps[index].reshape(-1).to(device)  # rows [c0, r0, c1, r1, ...], as in the batch
+
+            def pair_loss(row_logps, first, end):
+                losses, _, _ = dpo_losses(row_logps[0::2], row_logps[1::2], ref[first:end:2], ref[first + 1 : end : 2],
+                                          args.beta, args.loss_type, args.label_smoothing)
+                return losses.sum() / args.batch_size
+
+            with autocast:
+                hidden, flat_targets, rows = scored_tokens(model, ids, mask, targets)
+            loss, row_logps = FusedLinearLoss.apply(hidden, head_weight, flat_targets, rows, ids.shape[0], 2,
+                                                    args.logprob_chunk_size, pair_loss)
+            loss.backward()
+            with torch.no_grad():
+                _, chosen_r, rejected_r = dpo_losses(row_logps[0::2], row_logps[1::2], ref[0::2], ref[1::2],
+                                                     args.beta, args.loss_type, args.label_smoothing)
+                stats += torch.stack([loss.detach() * args.gradient_accumulation_steps, chosen_r.mean(), rejected_r.mean(),
+                                      (chosen_r > rejected_r).float().mean(), row_logps[0::2].mean(), row_logps[1::2].mean()])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"], state["global_step"] = step + 1, state["global_step"] + 1
+        if step % 10 == 0 or step + 1 == len(steps):
+            stats = (stats / args.gradient_accumulation_steps).tolist()
+            logs = {"loss": stats[0], "rewards/chosen": stats[1], "rewards/rejected": stats[2], "rewards/accuracies": stats[3],
+                    "rewards/margins": stats[1] - stats[2], "logps/chosen": stats[4], "logps/rejected": stats[5],
+                    "grad_norm": grad_norm.item(), "learning_rate": scheduler.get_last_lr()[0]}
+            for k, v in logs.items():
+                writer.add_scalar(k, v, state["global_step"])
+            print(f"[dpo] step {step + 1}/{len(steps)} loss {stats[0]:.4f} margin {logs['rewards/margins']:.3f} acc {stats[3]:.2f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            for k, v in preference_accuracy().items():
+                writer.add_scalar(k, v, state["global_step"])
+        if args.save_every and (step + 1) % args.save_every == 0:
+            checkpoint(optimizer, scheduler)
+
+    # ---- final evaluation, model, metrics ----
+    state.update(stage="done")
+    checkpoint(optimizer, scheduler)
+    final = preference_accuracy()
+    metrics.update(evaluate_gold(""))
+    if final:
+        metrics["pref_accuracy"] = final["eval/rewards/accuracies"]
+        metrics["eval_reward_margin"] = final["eval/rewards/margins"]
+    for k, v in metrics.items():
+        writer.add_scalar(f"final/{k}", v, state["global_step"])
+    model.save_pretrained(os.path.join(run_dir, "model"))
+    tokenizer.save_pretrained(os.path.join(run_dir, "model"))
+    result = {"algo": "dpo" if args.loss_type == "sigmoid" else args.loss_type, "task": "sort" if embedded else args.dataset_name,
+              "seed": args.seed, "steps": state["global_step"], "wall_s": round(time.time() - started, 1), **metrics}
+    write_json(result, os.path.join(run_dir, "metrics.json"))
+    writer.close()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""The embedded alignment task: sort the digits of the prompt. The "environment" of the LLM scripts.
+
+Every LLM script in this repository runs offline on this task by default, so an algorithm can be run and read
+in minutes on a laptop, with a *known* gold reward to judge it by (the role a held-out gold reward model plays
+in the papers). What it builds, deterministically from `SortTaskConfig.seed`, cached on disk:
+
+- prompts  `sort: 7 3 9 1 =`  whose ideal response is ` 1 3 7 9` followed by EOS;
+- `gold_reward(prompts, responses)`: graded in [0, 1], optimum 1.0 = the sorted digits, exactly;
+- a base policy pi0 ("the pretrained model"): a tiny GPTNeoX trained on well-formatted but *unaligned*
+  responses (random permutations of the prompt's digits), saved with `save_pretrained` next to a word-level
+  tokenizer made with `tokenizers`, so `AutoModelForCausalLM/AutoTokenizer.from_pretrained(dir)` load it;
+- demonstrations (`prompt`/`completion`) from an imperfect expert: a share `demo_flaw` carries one systematic
+  flaw (the largest digit written first, the rest sorted) and a share `demo_noise` has two random digits swapped;
+- preferences (`prompt`/`chosen`/`rejected`) over two pi0 samples, labelled by a noisy Bradley-Terry "human":
+  P(a preferred) = sigmoid((gold(a) - gold(b)) / pref_temperature);
+- held-out eval prompts and held-out preference pairs.
+
+The datasets are `datasets.Dataset`s in the same formats the scripts read from the hub, so one code path
+serves both. Nothing here is tuned to favour a method: the knobs are what the papers' experiments vary.
+"""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+
+TASK_VERSION = 1  # bump when the construction changes, so stale caches are not reused
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
+PROMPT_PREFIX, PROMPT_SUFFIX = "sort:", "="
+
+
+@dataclass
+class SortTaskConfig:
+    """Knobs of the embedded digit-sorting task (every LLM script exposes them as --task.<field>)."""
+
+    seed: int = 0
+    """seed of everything the task builds (pi0, prompts, demos, preferences)"""
+    num_demos: int = 2000
+    """number of demonstrations (prompt, expert completion)"""
+    num_prefs: int = 500
+    """number of training preference pairs (prompt, chosen, rejected)"""
+    demo_noise: float = 0.1
+    """share of demonstrations with two random digits swapped (random corruption)"""
+    demo_flaw: float = 0.6
+    """share of demonstrations with a systematic flaw: the largest digit first, then the rest sorted"""
+    pref_temperature: float = 0.1
+    """temperature of the Bradley-Terry labeller on gold-reward differences (0 = noiseless)"""
+    num_eval_prompts: int = 256
+    """held-out prompts for the gold-reward evaluation"""
+    num_eval_prefs: int = 256
+    """held-out preference pairs for preference accuracy"""
+    min_digits: int = 4
+    """fewest digits in a prompt"""
+    max_digits: int = 7
+    """most digits in a prompt"""
+    num_symbols: int = 10
+    """digits are drawn from 0 .. num_symbols-1 (at most 10)"""
+    base_model_steps: int = 600
+    """training steps of the base policy pi0 on unaligned (randomly permuted) responses"""
+    cache_dir: str = "~/.cache/aihf"
+    """where the built base model is cached (keyed by the knobs that shape it)"""
+
+
+def validate(cfg: SortTaskConfig) -> None:
+    """One-line errors for impossible task settings (raised before anything is built)."""
+    checks = [
+        (1 <= cfg.num_symbols <= 10, f"--task.num_symbols={cfg.num_symbols} must be in 1..10"),
+        (1 <= cfg.min_digits <= cfg.max_digits, "--task.min_digits must be >= 1 and <= --task.max_digits"),
+        (cfg.max_digits <= 32, f"--task.max_digits={cfg.max_digits} is too long for the base model; use <= 32"),
+        (cfg.num_demos >= 0 and cfg.num_prefs >= 0, "--task.num_demos and --task.num_prefs must be >= 0"),
+        (cfg.num_eval_prompts > 0, "--task.num_eval_prompts must be > 0"),
+        (0 <= cfg.demo_noise <= 1 and 0 <= cfg.demo_flaw <= 1, "--task.demo_noise/demo_flaw are shares in [0, 1]"),
+        (cfg.demo_noise + cfg.demo_flaw <= 1, "--task.demo_noise + --task.demo_flaw must be <= 1"),
+        (cfg.pref_temperature >= 0, "--task.pref_temperature must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text format and the gold reward
+# ----------------------------------------------------------------------------------------------------------
+def format_prompt(digits):
+    return " ".join([PROMPT_PREFIX, *map(str, digits), PROMPT_SUFFIX])
+
+
+def format_response(digits):
+    return " " + " ".join(map(str, digits))
+
+
+def parse_prompt(prompt: str):
+    words = prompt.split()
+    return [int(w) for w in words[1:-1]]
+
+
+def _to_padded(rows, fill):
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def gold_reward(prompts, responses) -> torch.Tensor:
+    """Gold reward in [0, 1] of each response (text before EOS) to its prompt; 1.0 iff it is the sorted digits.
+
+    gold = (share of the prompt's digits reproduced, as a multiset, over max(len prompt, len response))
+         * (share of the response's digit pairs i < j that are in order, y_i <= y_j).
+    Both factors give partial credit, so the reward is graded: a random permutation of the prompt scores about
+    0.5, "largest digit first, rest sorted" scores 1 - 2/n. Words that are not digits count as wrong digits.
+    """
+    prompt_rows = [parse_prompt(p) for p in prompts]
+    response_rows = [[int(w) if w.isdigit() and len(w) == 1 else -1 for w in r.split()] for r in responses]
+    x, y = _to_padded(prompt_rows, -2), _to_padded(response_rows, -3)  # distinct pad values never match
+    n_x = torch.tensor([len(r) for r in prompt_rows])
+    n_y = torch.tensor([len(r) for r in response_rows])
+    # Multiset overlap: sum over digit values of min(count in prompt, count in response).
+    values = torch.arange(10)
+    count_x = (x[:, :, None] == values).sum(1)
+    count_y = (y[:, :, None] == values).sum(1)
+    overlap = torch.minimum(count_x, count_y).sum(1)
+    multiset = overlap / torch.maximum(n_x, n_y).clamp(min=1)
+    # Pairwise order: among valid pairs i < j of the response, the share with y_i <= y_j (invalid words fail).
+    width = y.shape[1]
+    upper = torch.ones(width, width, dtype=torch.bool).triu(1)
+    inside = torch.arange(width)[None, :] < n_y[:, None]
+    pairs = upper & inside[:, :, None] & inside[:, None, :]
+    valid = y >= 0
+    ordered = (y[:, :, None] <= y[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    num_pairs = pairs.sum((1, 2))
+    order = torch.where(num_pairs > 0, (ordered & pairs).sum((1, 2)) / num_pairs.clamp(min=1), valid.all(1).float())
+    return (multiset * order).float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling the data
+# ----------------------------------------------------------------------------------------------------------
+def _sample_digits(rng: random.Random, cfg: SortTaskConfig):
+    return [rng.randrange(cfg.num_symbols) for _ in range(rng.randint(cfg.min_digits, cfg.max_digits))]
+
+
+def expert_completion(rng: random.Random, digits, cfg: SortTaskConfig):
+    """The imperfect demonstrator: sorted, except for a systematic flaw or a random swap."""
+    out = sorted(digits)
+    u = rng.random()
+    if u < cfg.demo_flaw:  # systematic: the largest digit is written first
+        out = [out[-1]] + out[:-1]
+    elif u < cfg.demo_flaw + cfg.demo_noise:  # random: two positions swapped
+        i, j = rng.sample(range(len(out)), 2) if len(out) > 1 else (0, 0)
+        out[i], out[j] = out[j], out[i]
+    return out
+
+
+def _prompts(rng, cfg, n):
+    return [format_prompt(_sample_digits(rng, cfg)) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The base policy pi0 and its tokenizer
+# ----------------------------------------------------------------------------------------------------------
+def build_tokenizer(cfg: SortTaskConfig):
+    """A word-level tokenizer over the task's words, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIAL_TOKENS + [PROMPT_PREFIX, PROMPT_SUFFIX] + [str(d) for d in range(10)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", model_max_length=128
+    )
+
+
+def _base_model_key(cfg: SortTaskConfig) -> str:
+    shape = dict(version=TASK_VERSION, seed=cfg.seed, min_digits=cfg.min_digits, max_digits=cfg.max_digits,
+                 num_symbols=cfg.num_symbols, steps=cfg.base_model_steps)
+    return hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _train_base_model(cfg: SortTaskConfig, tokenizer, out_dir: str) -> None:
+    """Pretrain pi0 on well-formatted, unaligned responses: a random permutation of the prompt's digits + EOS."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(f"base-model-{cfg.seed}")
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=512, max_position_embeddings=2 * cfg.max_digits + 8, rotary_pct=0.25,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = GPTNeoXForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
+    for _ in range(cfg.base_model_steps):
+        rows, masks = [], []
+        for _ in range(64):
+            digits = _sample_digits(rng, cfg)
+            prompt = tokenizer(format_prompt(digits))["input_ids"]
+            response = tokenizer(format_response(rng.sample(digits, len(digits))))["input_ids"] + [tokenizer.eos_token_id]
+            rows.append(prompt + response)
+            masks.append([0] * len(prompt) + [1] * len(response))
+        ids = _to_padded(rows, tokenizer.pad_token_id)
+        loss_mask = _to_padded(masks, 0).bool()
+        attention = _to_padded([[1] * len(r) for r in rows], 0)
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        labels = ids[:, 1:].masked_fill(~loss_mask[:, 1:], -100)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def base_model_path(cfg: SortTaskConfig) -> str:
+    """Directory of pi0 + tokenizer; built on first use (well under a minute on 2 CPU cores), then cached."""
+    root = os.path.expanduser(cfg.cache_dir)
+    final = os.path.join(root, f"sort_task_pi0_{_base_model_key(cfg)}")
+    if os.path.exists(os.path.join(final, "config.json")):
+        return final
+    os.makedirs(root, exist_ok=True)
+    print(f"[sort_task] building the base policy pi0 in {final} (once; cached) ...", flush=True)
+    building = tempfile.mkdtemp(prefix=".building_", dir=root)
+    try:
+        _train_base_model(cfg, build_tokenizer(cfg), building)
+        try:  # atomic publish; if another process won the race, keep theirs
+            os.rename(building, final)
+        except OSError:
+            pass
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling from a model (used to draw the pi0 pairs that the "human" labels)
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_responses(model, tokenizer, prompts, max_new_tokens, do_sample=True, batch_size=256, seed=0):
+    """Responses (text before the first EOS) of a causal LM to the prompts, with the KV cache."""
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=1.0 if do_sample else None,
+        top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+        ids = model.generate(**batch, generation_config=generation)
+        out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    tokenizer.padding_side = padding_side
+    return [" " + r.strip() for r in out]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------------------------------------
+class SortTask:
+    """Everything a script needs: pi0's path, the datasets, the eval prompts and the gold reward."""
+
+    def __init__(self, cfg: SortTaskConfig):
+        from datasets import Dataset
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        validate(cfg)
+        self.cfg = cfg
+        self.max_response_tokens = cfg.max_digits + 2  # room for the digits, EOS and one mistake
+        self.model_path = base_model_path(cfg)
+        rng = random.Random(f"data-{cfg.seed}")  # separate stream: data do not depend on how pi0 was built
+        demo_digits = [_sample_digits(rng, cfg) for _ in range(cfg.num_demos)]
+        self.demos = Dataset.from_dict({
+            "prompt": [format_prompt(d) for d in demo_digits],
+            "completion": [format_response(expert_completion(rng, d, cfg)) for d in demo_digits],
+        })
+        self.eval_prompts = _prompts(rng, cfg, cfg.num_eval_prompts)
+        pref_prompts = _prompts(rng, cfg, cfg.num_prefs + cfg.num_eval_prefs)
+
+        # Preference pairs: two samples of pi0 per prompt, labelled by a noisy Bradley-Terry labeller.
+        model = AutoModelForCausalLM.from_pretrained(self.model_path)
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        doubled = [p for p in pref_prompts for _ in range(2)]
+        samples = sample_responses(model, tokenizer, doubled, self.max_response_tokens, seed=cfg.seed)
+        a, b = samples[0::2], samples[1::2]
+        margin = gold_reward(pref_prompts, a) - gold_reward(pref_prompts, b)
+        if cfg.pref_temperature > 0:
+            p_a = torch.sigmoid(margin / cfg.pref_temperature)
+        else:
+            p_a = (margin > 0).float() + 0.5 * (margin == 0).float()
+        draws = torch.tensor([rng.random() for _ in pref_prompts])
+        a_wins = (draws < p_a).tolist()
+        chosen = [x if w else y for x, y, w in zip(a, b, a_wins)]
+        rejected = [y if w else x for x, y, w in zip(a, b, a_wins)]
+        pairs = Dataset.from_dict({"prompt": pref_prompts, "chosen": chosen, "rejected": rejected})
+        self.prefs = pairs.select(range(cfg.num_prefs))
+        self.eval_prefs = pairs.select(range(cfg.num_prefs, len(pairs)))
+
+    @staticmethod
+    def gold_reward(prompts, responses) -> torch.Tensor:
+        return gold_reward(prompts, responses)
+
+    def describe(self) -> dict:
+        return asdict(self.cfg)
+
+    @torch.no_grad()
+    def evaluate(self, model, tokenizer, seed=0) -> dict:
+        """The contract's eval: mean gold reward of sampled (temperature 1) and greedy responses to the
+        held-out prompts."""
+        prompts = self.eval_prompts
+        sampled = sample_responses(model, tokenizer, prompts, self.max_response_tokens, do_sample=True, seed=seed)
+        greedy = sample_responses(model, tokenizer, prompts, self.max_response_tokens, do_sample=False)
+        return {"gold_reward": gold_reward(prompts, sampled).mean().item(),
+                "gold_reward_greedy": gold_reward(prompts, greedy).mean().item()}

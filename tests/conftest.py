@@ -1,0 +1,89 @@
+"""Shared test fixtures: the embedded task's cache, a tiny local "Pythia-like" model and HH-format data.
+
+Nothing here reaches a hub: the tiny model and its byte-level BPE tokenizer are built from scratch, with no
+pad token (as Pythia's), so the real-data loading path is exercised offline."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The embedded task's base model is cached here; keyed by its knobs, so sharing the user cache is safe.
+TASK_CACHE = os.environ.get("AIHF_TEST_CACHE", os.path.expanduser("~/.cache/aihf"))
+
+HH_DIALOGUES = [
+    ("How do I boil an egg?", "Put it in boiling water for eight minutes.", "Eggs are bad."),
+    ("What is the capital of France?", "Paris is the capital of France.", "I do not know, maybe Rome."),
+    ("Can you help me write a poem?", "Sure, here is a short poem about the sea.", "No."),
+    ("How many legs does a spider have?", "A spider has eight legs.", "Spiders have six legs."),
+    ("Tell me a joke.", "Why did the chicken cross the road? To get to the other side.", "Jokes are silly."),
+    ("What is two plus two?", "Two plus two is four.", "It is five."),
+]
+
+
+def run_script(script, *flags, cwd=None, check=True, timeout=600):
+    """Run a top-level script in a subprocess; returns the CompletedProcess (stdout+stderr captured)."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, flags)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def task_cache():
+    os.makedirs(TASK_CACHE, exist_ok=True)
+    return TASK_CACHE
+
+
+def _hh_transcript(question, answer, turns=1):
+    text = ""
+    for t in range(turns):
+        text += f"\n\nHuman: {question}" + (f" (again {t})" if t else "") + f"\n\nAssistant: {answer if t == turns - 1 else 'Let me think.'}"
+    return text
+
+
+@pytest.fixture(scope="session")
+def tiny_hh(tmp_path_factory):
+    """A tiny GPTNeoX with a BPE tokenizer (no pad token) and Anthropic-HH-format jsonl files.
+
+    Returns dict(model=dir, train=jsonl, test=jsonl, sft=jsonl with prompt/completion)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_hh")
+    rows = []
+    for i in range(48):
+        q, good, bad = HH_DIALOGUES[i % len(HH_DIALOGUES)]
+        turns = 1 + i % 3
+        rows.append({"chosen": _hh_transcript(q, good, turns)[:-len(good)] + " " + good,
+                     "rejected": _hh_transcript(q, good, turns)[:-len(good)] + " " + bad})
+    for name, part in (("train.jsonl", rows[:40]), ("test.jsonl", rows[40:])):
+        with open(root / name, "w") as f:
+            for r in part:
+                f.write(json.dumps(r) + "\n")
+    with open(root / "sft.jsonl", "w") as f:
+        for q, good, _ in HH_DIALOGUES * 4:
+            f.write(json.dumps({"prompt": f"\n\nHuman: {q}\n\nAssistant:", "completion": " " + good}) + "\n")
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    corpus = [r["chosen"] + r["rejected"] for r in rows]
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=256, eos_token_id=tokenizer.eos_token_id,
+                           bos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    model_dir = root / "tiny-pythia"
+    GPTNeoXForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return {"model": str(model_dir), "train": str(root / "train.jsonl"), "test": str(root / "test.jsonl"),
+            "sft": str(root / "sft.jsonl"), "dir": str(root)}

@@ -1,0 +1,245 @@
+"""dpo_llm.py: fused chunked log-probs vs naive, the DPO losses vs formulas, data paths, bad input, resume."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dpo_llm
+from conftest import ROOT, run_script
+from dpo_llm import ChunkedLogprobs, FusedLinearLoss, dpo_losses
+
+TINY = ["--task.num_demos", 256, "--task.num_prefs", 64, "--task.num_eval_prompts", 64, "--task.num_eval_prefs", 32,
+        "--sft_epochs", 2, "--num_epochs", 2, "--batch_size", 16, "--sft_learning_rate", 1e-3]
+
+
+def naive_logps(hidden, weight, targets, ignore_index=-100):
+    logits = (hidden.float() @ weight.float().t())
+    out = torch.log_softmax(logits, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+    return out.masked_fill(targets == ignore_index, 0.0)
+
+
+def random_problem(n, d, v, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(v, d, generator=g) / math.sqrt(d)).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g)
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("n,d,v,chunk", [(37, 16, 50, 7), (64, 32, 101, 64), (5, 8, 30, 1000), (130, 24, 77, 33)])
+def test_chunked_logprobs_match_naive_fp32(n, d, v, chunk):
+    hidden, weight, targets = random_problem(n, d, v, torch.float32)
+    targets[::5] = -100  # ignore_index: no log-prob, no gradient
+    upstream = torch.randn(n)
+    ours = ChunkedLogprobs.apply(hidden, weight, targets, chunk)
+    grads = torch.autograd.grad((ours * upstream).sum(), [hidden, weight])
+    ref = naive_logps(hidden, weight, targets)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), [hidden, weight])
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert (ours[::5] == 0).all()
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_logprobs_bf16_loose():
+    hidden, weight, targets = random_problem(96, 64, 257, torch.bfloat16)
+    upstream = torch.randn(96)
+    ours = ChunkedLogprobs.apply(hidden, weight, targets, 40)
+    assert ours.dtype == torch.float32  # fp32 math on bf16 inputs
+    grads = torch.autograd.grad((ours * upstream).sum(), [hidden, weight])
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    ref = naive_logps(h32, w32, targets)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), [h32, w32])
+    torch.testing.assert_close(ours, ref, rtol=2e-2, atol=5e-2)
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-2)
+
+
+def _dpo_reference(hidden, weight, targets, rows, ref, num_rows, beta, loss_type, smoothing, batch_pairs):
+    per_row = torch.zeros(num_rows).index_add(0, rows, naive_logps(hidden, weight, targets))
+    losses, _, _ = dpo_losses(per_row[0::2], per_row[1::2], ref[0::2], ref[1::2], beta, loss_type, smoothing)
+    return losses.sum() / batch_pairs, per_row
+
+
+@pytest.mark.parametrize("chunk", [1, 9, 25, 4096])
+@pytest.mark.parametrize("loss_type,smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)])
+def test_fused_dpo_loss_matches_naive(chunk, loss_type, smoothing):
+    num_rows = 10  # 5 pairs, rows [c0, r0, c1, r1, ...] of uneven lengths
+    lengths = torch.tensor([3, 7, 1, 4, 6, 2, 5, 5, 8, 1])
+    rows = torch.repeat_interleave(torch.arange(num_rows), lengths)
+    hidden, weight, targets = random_problem(len(rows), 16, 40, torch.float32, seed=1)
+    ref = torch.randn(num_rows)
+    beta = 0.5
+
+    def pair_loss(row_logps, first, end):
+        losses, _, _ = dpo_losses(row_logps[0::2], row_logps[1::2], ref[first:end:2], ref[first + 1:end:2], beta, loss_type, smoothing)
+        return losses.sum() / 5
+
+    loss, row_logps = FusedLinearLoss.apply(hidden, weight, targets, rows, num_rows, 2, chunk, pair_loss)
+    grads = torch.autograd.grad(loss * 3.0, [hidden, weight])  # an upstream scale reaches both gradients
+    ref_loss, ref_rows = _dpo_reference(hidden, weight, targets, rows, ref, num_rows, beta, loss_type, smoothing, 5)
+    ref_grads = torch.autograd.grad(ref_loss * 3.0, [hidden, weight])
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(row_logps, ref_rows, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_cross_entropy_matches_torch():
+    hidden, weight, targets = random_problem(77, 12, 31, torch.float32, seed=2)
+    rows = torch.arange(77)  # each token its own row: SFT, chunks may cut anywhere
+    loss, _ = FusedLinearLoss.apply(hidden, weight, targets, rows, 77, 1, 10, lambda lp, a, b: -lp.sum() / 77)
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    ref = F.cross_entropy(hidden @ weight.t(), targets)
+    ref_grads = torch.autograd.grad(ref, [hidden, weight])
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dpo_loss_formulas_by_hand():
+    pc, pr, rc, rr = torch.tensor([-3.0, -1.0]), torch.tensor([-4.0, -0.5]), torch.tensor([-3.5, -1.0]), torch.tensor([-3.0, -1.0])
+    beta = 0.1
+    # pair 0: h = 0.1 * ((-3 + 3.5) - (-4 + 3)) = 0.15;  pair 1: h = 0.1 * (0 - 0.5) = -0.05
+    h = [0.15, -0.05]
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    losses, chosen, rejected = dpo_losses(pc, pr, rc, rr, beta, "sigmoid", 0.0)
+    torch.testing.assert_close(losses, torch.tensor([-math.log(sig(x)) for x in h]))
+    torch.testing.assert_close(chosen, torch.tensor([0.05, 0.0]))
+    torch.testing.assert_close(rejected, torch.tensor([-0.1, 0.05]))
+    losses, _, _ = dpo_losses(pc, pr, rc, rr, beta, "sigmoid", 0.25)
+    torch.testing.assert_close(losses, torch.tensor([-0.75 * math.log(sig(x)) - 0.25 * math.log(sig(-x)) for x in h]))
+    losses, _, _ = dpo_losses(pc, pr, rc, rr, beta, "ipo", 0.0)  # (h/beta - 1/(2 beta))^2 = (h/0.1 - 5)^2
+    torch.testing.assert_close(losses, torch.tensor([(x / beta - 5) ** 2 for x in h]))
+
+
+def test_split_hh():
+    prompt, response = dpo_llm.split_hh("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: like this")
+    assert prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant:" and response == " like this"
+    assert dpo_llm.split_hh("no assistant turn") == (None, None)
+
+
+def test_collate_shifts_targets():
+    ids, mask, targets = dpo_llm.collate([[5, 6, 7, 8], [5, 9]], [2, 1], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 8], [5, 9, 0, 0]] and mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert targets.tolist() == [[-100, 7, 8, -100], [9, -100, -100, -100]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------------------
+def test_help_offline():
+    proc = run_script("dpo_llm.py", "--help")
+    assert "--beta" in proc.stdout and "--task.num-demos" in proc.stdout.replace("_", "-")
+
+
+def test_smoke_embedded(tmp_path, task_cache):
+    run_script("dpo_llm.py", *TINY, "--task.cache_dir", task_cache, "--output_dir", tmp_path, "--run_name", "smoke")
+    run = tmp_path / "smoke"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"algo", "task", "seed", "steps", "wall_s"} <= metrics.keys()
+    assert metrics["algo"] == "dpo" and metrics["steps"] == 2 * 16 + 2 * 4
+    assert metrics["gold_reward"] > metrics["gold_reward_init"] + 0.05
+    assert 0 <= metrics["pref_accuracy"] <= 1
+    assert (run / "model" / "config.json").exists() and (run / "sft_model" / "config.json").exists()
+    assert json.loads((run / "config.json").read_text())["beta"] == 0.1
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run))
+
+
+def test_hh_format_local_model(tmp_path, tiny_hh):
+    proc = run_script("dpo_llm.py", "--model_name_or_path", tiny_hh["model"], "--dataset_name", tiny_hh["train"],
+                      "--sft_dataset_name", tiny_hh["sft"], "--max_length", 64, "--max_prompt_length", 40,
+                      "--sft_epochs", 1, "--num_epochs", 1, "--batch_size", 8, "--output_dir", tmp_path, "--run_name", "hh")
+    assert "no pad token" in proc.stdout  # handled, and said
+    assert "dropped" in proc.stdout  # the 3-turn prompts exceed 40 tokens: counted and reported
+    metrics = json.loads((tmp_path / "hh" / "metrics.json").read_text())
+    assert metrics["task"] == tiny_hh["train"] and "gold_reward" not in metrics and 0 <= metrics["pref_accuracy"] <= 1
+
+
+def test_hh_saved_dataset_dict_with_test_split(tmp_path, tiny_hh):
+    import datasets
+
+    saved = tmp_path / "hh_saved"
+    datasets.load_dataset("json", data_files={"train": tiny_hh["train"], "test": tiny_hh["test"]}).save_to_disk(str(saved))
+    proc = run_script("dpo_llm.py", "--model_name_or_path", tiny_hh["model"], "--dataset_name", saved, "--sft_epochs", 0,
+                      "--num_epochs", 1, "--batch_size", 8, "--max_length", 256, "--max_prompt_length", 200,
+                      "--output_dir", tmp_path, "--run_name", "saved")
+    assert "holding out" not in proc.stdout and "dropped" not in proc.stdout  # the test split is used, nothing dropped
+    assert json.loads((tmp_path / "saved" / "metrics.json").read_text())["steps"] == 40 // 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit != 0, before training, nothing written
+# ---------------------------------------------------------------------------------------------------------
+def _fails(monkeypatch, tmp_path, *flags):
+    monkeypatch.setattr(sys, "argv", ["dpo_llm.py", *map(str, flags), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as e:
+        dpo_llm.main()
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert not (tmp_path / "out").exists()
+    return message
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--beta", 0], "--beta must be > 0"),
+    (["--beta", -1], "--beta must be > 0"),
+    (["--loss_type", "hinge2"], "unknown --loss_type"),
+    (["--batch_size", 10, "--gradient_accumulation_steps", 3], "not divisible"),
+    (["--label_smoothing", 0.7], "--label_smoothing"),
+    (["--max_prompt_length", 64, "--max_length", 64], "--max_prompt_length"),
+    (["--task.min_digits", 9, "--task.max_digits", 3], "--task.min_digits"),
+])
+def test_bad_arguments(monkeypatch, tmp_path, flags, needle):
+    assert needle in _fails(monkeypatch, tmp_path, *flags)
+
+
+def test_bad_data(monkeypatch, tmp_path, tiny_hh):
+    model = ["--model_name_or_path", tiny_hh["model"]]
+    assert "dataset path not found" in _fails(monkeypatch, tmp_path, *model, "--dataset_name", tmp_path / "nope.jsonl")
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"question": "q", "answer": "a"}\n')
+    message = _fails(monkeypatch, tmp_path, *model, "--dataset_name", wrong)
+    assert "lacks the columns" in message and "['answer', 'question']" in message
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "empty" in _fails(monkeypatch, tmp_path, *model, "--dataset_name", empty)
+    message = _fails(monkeypatch, tmp_path, *model, "--dataset_name", tiny_hh["train"], "--max_prompt_length", 4, "--max_length", 64)
+    assert "no examples left" in message and "--max_prompt_length" in message
+    assert "model path not found" in _fails(monkeypatch, tmp_path, "--model_name_or_path", tmp_path / "no_model",
+                                            "--dataset_name", tiny_hh["train"])
+
+
+def test_resume_without_checkpoint(monkeypatch, tmp_path):
+    (tmp_path / "empty_run").mkdir()
+    assert "holds no checkpoint" in _fails(monkeypatch, tmp_path, "--resume", tmp_path / "empty_run")
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, task_cache):
+    """Kill a run after its first checkpoint, resume it, and get what an uninterrupted run gets."""
+    flags = [*TINY, "--task.cache_dir", task_cache, "--save_every", 2, "--output_dir", tmp_path]
+    run_script("dpo_llm.py", *flags, "--run_name", "whole")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dpo_llm.py"), *map(str, flags), "--run_name", "killed"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists() and not (tmp_path / "killed" / "metrics.json").exists()
+    run_script("dpo_llm.py", "--resume", tmp_path / "killed")
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    for key in ("steps", "gold_reward_init", "gold_reward_sft", "gold_reward", "gold_reward_greedy", "pref_accuracy"):
+        assert resumed[key] == pytest.approx(whole[key], abs=1e-6), key
