@@ -25,7 +25,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -311,9 +311,6 @@ class SortTask:
     @staticmethod
     def gold_reward(prompts, responses) -> torch.Tensor:
         return gold_reward(prompts, responses)
-
-    def describe(self) -> dict:
-        return asdict(self.cfg)
 
     @torch.no_grad()
     def evaluate(self, model, tokenizer, seed=0) -> dict:

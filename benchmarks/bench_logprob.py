@@ -1,0 +1,168 @@
+"""Fused chunked LM-head log-probs vs the naive path: peak memory and time of forward+backward, side by side.
+
+The naive path materialises logits (N, V), their log-softmax and both gradients; ours (dpo_llm.py) keeps one
+(chunk, V) block alive. Three comparisons, each ours vs its naive twin on the same inputs:
+  dpo   - DPO loss over 16 pairs (32 rows x 128 response tokens) with precomputed reference log-probs:
+          naive log_softmax+gather vs FusedLinearLoss (gradients computed inside the forward);
+  sft   - token-mean cross-entropy: F.cross_entropy on full logits vs FusedLinearLoss;
+  token - per-token log-probs with an arbitrary upstream gradient (what PPO needs): naive vs ChunkedLogprobs
+          (logits recomputed chunk by chunk in the backward).
+Each measurement runs in a fresh subprocess: peak memory = growth of the process's max RSS during the first
+forward+backward (inputs and imports excluded), time = median of the following repeats.
+
+    python benchmarks/bench_logprob.py                      # V=50304, D=512, N=4096, fp32, CPU
+    python benchmarks/bench_logprob.py --device cuda --dtype bfloat16   # GPU (peak from torch.cuda)
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from dpo_llm import ChunkedLogprobs, FusedLinearLoss, dpo_losses  # noqa: E402
+
+PAIRS, ROW_TOKENS, BETA = 16, 128, 0.1
+
+
+def make_inputs(n, d, v, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(v, d, generator=g) * d ** -0.5).to(device=device, dtype=dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    rows = torch.arange(n, device=device) // (n // (2 * PAIRS))  # 2*PAIRS rows of equal length, [c0, r0, c1, ...]
+    ref = torch.randn(2 * PAIRS, generator=g).to(device) * 5 - 300
+    upstream = torch.randn(n, generator=g).to(device)
+    return hidden, weight, targets, rows, ref, upstream
+
+
+def naive_token_logps(hidden, weight, targets):
+    return torch.log_softmax((hidden @ weight.t()).float(), -1).gather(1, targets[:, None]).squeeze(1)
+
+
+def run_variant(name, chunk, hidden, weight, targets, rows, ref, upstream):
+    """One forward+backward; returns nothing (gradients land in .grad)."""
+    n = hidden.shape[0]
+
+    def pair_loss(row_logps, first, end):
+        losses, _, _ = dpo_losses(row_logps[0::2], row_logps[1::2], ref[first:end:2], ref[first + 1:end:2], BETA, "sigmoid", 0.0)
+        return losses.sum() / PAIRS
+
+    if name == "naive-dpo":
+        per_row = torch.zeros(2 * PAIRS, device=hidden.device).index_add(0, rows, naive_token_logps(hidden, weight, targets))
+        loss = pair_loss(per_row, 0, 2 * PAIRS)
+    elif name == "fused-dpo":
+        loss, _ = FusedLinearLoss.apply(hidden, weight, targets, rows, 2 * PAIRS, 2, chunk, pair_loss)
+    elif name == "naive-sft":
+        loss = F.cross_entropy((hidden @ weight.t()).float(), targets)
+    elif name == "fused-sft":
+        loss, _ = FusedLinearLoss.apply(hidden, weight, targets, torch.arange(n, device=hidden.device), n, 1, chunk,
+                                        lambda lp, a, b: -lp.sum() / n)
+    elif name == "naive-token":
+        loss = (naive_token_logps(hidden, weight, targets) * upstream).sum()
+    elif name == "chunked-token":
+        loss = (ChunkedLogprobs.apply(hidden, weight, targets, chunk) * upstream).sum()
+    else:
+        raise ValueError(name)
+    loss.backward()
+
+
+def worker(a):
+    """Measure one variant in this (fresh) process and print a JSON line."""
+    torch.set_num_threads(a.threads)
+    device, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    inputs = make_inputs(a.tokens, a.hidden, a.vocab, dtype, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run_variant(a.worker, a.chunk, *inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    times = []
+    for _ in range(a.repeats):
+        for t in inputs[:2]:
+            t.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run_variant(a.worker, a.chunk, *inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"peak_mb": peak_mb, "time_s": statistics.median(times)}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vocab", type=int, default=50304)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--chunks", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="all variants are measured once per round, interleaved")
+    p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--chunk", type=int, default=1024, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a)
+
+    jobs = []
+    for kind in ("dpo", "sft", "token"):
+        ours = "chunked-token" if kind == "token" else f"fused-{kind}"
+        jobs.append((kind, f"naive-{kind}", 0))
+        jobs += [(kind, ours, c) for c in a.chunks]
+    results = {job: [] for job in jobs}
+    common = ["--vocab", a.vocab, "--hidden", a.hidden, "--tokens", a.tokens, "--dtype", a.dtype, "--device", a.device,
+              "--threads", a.threads, "--repeats", a.repeats]
+    for _ in range(a.rounds):
+        for job in jobs:
+            cmd = [sys.executable, __file__, "--worker", job[1], "--chunk", job[2], *common]
+            out = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, check=True).stdout
+            results[job].append(json.loads(out.strip().splitlines()[-1]))
+
+    def med(job, key):
+        return statistics.median(r[key] for r in results[job])
+
+    lines = [
+        f"Command: `python benchmarks/{os.path.basename(__file__)} {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Machine: {platform.machine()} {os.cpu_count()} CPUs ({a.device}, {a.threads} threads), torch {torch.__version__}, "
+        f"python {platform.python_version()}; V={a.vocab}, D={a.hidden}, N={a.tokens}, {a.dtype}; "
+        f"median of {a.rounds} rounds x {a.repeats} repeats",
+        "",
+        "| loss | path | chunk | peak extra memory (MB) | time (s) | memory ratio | time ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for job in jobs:
+        kind, name, chunk = job
+        naive = (kind, f"naive-{kind}", 0)
+        lines.append(f"| {kind} | {name} | {chunk or '-'} | {med(job, 'peak_mb'):.0f} | {med(job, 'time_s'):.3f} | "
+                     f"{med(job, 'peak_mb') / med(naive, 'peak_mb'):.2f}x | {med(job, 'time_s') / med(naive, 'time_s'):.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
