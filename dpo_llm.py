@@ -160,6 +160,8 @@ def load_table(name: str, split: str, required: bool = True):
         kind = DATA_FILE_TYPES.get(os.path.splitext(path)[1])
         if kind is None:
             fail(f"unknown data file type {path!r}; use .jsonl, .json, .parquet or .csv")
+        if not required:  # one file is one split: it has no separate held-out split
+            return None
         if os.path.getsize(path) == 0:
             fail(f"dataset file {path!r} is empty; give a file with preference pairs")
         try:
@@ -234,7 +236,7 @@ def tokenize_examples(tokenizer, prompts, responses_per_prompt, args: Args, what
     responses = [tokenizer(list(r), add_special_tokens=False)["input_ids"] for r in responses_per_prompt]
     kept, dropped, truncated = [], 0, 0
     for i, p in enumerate(prompt_ids):
-        if len(p) > args.max_prompt_length:
+        if not 0 < len(p) <= args.max_prompt_length:  # an empty prompt leaves no position to predict from
             dropped += 1
             continue
         budget = args.max_length - len(p) - 1  # room left for the response and its EOS
@@ -244,7 +246,7 @@ def tokenize_examples(tokenizer, prompts, responses_per_prompt, args: Args, what
             row.append(rs[i][:budget] + [tokenizer.eos_token_id])
         kept.append((p, *row))
     if dropped or truncated:
-        print(f"[data] {what}: dropped {dropped} of {len(prompt_ids)} examples whose prompt exceeds "
+        print(f"[data] {what}: dropped {dropped} of {len(prompt_ids)} examples whose prompt is empty or exceeds "
               f"--max_prompt_length={args.max_prompt_length}; truncated {truncated} responses to fit --max_length={args.max_length}")
     if not kept:
         fail(f"{what}: no examples left (all {len(prompt_ids)} prompts exceed --max_prompt_length="

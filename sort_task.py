@@ -255,13 +255,15 @@ def sample_responses(model, tokenizer, prompts, max_new_tokens, do_sample=True, 
         top_k=0 if do_sample else None, top_p=1.0 if do_sample else None,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(seed)
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
-        ids = model.generate(**batch, generation_config=generation)
-        out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    cuda = [model.device] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # seeded sampling that leaves the caller's RNG state alone
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+            ids = model.generate(**batch, generation_config=generation)
+            out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     tokenizer.padding_side = padding_side
     return [" " + r.strip() for r in out]
 
