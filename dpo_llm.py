@@ -332,8 +332,9 @@ class ChunkedLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             logits = _chunk_logits(hidden, weight, start, end, buffer)
-            lse[start:end] = logits.logsumexp(-1)
-            logps[start:end] = logits.gather(1, safe_targets[start:end, None]).squeeze(1) - lse[start:end]
+            target_logits = logits.gather(1, safe_targets[start:end, None]).squeeze(1)
+            lse[start:end] = _softmax_(logits)
+            logps[start:end] = target_logits - lse[start:end]
         logps = logps.masked_fill(~valid, 0.0)
         ctx.save_for_backward(hidden, weight, safe_targets, valid, lse)
         ctx.chunk_size = chunk_size
@@ -350,15 +351,24 @@ class ChunkedLogprobs(torch.autograd.Function):
             end = min(start + ctx.chunk_size, hidden.shape[0])
             logits = _chunk_logits(hidden, weight, start, end, buffer)  # recomputed: nothing (N, V) was kept
             g = grad_logps[start:end]
-            grad_logits = _grad_logits_(logits, lse[start:end], targets[start:end], g).to(hidden.dtype)
+            probs = logits.sub_(lse[start:end, None]).exp_()
+            grad_logits = _grad_logits_(probs, targets[start:end], g).to(hidden.dtype)
             torch.mm(grad_logits, weight, out=grad_hidden[start:end])
             _accumulate_(grad_weight, grad_logits, hidden[start:end])
         return grad_hidden, grad_weight, None, None, None
 
 
-def _grad_logits_(logits, lse, targets, grad_logp):
-    """In place on `logits`: dL/dz = g * (onehot(y) - softmax(z)), for dL/dlog p(y) = g per row."""
-    probs = logits.sub_(lse[:, None]).exp_()
+def _softmax_(logits):
+    """In place: logits -> softmax probabilities; returns the log-sum-exp per row. (logsumexp() would allocate a
+    second (chunk, V) temporary, and the gradient would need another exp pass over the logits.)"""
+    peak = logits.amax(-1)
+    total = logits.sub_(peak[:, None]).exp_().sum(-1)
+    logits.div_(total[:, None])
+    return peak + total.log()
+
+
+def _grad_logits_(probs, targets, grad_logp):
+    """In place on the softmax `probs`: dL/dz = g * (onehot(y) - softmax(z)), for dL/dlog p(y) = g per row."""
     grad = probs.mul_(-grad_logp[:, None])
     grad[torch.arange(len(targets), device=grad.device), targets] += grad_logp
     return grad
@@ -401,8 +411,9 @@ class FusedLinearLoss(torch.autograd.Function):
             local_rows = rows[start:end] - first_row
             span = end_row - first_row
             logits = _chunk_logits(hidden, cast_weight, start, end, buffer)
-            lse = logits.logsumexp(-1)
-            token_logps = logits.gather(1, targets[start:end, None]).squeeze(1) - lse
+            target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
+            probs = logits
+            token_logps = target_logits - _softmax_(probs)  # from here on the buffer holds probabilities
             chunk_rows = torch.zeros(span, dtype=torch.float32, device=hidden.device).index_add_(0, local_rows, token_logps)
             row_logps[first_row:end_row] = chunk_rows
             # The loss on this chunk's rows, and d loss / d row-log-prob, by autograd on a tiny tensor.
@@ -411,7 +422,7 @@ class FusedLinearLoss(torch.autograd.Function):
                 chunk_loss = loss_fn(x, first_row, end_row)
                 (grad_rows,) = torch.autograd.grad(chunk_loss, x)
             loss += chunk_loss.detach()
-            grad_logits = _grad_logits_(logits, lse, targets[start:end], grad_rows[local_rows]).to(hidden.dtype)
+            grad_logits = _grad_logits_(probs, targets[start:end], grad_rows[local_rows]).to(hidden.dtype)
             torch.mm(grad_logits, cast_weight, out=grad_hidden[start:end])
             _accumulate_(grad_weight, grad_logits, hidden[start:end])
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
@@ -489,7 +500,7 @@ def sequence_logps(model, batches, chunk_size, device, autocast):
         token_logps = ChunkedLogprobs.apply(hidden, model.get_output_embeddings().weight, flat_targets, chunk_size)
         out.append(torch.zeros(ids.shape[0], device=device).index_add_(0, rows, token_logps))
     model.train()
-    return torch.cat(out).cpu()
+    return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
 # ==========================================================================================================

@@ -376,9 +376,17 @@ def _logits_buffer(hidden, weight, chunk_size):
     return torch.empty(min(chunk_size, hidden.shape[0]), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
 
 
-def _grad_logits_(logits, lse, targets, grad_logp):
-    """In place on `logits`: dL/dz = g * (onehot(y) - softmax(z)), for dL/dlog p(y) = g per row."""
-    probs = logits.sub_(lse[:, None]).exp_()
+def _softmax_(logits):
+    """In place: logits -> softmax probabilities; returns the log-sum-exp per row. (logsumexp() would allocate a
+    second (chunk, V) temporary, and the gradient would need another exp pass over the logits.)"""
+    peak = logits.amax(-1)
+    total = logits.sub_(peak[:, None]).exp_().sum(-1)
+    logits.div_(total[:, None])
+    return peak + total.log()
+
+
+def _grad_logits_(probs, targets, grad_logp):
+    """In place on the softmax `probs`: dL/dz = g * (onehot(y) - softmax(z)), for dL/dlog p(y) = g per row."""
     grad = probs.mul_(-grad_logp[:, None])
     grad[torch.arange(len(targets), device=grad.device), targets] += grad_logp
     return grad
@@ -421,8 +429,9 @@ class FusedLinearLoss(torch.autograd.Function):
             local_rows = rows[start:end] - first_row
             span = end_row - first_row
             logits = _chunk_logits(hidden, cast_weight, start, end, buffer)
-            lse = logits.logsumexp(-1)
-            token_logps = logits.gather(1, targets[start:end, None]).squeeze(1) - lse
+            target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
+            probs = logits
+            token_logps = target_logits - _softmax_(probs)  # from here on the buffer holds probabilities
             chunk_rows = torch.zeros(span, dtype=torch.float32, device=hidden.device).index_add_(0, local_rows, token_logps)
             row_logps[first_row:end_row] = chunk_rows
             # The loss on this chunk's rows, and d loss / d row-log-prob, by autograd on a tiny tensor.
@@ -431,7 +440,7 @@ class FusedLinearLoss(torch.autograd.Function):
                 chunk_loss = loss_fn(x, first_row, end_row)
                 (grad_rows,) = torch.autograd.grad(chunk_loss, x)
             loss += chunk_loss.detach()
-            grad_logits = _grad_logits_(logits, lse, targets[start:end], grad_rows[local_rows]).to(hidden.dtype)
+            grad_logits = _grad_logits_(probs, targets[start:end], grad_rows[local_rows]).to(hidden.dtype)
             torch.mm(grad_logits, cast_weight, out=grad_hidden[start:end])
             _accumulate_(grad_weight, grad_logits, hidden[start:end])
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
