@@ -635,6 +635,15 @@ def main():
     if "gold_reward_init" not in metrics:
         metrics.update(evaluate_gold("_init"))
 
+    def optimizer_step(optimizer, scheduler, step):
+        """Clip, step, advance the schedule; returns the pre-clip gradient norm."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"], state["global_step"] = step + 1, state["global_step"] + 1
+        return grad_norm
+
     def new_optimizer(lr, steps):
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
         return optimizer, linear_schedule(optimizer, steps, args.warmup_ratio)
@@ -661,11 +670,7 @@ def main():
                                                 len(flat_targets), 1, args.logprob_chunk_size, lambda lp, a, b: -lp.sum() * scale)
                 loss.backward()
                 total_loss += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"], state["global_step"] = step + 1, state["global_step"] + 1
+            grad_norm = optimizer_step(optimizer, scheduler, step)
             if step % 20 == 0 or step + 1 == len(steps):
                 writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
                 writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
@@ -728,11 +733,7 @@ def main():
                                                      args.beta, args.loss_type, args.label_smoothing)
                 stats += torch.stack([loss.detach() * args.gradient_accumulation_steps, chosen_r.mean(), rejected_r.mean(),
                                       (chosen_r > rejected_r).float().mean(), row_logps[0::2].mean(), row_logps[1::2].mean()])
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"], state["global_step"] = step + 1, state["global_step"] + 1
+        grad_norm = optimizer_step(optimizer, scheduler, step)
         if step % 10 == 0 or step + 1 == len(steps):
             stats = (stats / args.gradient_accumulation_steps).tolist()
             logs = {"loss": stats[0], "rewards/chosen": stats[1], "rewards/rejected": stats[2], "rewards/accuracies": stats[3],
