@@ -416,12 +416,16 @@ class ReplayBuffer:
         return self.t["obs"][idx], self.t["act"][idx]
 
     def state_dict(self):
-        return dict(ptr=self.ptr, size=self.size, **{k: v[:self.size].copy() for k, v in self.np.items()})
+        """The stored transitions oldest first, so a buffer of another capacity can take them (a resumed run
+        with a larger --total_timesteps gets a larger buffer)."""
+        order = (np.arange(self.size) + (self.ptr if self.size == self.capacity else 0)) % self.capacity
+        return dict(size=self.size, **{k: v[order] for k, v in self.np.items()})
 
     def load_state_dict(self, d):
-        self.ptr, self.size = d["ptr"], d["size"]
+        keep = min(d["size"], self.capacity)  # a smaller buffer keeps the most recent transitions
         for k in self.np:
-            self.np[k][:self.size] = d[k]
+            self.np[k][:keep] = d[k][d["size"] - keep:]
+        self.size, self.ptr = keep, keep % self.capacity
 
 
 def env_step(env, obs, action, rb):
@@ -718,18 +722,24 @@ def main(args: Args):
         """A new best: re-measure on fresh seeds (the max over evals is optimistic) and save the actor."""
         mean, std, _ = evaluate(agent.actor, args.env_id, 10, args.seed + 70_000 + step)
         save_actor(agent.actor, args.env_id, os.path.join(run_dir, "actor_best.pt"), dict(step=step))
-        if args.expert_out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.expert_out)), exist_ok=True)
-            save_actor(agent.actor, args.env_id, args.expert_out, dict(step=step))
-            jpath = os.path.join(os.path.dirname(os.path.abspath(args.expert_out)), "returns.json")
-            table = json.load(open(jpath)) if os.path.isfile(jpath) else {}
-            table[os.path.basename(args.expert_out)] = dict(
-                env_id=args.env_id, return_mean=round(mean, 1), return_std=round(std, 1), episodes=10,
-                train_steps=step, selection_eval_mean=round(quick_mean, 1), seed=args.seed,
-                command=f"python aihf_mujoco.py --algo sac --env_id {args.env_id} --seed {args.seed} "
-                        f"--expert_out {args.expert_out}")
-            atomic_write_json(table, jpath)
         print(f"step {step}: new best policy, fresh 10-episode return {mean:.1f} +- {std:.1f}")
+        if not args.expert_out:
+            return
+        jpath = os.path.join(os.path.dirname(os.path.abspath(args.expert_out)), "returns.json")
+        table = json.load(open(jpath)) if os.path.isfile(jpath) else {}
+        name = os.path.basename(args.expert_out)
+        shipped = table.get(name, {}).get("return_mean", -float("inf"))
+        # a resumed run restarts its best-so-far from its last checkpoint: never replace a better shipped expert
+        if os.path.isfile(args.expert_out) and mean <= shipped:
+            print(f"step {step}: kept {args.expert_out} ({shipped:.1f} >= {mean:.1f})")
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(args.expert_out)), exist_ok=True)
+        save_actor(agent.actor, args.env_id, args.expert_out, dict(step=step))
+        table[name] = dict(env_id=args.env_id, return_mean=round(mean, 1), return_std=round(std, 1), episodes=10,
+                           train_steps=step, selection_eval_mean=round(quick_mean, 1), seed=args.seed,
+                           command=f"python aihf_mujoco.py --algo sac --env_id {args.env_id} --seed {args.seed} "
+                                   f"--expert_out {args.expert_out}")
+        atomic_write_json(table, jpath)
 
     # ---- the loop: (AIHF/IRL) reward step(s) every sac_steps_per_iter, SAC every step ----
     obs, _ = env.reset(seed=args.seed + start_step)

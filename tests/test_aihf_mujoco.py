@@ -88,6 +88,24 @@ def test_sac_deterministic_and_resume(tiny_expert, workdir):
     assert metrics(workdir, "cont")["steps"] == 2000
 
 
+def test_expert_out_never_replaced_by_a_worse_policy(workdir):
+    """--expert_out saves each new best with its fresh return in returns.json, but a later (e.g. resumed) run
+    whose best is below the shipped expert's return leaves the expert alone."""
+    out = workdir / "experts_out" / "Hopper-v5.pt"
+    common = ["--algo", "sac", "--total_timesteps", "600", "--learning_starts", "300", "--eval_every", "300",
+              "--checkpoint_every", "0", "--expert_out", str(out), *TINY]
+    run([*common, "--run_name", "expert_a"], workdir)
+    table = json.loads((out.parent / "returns.json").read_text())
+    entry = table["Hopper-v5.pt"]
+    assert entry["env_id"] == "Hopper-v5" and entry["train_steps"] in (300, 600) and entry["episodes"] == 10
+    saved = out.read_bytes()
+    entry["return_mean"] = 1e9  # pretend the shipped expert is far better
+    (out.parent / "returns.json").write_text(json.dumps(table))
+    p = run([*common, "--run_name", "expert_b", "--seed", "2"], workdir)
+    assert "kept" in p.stdout and out.read_bytes() == saved
+    assert json.loads((out.parent / "returns.json").read_text())["Hopper-v5.pt"]["return_mean"] == 1e9
+
+
 def data_args(expert, workdir):
     return ["--expert_path", str(expert / "actor.pt"), "--cache_dir", str(workdir / "cache"), "--num_demos", "600",
             "--demo_episodes", "100", "--num_prefs", "300", "--pool_steps", "600", "--pool_noises", "0.0", "0.5",
@@ -198,6 +216,24 @@ def test_env_step_never_crosses_episode_boundary():
     starts = np.flatnonzero(terminal | truncated) + 1
     starts = starts[starts < 40]
     assert np.all(o[starts, 1] == 0) and np.all(o[starts, 0] == o[starts - 1, 0] + 1)
+
+
+@pytest.mark.parametrize("new_capacity", [10, 25, 6])
+def test_replay_buffer_state_survives_a_capacity_change(new_capacity):
+    """A wrapped buffer saved and loaded into another capacity (a resumed run with a larger --total_timesteps
+    gets a larger buffer) keeps its transitions in order: recent() still returns the newest ones."""
+    rb = am.ReplayBuffer(10, 1, 1)
+    for t in range(23):  # wraps twice; ptr ends at 3
+        rb.add(np.array([t], np.float32), np.zeros(1, np.float32), float(t), np.array([t + 1], np.float32), 0.0)
+    new = am.ReplayBuffer(new_capacity, 1, 1)
+    new.load_state_dict(rb.state_dict())
+    kept = min(10, new_capacity)
+    assert new.size == kept
+    np.testing.assert_array_equal(np.sort(new.np["rew"][:new.size]), np.arange(23 - kept, 23))
+    obs, _ = new.recent(4)
+    np.testing.assert_array_equal(obs[:, 0].numpy(), [19, 20, 21, 22])
+    new.add(np.array([23], np.float32), np.zeros(1, np.float32), 23.0, np.array([24], np.float32), 0.0)
+    np.testing.assert_array_equal(new.recent(2)[0][:, 0].numpy(), [22, 23])
 
 
 def test_segments_stay_inside_episodes():

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs the aihf_mujoco.py jobs listed in a lane file one after another, resuming any that a previous session
+# left unfinished (runs/<name>/checkpoint.pt) and skipping finished ones (runs/<name>/metrics.json).
+# One lane per core (PYTHON=... picks the interpreter):  nohup bash results/mujoco/queue.sh results/mujoco/lane_a.txt > runs/lane_a.log 2>&1 &
+# A lane file holds one job per line: <run name> <aihf_mujoco.py flags...>; '#' starts a comment.
+set -u
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=1
+while read -r name flags; do
+  [[ -z "$name" || "$name" == \#* ]] && continue
+  if [[ -f "runs/$name/metrics.json" ]]; then echo "[$(date +%T)] $name: done, skipping"; continue; fi
+  resume=()
+  [[ -f "runs/$name/checkpoint.pt" ]] && resume=(--resume "runs/$name/checkpoint.pt")
+  echo "[$(date +%T)] $name: python aihf_mujoco.py --run_name $name $flags ${resume[*]}"
+  # shellcheck disable=SC2086
+  nice -n 10 "${PYTHON:-python}" aihf_mujoco.py --run_name "$name" $flags "${resume[@]}" < /dev/null > "runs/$name.log" 2>&1 \
+    || echo "[$(date +%T)] $name: FAILED (see runs/$name.log)"
+done < "$1"
