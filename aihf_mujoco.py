@@ -34,6 +34,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from typing import Literal, Optional
 
 import gymnasium as gym
@@ -175,7 +176,8 @@ def resolve_and_validate(args: Args) -> Args:
         args.expert_path = f"experts/{args.env_id}.pt"
     for name in ["total_timesteps", "buffer_size", "batch_size", "policy_frequency", "target_network_frequency",
                  "eval_every", "eval_episodes", "log_every", "sac_steps_per_iter", "segment_len", "num_demos",
-                 "demo_episodes", "threads", "hidden", "policy_samples", "reward_batch_size", "pref_batch_size"]:
+                 "demo_episodes", "threads", "hidden", "policy_samples", "reward_batch_size", "pref_batch_size",
+                 "reward_steps"]:
         if getattr(args, name) <= 0:
             fail(f"--{name} must be > 0 (got {getattr(args, name)})")
     if args.learning_starts < 1 or args.learning_starts >= args.total_timesteps:
@@ -514,11 +516,12 @@ def make_data(args: Args):
         expert_sha = hashlib.sha256(f.read()).hexdigest()[:16]
     key_fields = dict(env=args.env_id, expert=expert_sha, seed=args.seed, num_demos=args.num_demos,
                       demo_episodes=args.demo_episodes, num_prefs=args.num_prefs, seg=args.segment_len,
-                      noise=args.pref_noise, pool=list(args.pool_noises), pool_steps=args.pool_steps, v=1)
+                      noise=args.pref_noise, pool=list(args.pool_noises), pool_steps=args.pool_steps, v=1,
+                      gymnasium=gym.__version__, mujoco=version("mujoco"))  # a simulator upgrade changes rollouts
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(args.cache_dir, f"{args.env_id}_{key}.pt")
     if os.path.isfile(path):
-        return torch.load(path, weights_only=False)
+        return dict(torch.load(path, weights_only=False), key=key)
     expert = load_actor(args.expert_path)
     env = gym.make(args.env_id)
     rng = np.random.default_rng(args.seed)
@@ -561,7 +564,7 @@ def make_data(args: Args):
     env.close()
     os.makedirs(args.cache_dir, exist_ok=True)
     atomic_save(data, path)
-    return data
+    return dict(data, key=key)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -645,6 +648,12 @@ def main(args: Args):
         for k in ("env_id", "algo", "hidden", "reward_input"):
             if ckpt["args"][k] != getattr(args, k):
                 fail(f"--resume: checkpoint has {k}={ckpt['args'][k]!r} but this command has {getattr(args, k)!r}")
+        if data is not None and ckpt.get("data_key", data["key"]) != data["key"]:
+            fail("--resume: this command's demos/preferences differ from the checkpoint's (another --seed, expert or "
+                 "data flag); repeat the original command's data flags")
+        if ckpt["step"] >= args.total_timesteps:
+            fail(f"--resume: the checkpoint is at step {ckpt['step']}, already >= --total_timesteps "
+                 f"{args.total_timesteps}; raise --total_timesteps to continue training")
     resume_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else None
     if resume_dir and os.path.isfile(os.path.join(resume_dir, "config.json")) and args.run_name is None:
         run_dir = resume_dir
@@ -710,7 +719,7 @@ def main(args: Args):
         state = dict(step=step, args=asdict(args), agent=agent.state_dict(), q_opt=agent.q_opt.state_dict(),
                      actor_opt=agent.actor_opt.state_dict(), alpha_opt=agent.alpha_opt.state_dict(),
                      torch_rng=torch.get_rng_state(), sample_rng=sample_gen.get_state(), np_rng=rng.bit_generator.state,
-                     best_eval=best_eval)
+                     best_eval=best_eval, data_key=None if data is None else data["key"])
         if reward_net is not None:
             state.update(reward_net=reward_net.state_dict(), reward_opt=reward_opt.state_dict())
         if args.save_buffer:  # buffer first: a checkpoint never points at a stale buffer
@@ -743,7 +752,7 @@ def main(args: Args):
 
     # ---- the loop: (AIHF/IRL) reward step(s) every sac_steps_per_iter, SAC every step ----
     obs, _ = env.reset(seed=args.seed + start_step)
-    warm_actor = args.algo == "rlhf" or start_step > 0  # random warm-up actions only for a fresh agent
+    warm_actor = args.algo == "rlhf"  # rlhf warms up with its behaviour-cloned actor, the others act randomly
     update_from = start_step + (0 if (resumed_buffer or start_step == 0) else args.learning_starts)
     update_from = max(update_from, args.learning_starts)
     ep_ret, ep_len, last_eval = 0.0, 0, (float("nan"), float("nan"), float("nan"))

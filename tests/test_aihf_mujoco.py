@@ -78,6 +78,10 @@ def test_sac_deterministic_and_resume(tiny_expert, workdir):
     assert "resumed at step 1200 (with the replay buffer)" in p.stdout
     m = metrics(workdir, "sac_again")  # resumed into the same run folder
     assert m["steps"] == 1800 and math.isfinite(m["eval_return_mean"])
+    # a finished run resumed without a larger --total_timesteps: refused, metrics.json left as it was
+    p = run([*common, "--total_timesteps", "1800", "--resume", str(ckpt_path)], workdir, check=False)
+    assert p.returncode != 0 and "raise --total_timesteps" in p.stderr
+    assert metrics(workdir, "sac_again") == m
     # cross-session resume: the compact checkpoint alone (no replay.pt beside it) refills the buffer first
     compact = workdir / "compact"
     compact.mkdir()
@@ -132,6 +136,12 @@ def test_aihf_smoke_and_data_cache(tiny_expert, workdir):
     data = torch.load(cached[0], weights_only=False)
     assert len(data["demo_obs"]) == 600 and len(data["better"]) == 300
     assert data["pref_teacher_agreement"] == 1.0  # noiseless teacher
+    # resuming with other data (here another seed) would train the old reward on new demos: refused
+    p = run(["--algo", "aihf", "--total_timesteps", "1200", "--learning_starts", "300", "--sac_steps_per_iter", "200",
+             "--seed", "2", "--resume", str(workdir / "runs" / "aihf"), *TINY, *data_args(tiny_expert, workdir)],
+            workdir, check=False)
+    assert p.returncode != 0 and "differ from the checkpoint" in p.stderr, p.stderr
+    assert metrics(workdir, "aihf")["steps"] == 900  # the finished run is untouched
 
 
 # ------------------------------------------------------------------ bad input ---------------------------------------
@@ -140,6 +150,7 @@ BAD_INPUTS = [
     (["--num_demos", "5000", "--demo_episodes", "2"], "--num_demos"),
     (["--segment_len", "1001"], "--segment_len"),
     (["--expert_path", "nowhere/none.pt"], "python aihf_mujoco.py --algo sac"),
+    (["--reward_steps", "0"], "--reward_steps"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""True-return curves of aihf_mujoco.py runs: one CSV and one PNG per environment.
+"""True-return curves of aihf_mujoco.py runs: a CSV, a PNG and a markdown summary per environment.
 
 Reads `charts/eval_return` (deterministic policy, true reward) from the TensorBoard events of the given run
 folders, groups the runs by (env, algo) from their config.json, and draws each algorithm's mean over seeds with
@@ -37,6 +37,26 @@ def read_run(run_dir):
     if "charts/bc_return" in tags:  # rlhf: the behaviour-cloned policy that SAC starts from, drawn at step 0
         points[0] = (acc.Scalars("charts/bc_return")[-1].value, float("nan"))
     return config, points, expert
+
+
+def write_table(path, env_id, curves, expert):
+    """Markdown summary: per algorithm, the return at the last step every seed reached, across seeds."""
+    lines = [f"{env_id}: true return of the deterministic policy (10 episodes per eval), at the last step all seeds "
+             f"reached; expert {expert:.0f} on its demonstration rollouts" if expert else f"{env_id}",
+             "", "| algo | seeds | SAC steps | return (mean ± std over seeds) | per seed | % of expert |",
+             "|---|---|---|---|---|---|"]
+    for (_, algo), seeds in sorted(curves.items()):
+        reached = [max(pts) for pts in seeds.values() if pts]
+        if not reached:
+            continue
+        step = min(reached)
+        finals = [pts[step][0] for pts in seeds.values() if step in pts]
+        mean, std = float(np.mean(finals)), float(np.std(finals))
+        pct = f"{100 * mean / expert:.0f}%" if expert else "-"
+        lines.append(f"| {algo} | {len(finals)} | {step // 1000}k | {mean:.0f} ± {std:.0f} | "
+                     f"{', '.join(f'{v:.0f}' for v in finals)} | {pct} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def main():
@@ -94,6 +114,7 @@ def main():
     if expert is not None:
         ax.axhline(expert, color="black", linestyle="--", linewidth=1, label=f"expert ({expert:.0f})")
         ax.axhline(0.9 * expert, color="black", linestyle=":", linewidth=1, label="90% of expert")
+    write_table(a.out + ".md", env_id, curves, expert)
     ax.set_xlabel("SAC env steps (thousands)")
     ax.set_ylabel("true return (deterministic policy, 10 episodes)")
     ax.set_title(f"{env_id}: true return vs SAC steps (mean over seeds, min-max band)")
@@ -101,7 +122,7 @@ def main():
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(a.out + ".png", dpi=110)
-    print(f"wrote {a.out}.csv ({len(rows)} rows) and {a.out}.png")
+    print(f"wrote {a.out}.csv ({len(rows)} rows), {a.out}.png and {a.out}.md")
 
 
 if __name__ == "__main__":
