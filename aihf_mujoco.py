@@ -27,6 +27,7 @@ critics skips critic weight grads, fused Adam, a preallocated buffer, no host re
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -87,6 +88,10 @@ class Args:
     """automatic entropy tuning (default: on for --algo sac as CleanRL; off, alpha 0.2, otherwise as the paper)"""
     hidden: int = 256
     """width of the two hidden layers of the actor and the critics"""
+    fixed_horizon: bool = False
+    """train on episodes that never end early (gymnasium's terminate_when_unhealthy=False; ML-IRL's fixed-horizon
+    envs): with a learned reward, a fall then neither ends a run of positive rewards nor escapes negative ones.
+    Demonstrations, preferences and every evaluation use the standard env"""
     bf16: bool = False
     """run the SAC networks' matmuls in bfloat16 during updates (opt-in speed-up on CPUs with AVX512-BF16/AMX)"""
 
@@ -191,6 +196,10 @@ def resolve_and_validate(args: Args) -> Args:
     except Exception as e:  # unknown id, missing mujoco, ...
         fail(f"cannot make env {args.env_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
              "use e.g. --env_id Hopper-v5")
+    creator = gym.envs.registration.load_env_creator(env.spec.entry_point)
+    if args.fixed_horizon and "terminate_when_unhealthy" not in inspect.signature(creator).parameters:
+        fail(f"--fixed_horizon: {args.env_id} has no terminate_when_unhealthy option (its episodes never end "
+             "early anyway); drop --fixed_horizon")
     if not isinstance(env.action_space, gym.spaces.Box):
         fail(f"{args.env_id} has a {type(env.action_space).__name__} action space; SAC needs a continuous "
              "Box action space (use a MuJoCo task such as Hopper-v5)")
@@ -218,6 +227,11 @@ def resolve_and_validate(args: Args) -> Args:
             fail(f"--resume: no checkpoint at {ckpt}; pass a checkpoint.pt or a run folder holding one")
         args.resume = ckpt
     return args
+
+
+def make_train_env(args: Args):
+    """The env SAC trains in; --fixed_horizon turns off early termination (evaluation never does)."""
+    return gym.make(args.env_id, **(dict(terminate_when_unhealthy=False) if args.fixed_horizon else {}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -611,7 +625,7 @@ def main(args: Args):
     # ---- data (before any run folder exists: data errors leave nothing half-written) ----
     data = make_data(args) if args.algo != "sac" else None
 
-    env = gym.make(args.env_id)
+    env = make_train_env(args)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
     agent = SAC(obs_dim, act_dim, low, high, args)

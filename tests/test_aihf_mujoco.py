@@ -151,6 +151,7 @@ BAD_INPUTS = [
     (["--segment_len", "1001"], "--segment_len"),
     (["--expert_path", "nowhere/none.pt"], "python aihf_mujoco.py --algo sac"),
     (["--reward_steps", "0"], "--reward_steps"),
+    (["--env_id", "HalfCheetah-v5", "--fixed_horizon"], "--fixed_horizon"),
 ]
 
 
@@ -177,7 +178,8 @@ def test_bad_input_rejected_before_anything_is_written(tiny_expert, tmp_path, mo
     assert e.value.code not in (0, None)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
-    assert os.listdir(tmp_path) == []
+    # MuJoCo itself logs a model deprecation warning of HalfCheetah to ./MUJOCO_LOG.TXT; nothing of ours is written
+    assert [f for f in os.listdir(tmp_path) if f != "MUJOCO_LOG.TXT"] == []
 
 
 def test_help_is_fast():
@@ -245,6 +247,21 @@ def test_replay_buffer_state_survives_a_capacity_change(new_capacity):
     np.testing.assert_array_equal(obs[:, 0].numpy(), [19, 20, 21, 22])
     new.add(np.array([23], np.float32), np.zeros(1, np.float32), 23.0, np.array([24], np.float32), 0.0)
     np.testing.assert_array_equal(new.recent(2)[0][:, 0].numpy(), [22, 23])
+
+
+def test_fixed_horizon_training_env_never_terminates():
+    """Random actions topple Hopper within ~100 steps; with --fixed_horizon the training env runs on to the
+    time limit, while the standard env (evaluation, data) still terminates."""
+    def first_end(env):
+        env.reset(seed=0)
+        env.action_space.seed(0)
+        for t in range(1000):
+            _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+            if terminated or truncated:
+                return t + 1, terminated
+    steps, terminated = first_end(am.make_train_env(am.Args(env_id="Hopper-v5")))
+    assert terminated and steps < 300
+    assert first_end(am.make_train_env(am.Args(env_id="Hopper-v5", fixed_horizon=True))) == (1000, False)
 
 
 def test_segments_stay_inside_episodes():
