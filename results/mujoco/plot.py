@@ -19,6 +19,18 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 COLORS = {"aihf": "tab:red", "rlhf": "tab:blue", "irl": "tab:green", "sac": "tab:gray"}
+# knobs that make a run a variant of its algorithm (drawn as its own curve); the rest (seed, run length,
+# checkpointing, ...) do not
+VARIANT_KNOBS = {"reward_steps": 1, "sac_steps_per_iter": 5000, "reward_lr": 1e-4, "pref_weight": 1.0,
+                 "fixed_horizon": False, "bf16": False, "num_demos": 10000, "num_prefs": 20000, "pref_noise": 0.0}
+
+
+def variant(config):
+    """'aihf', or e.g. 'aihf reward_steps=10' for a run that changes a knob from its default."""
+    implied = ("pref_weight", "num_prefs") if config["algo"] == "irl" else ()  # irl sets both to 0 itself
+    changed = [f"{k}={config[k]}" for k, default in VARIANT_KNOBS.items()
+               if k in config and k not in implied and config[k] != default]
+    return " ".join([config["algo"], *changed])
 
 
 def read_run(run_dir):
@@ -80,10 +92,10 @@ def main():
             sys.exit(f"error: {run_dir} is not a run folder (no config.json); pass runs/<name> folders")
         config, points, run_expert = read_run(run_dir)
         env_ids.add(config["env_id"])
-        curves[(config["env_id"], config["algo"])][config["seed"]] = points
+        curves[(config["env_id"], variant(config))][config["seed"]] = points
         demo_expert = demo_expert if demo_expert is not None else run_expert
         for step in sorted(points):
-            rows.append(dict(run=os.path.basename(run_dir.rstrip("/")), env_id=config["env_id"], algo=config["algo"],
+            rows.append(dict(run=os.path.basename(run_dir.rstrip("/")), env_id=config["env_id"], algo=variant(config),
                              seed=config["seed"], step=step, eval_return_mean=round(points[step][0], 1),
                              eval_return_std=round(points[step][1], 1)))
     if len(env_ids) != 1:
@@ -102,9 +114,12 @@ def main():
         steps = sorted(set().union(*[set(pts) for pts in seeds.values()]))
         vals = [[pts[s][0] for pts in seeds.values() if s in pts] for s in steps]
         mean = np.array([np.mean(v) for v in vals])
-        ax.plot(np.array(steps) / 1e3, mean, color=COLORS.get(algo), label=f"{algo} ({len(seeds)} seeds)")
+        base = algo.split()[0]
+        style = "-" if algo == base else "--"  # variants: the algorithm's colour, dashed
+        label = f"{algo} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
+        ax.plot(np.array(steps) / 1e3, mean, style, color=COLORS.get(base), label=label)
         ax.fill_between(np.array(steps) / 1e3, [min(v) for v in vals], [max(v) for v in vals],
-                        color=COLORS.get(algo), alpha=0.2, linewidth=0)
+                        color=COLORS.get(base), alpha=0.2 if algo == base else 0.1, linewidth=0)
     expert = None
     if os.path.isfile(a.expert_returns):
         with open(a.expert_returns) as f:
