@@ -109,13 +109,14 @@ def main():
         w.writerows(rows)
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    variant_styles = iter(["--", ":", "-.", (0, (5, 1, 1, 1))] * 4)
     for (_, algo), seeds in sorted(curves.items()):
         # mean over the seeds that reached each step (a band of one seed is just its line)
         steps = sorted(set().union(*[set(pts) for pts in seeds.values()]))
         vals = [[pts[s][0] for pts in seeds.values() if s in pts] for s in steps]
         mean = np.array([np.mean(v) for v in vals])
         base = algo.split()[0]
-        style = "-" if algo == base else "--"  # variants: the algorithm's colour, dashed
+        style = "-" if algo == base else next(variant_styles)  # variants: the algorithm's colour, other dashes
         label = f"{algo} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
         ax.plot(np.array(steps) / 1e3, mean, style, color=COLORS.get(base), label=label)
         ax.fill_between(np.array(steps) / 1e3, [min(v) for v in vals], [max(v) for v in vals],
