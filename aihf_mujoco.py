@@ -196,10 +196,11 @@ def resolve_and_validate(args: Args) -> Args:
     except Exception as e:  # unknown id, missing mujoco, ...
         fail(f"cannot make env {args.env_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
              "use e.g. --env_id Hopper-v5")
-    creator = gym.envs.registration.load_env_creator(env.spec.entry_point)
-    if args.fixed_horizon and "terminate_when_unhealthy" not in inspect.signature(creator).parameters:
-        fail(f"--fixed_horizon: {args.env_id} has no terminate_when_unhealthy option (its episodes never end "
-             "early anyway); drop --fixed_horizon")
+    if args.fixed_horizon:  # checked on the env's constructor: making one with a bad option may write logs
+        creator = gym.envs.registration.load_env_creator(env.spec.entry_point)
+        if "terminate_when_unhealthy" not in inspect.signature(creator).parameters:
+            fail(f"--fixed_horizon: {args.env_id} has no terminate_when_unhealthy option (its episodes never end "
+                 "early anyway); drop --fixed_horizon")
     if not isinstance(env.action_space, gym.spaces.Box):
         fail(f"{args.env_id} has a {type(env.action_space).__name__} action space; SAC needs a continuous "
              "Box action space (use a MuJoCo task such as Hopper-v5)")
@@ -659,9 +660,10 @@ def main(args: Args):
     ckpt = None
     if args.resume:
         ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-        for k in ("env_id", "algo", "hidden", "reward_input"):
-            if ckpt["args"][k] != getattr(args, k):
-                fail(f"--resume: checkpoint has {k}={ckpt['args'][k]!r} but this command has {getattr(args, k)!r}")
+        for k in ("env_id", "algo", "hidden", "reward_input", "fixed_horizon"):
+            saved = ckpt["args"].get(k, getattr(Args, k))  # a field newer than the checkpoint has its default
+            if saved != getattr(args, k):
+                fail(f"--resume: checkpoint has {k}={saved!r} but this command has {getattr(args, k)!r}")
         if data is not None and ckpt.get("data_key", data["key"]) != data["key"]:
             fail("--resume: this command's demos/preferences differ from the checkpoint's (another --seed, expert or "
                  "data flag); repeat the original command's data flags")

@@ -51,10 +51,10 @@ def read_run(run_dir):
     return config, points, expert
 
 
-def write_table(path, env_id, curves, expert):
+def write_table(path, env_id, curves, expert, expert_source):
     """Markdown summary: per algorithm, the return at the last step every seed reached, across seeds."""
     lines = [f"{env_id}: true return of the deterministic policy (10 episodes per eval), at the last step all seeds "
-             f"reached; expert {expert:.0f} on its demonstration rollouts" if expert else f"{env_id}",
+             f"reached; expert {expert:.0f} {expert_source}" if expert else f"{env_id}",
              "", "| algo | seeds | SAC steps | return (mean ± std over seeds) | per seed | % of expert |",
              "|---|---|---|---|---|---|"]
     for (_, algo), seeds in sorted(curves.items()):
@@ -74,7 +74,7 @@ def write_table(path, env_id, curves, expert):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run folders (runs/<name>)")
-    p.add_argument("--out", required=True, help="output prefix: writes <out>.csv and <out>.png")
+    p.add_argument("--out", required=True, help="output prefix: writes <out>.csv, <out>.png, <out>.md")
     p.add_argument("--expert_returns", default="experts/returns.json", help="expert returns table (dashed line)")
     a = p.parse_args()
     try:
@@ -92,10 +92,11 @@ def main():
             sys.exit(f"error: {run_dir} is not a run folder (no config.json); pass runs/<name> folders")
         config, points, run_expert = read_run(run_dir)
         env_ids.add(config["env_id"])
-        curves[(config["env_id"], variant(config))][config["seed"]] = points
+        name = variant(config)
+        curves[(config["env_id"], name)][config["seed"]] = points
         demo_expert = demo_expert if demo_expert is not None else run_expert
         for step in sorted(points):
-            rows.append(dict(run=os.path.basename(run_dir.rstrip("/")), env_id=config["env_id"], algo=variant(config),
+            rows.append(dict(run=os.path.basename(run_dir.rstrip("/")), env_id=config["env_id"], algo=name,
                              seed=config["seed"], step=step, eval_return_mean=round(points[step][0], 1),
                              eval_return_std=round(points[step][1], 1)))
     if len(env_ids) != 1:
@@ -121,16 +122,15 @@ def main():
         ax.plot(np.array(steps) / 1e3, mean, style, color=COLORS.get(base), label=label)
         ax.fill_between(np.array(steps) / 1e3, [min(v) for v in vals], [max(v) for v in vals],
                         color=COLORS.get(base), alpha=0.2 if algo == base else 0.1, linewidth=0)
-    expert = None
-    if os.path.isfile(a.expert_returns):
+    # the expert's return on the runs' own demonstration rollouts; else the shipped expert's (sac runs have no demos)
+    expert, expert_source = demo_expert, "on its demonstration rollouts"
+    if expert is None and os.path.isfile(a.expert_returns):
         with open(a.expert_returns) as f:
-            expert = json.load(f).get(f"{env_id}.pt", {}).get("return_mean")
-    if demo_expert is not None:  # the expert's return on the demonstration rollouts themselves
-        expert = demo_expert
+            expert, expert_source = json.load(f).get(f"{env_id}.pt", {}).get("return_mean"), f"({a.expert_returns})"
     if expert is not None:
         ax.axhline(expert, color="black", linestyle="--", linewidth=1, label=f"expert ({expert:.0f})")
         ax.axhline(0.9 * expert, color="black", linestyle=":", linewidth=1, label="90% of expert")
-    write_table(a.out + ".md", env_id, curves, expert)
+    write_table(a.out + ".md", env_id, curves, expert, expert_source)
     ax.set_xlabel("SAC env steps (thousands)")
     ax.set_ylabel("true return (deterministic policy, 10 episodes)")
     ax.set_title(f"{env_id}: true return vs SAC steps (mean over seeds, min-max band)")

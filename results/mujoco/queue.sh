@@ -6,6 +6,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
+mkdir -p runs
 while read -r name flags; do
   [[ -z "$name" || "$name" == \#* ]] && continue
   if [[ -f "runs/$name/metrics.json" ]]; then echo "[$(date +%T)] $name: done, skipping"; continue; fi
@@ -13,6 +14,6 @@ while read -r name flags; do
   [[ -f "runs/$name/checkpoint.pt" ]] && resume=(--resume "runs/$name/checkpoint.pt")
   echo "[$(date +%T)] $name: python aihf_mujoco.py --run_name $name $flags ${resume[*]}"
   # shellcheck disable=SC2086
-  nice -n 10 "${PYTHON:-python}" aihf_mujoco.py --run_name "$name" $flags "${resume[@]}" < /dev/null > "runs/$name.log" 2>&1 \
+  nice -n 10 "${PYTHON:-python}" aihf_mujoco.py --run_name "$name" $flags "${resume[@]}" < /dev/null >> "runs/$name.log" 2>&1 \
     || echo "[$(date +%T)] $name: FAILED (see runs/$name.log)"
 done < "$1"
