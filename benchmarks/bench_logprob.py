@@ -7,11 +7,13 @@ The naive path materialises logits (N, V), their log-softmax and both gradients;
   sft   - token-mean cross-entropy: F.cross_entropy on full logits vs FusedLinearLoss;
   token - per-token log-probs with an arbitrary upstream gradient (what PPO needs): naive vs ChunkedLogprobs
           (logits recomputed chunk by chunk in the backward).
+--triton adds the candidate Triton kernels of benchmarks/triton_chunk.py (GPU) as a third path per loss.
 Each measurement runs in a fresh subprocess: peak memory = growth of the process's max RSS during the first
 forward+backward (inputs and imports excluded), time = median of the following repeats.
 
     python benchmarks/bench_logprob.py                      # V=50304, D=512, N=4096, fp32, CPU
     python benchmarks/bench_logprob.py --device cuda --dtype bfloat16   # GPU (peak from torch.cuda)
+    python benchmarks/bench_logprob.py --device cuda --dtype bfloat16 --triton
 """
 
 import argparse
@@ -57,20 +59,29 @@ def run_variant(name, chunk, hidden, weight, targets, rows, ref, upstream):
         losses, _, _ = dpo_losses(row_logps[0::2], row_logps[1::2], ref[first:end:2], ref[first + 1:end:2], BETA, "sigmoid", 0.0)
         return losses.sum() / PAIRS
 
+    if name.startswith("triton-"):
+        from triton_chunk import TritonChunkedLogprobs, TritonFusedLinearLoss
     if name == "naive-dpo":
         per_row = torch.zeros(2 * PAIRS, device=hidden.device).index_add(0, rows, naive_token_logps(hidden, weight, targets))
         loss = pair_loss(per_row, 0, 2 * PAIRS)
     elif name == "fused-dpo":
         loss, _ = FusedLinearLoss.apply(hidden, weight, targets, rows, 2 * PAIRS, 2, chunk, pair_loss)
+    elif name == "triton-dpo":
+        loss, _ = TritonFusedLinearLoss.apply(hidden, weight, targets, rows, 2 * PAIRS, 2, chunk, pair_loss)
     elif name == "naive-sft":
         loss = F.cross_entropy((hidden @ weight.t()).float(), targets)
     elif name == "fused-sft":
         loss, _ = FusedLinearLoss.apply(hidden, weight, targets, torch.arange(n, device=hidden.device), n, 1, chunk,
                                         lambda lp, a, b: -lp.sum() / n)
+    elif name == "triton-sft":
+        loss, _ = TritonFusedLinearLoss.apply(hidden, weight, targets, torch.arange(n, device=hidden.device), n, 1,
+                                              chunk, lambda lp, a, b: -lp.sum() / n)
     elif name == "naive-token":
         loss = (naive_token_logps(hidden, weight, targets) * upstream).sum()
     elif name == "chunked-token":
         loss = (ChunkedLogprobs.apply(hidden, weight, targets, chunk) * upstream).sum()
+    elif name == "triton-token":
+        loss = (TritonChunkedLogprobs.apply(hidden, weight, targets, chunk) * upstream).sum()
     else:
         raise ValueError(name)
     loss.backward()
@@ -118,6 +129,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="all variants are measured once per round, interleaved")
+    p.add_argument("--triton", action="store_true", help="also time the Triton candidate (benchmarks/triton_chunk.py)")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--chunk", type=int, default=1024, help=argparse.SUPPRESS)
@@ -130,6 +142,8 @@ def main():
         ours = "chunked-token" if kind == "token" else f"fused-{kind}"
         jobs.append((kind, f"naive-{kind}", 0))
         jobs += [(kind, ours, c) for c in a.chunks]
+        if a.triton:
+            jobs += [(kind, f"triton-{kind}", c) for c in a.chunks]
     results = {job: [] for job in jobs}
     common = ["--vocab", a.vocab, "--hidden", a.hidden, "--tokens", a.tokens, "--dtype", a.dtype, "--device", a.device,
               "--threads", a.threads, "--repeats", a.repeats]

@@ -3,6 +3,8 @@
 # left unfinished (runs/<name>/checkpoint.pt) and skipping finished ones (runs/<name>/metrics.json).
 # One lane per core (PYTHON=... picks the interpreter):  nohup bash results/mujoco/queue.sh results/mujoco/lane_a.txt > runs/lane_a.log 2>&1 &
 # A lane file holds one job per line: <run name> <aihf_mujoco.py flags...>; '#' starts a comment.
+# Several lanes may run the same file: each job holds a lock (runs/<name>.lock) while it runs, so a second lane
+# skips it and takes the next one; the lock dies with its process, so a killed session leaves none behind.
 set -u
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
@@ -14,6 +16,9 @@ while read -r name flags; do
   [[ -f "runs/$name/checkpoint.pt" ]] && resume=(--resume "runs/$name/checkpoint.pt")
   echo "[$(date +%T)] $name: python aihf_mujoco.py --run_name $name $flags ${resume[*]}"
   # shellcheck disable=SC2086
-  nice -n 10 "${PYTHON:-python}" aihf_mujoco.py --run_name "$name" $flags "${resume[@]}" < /dev/null >> "runs/$name.log" 2>&1 \
-    || echo "[$(date +%T)] $name: FAILED (see runs/$name.log)"
+  flock -n -E 75 "runs/$name.lock" nice -n 10 "${PYTHON:-python}" aihf_mujoco.py --run_name "$name" $flags "${resume[@]}" \
+    < /dev/null >> "runs/$name.log" 2>&1
+  rc=$?
+  if [[ $rc == 75 ]]; then echo "[$(date +%T)] $name: another lane is running it, skipping"
+  elif [[ $rc != 0 ]]; then echo "[$(date +%T)] $name: FAILED (see runs/$name.log)"; fi
 done < "$1"
