@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The GPU rows of issue 3's log-prob benchmark, as one device call: bf16 on the lent GPU, naive vs the torch
+# chunk path vs the Triton candidate (benchmarks/triton_chunk.py), at N=4096 and N=16384 tokens.
+# Once, here:   bash ../shared/device/fetch-wheels.sh        (the GPU image lacks tyro, which dpo_llm.py imports)
+# Then:         device run, carry [".whl"], command "bash benchmarks/gpu_logprob.sh", timeout_s 540
+# The tables come back in $OUT; copy them to benchmarks/results/ and into the README with the device named.
+set -eu
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl
+export PYTHONPATH=$PWD/.site:${PYTHONPATH:-}
+out=${OUT:-benchmarks/results}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+for n in 4096 16384; do
+  timeout 240 python3 benchmarks/bench_logprob.py --device cuda --dtype bfloat16 --triton --tokens $n \
+    --rounds 2 --repeats 5 --out "$out/logprob_gpu_bf16_n$n.md" || echo "N=$n did not finish"
+done
