@@ -64,7 +64,7 @@ def write_table(path, env_id, curves, expert, expert_source):
         step = min(reached)
         finals = [pts[step][0] for pts in seeds.values() if step in pts]
         mean, std = float(np.mean(finals)), float(np.std(finals))
-        pct = f"{100 * mean / expert:.0f}%" if expert else "-"
+        pct = f"{100 * mean / expert:.0f}%".replace("-0%", "0%") if expert else "-"  # a rounded -0.04% reads 0%
         lines.append(f"| {algo} | {len(finals)} | {step // 1000}k | {mean:.0f} ± {std:.0f} | "
                      f"{', '.join(f'{v:.0f}' for v in finals)} | {pct} |")
     with open(path, "w") as f:
