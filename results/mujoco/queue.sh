@@ -11,14 +11,15 @@ export OMP_NUM_THREADS=1
 mkdir -p runs
 while read -r name flags; do
   [[ -z "$name" || "$name" == \#* ]] && continue
-  if [[ -f "runs/$name/metrics.json" ]]; then echo "[$(date +%T)] $name: done, skipping"; continue; fi
+  exec 9> "runs/$name.lock"
+  if ! flock -n 9; then echo "[$(date +%T)] $name: another lane is running it, skipping"; continue; fi
+  # checked under the lock, so a job another lane has just finished is skipped, not resumed
+  if [[ -f "runs/$name/metrics.json" ]]; then echo "[$(date +%T)] $name: done, skipping"; exec 9>&-; continue; fi
   resume=()
   [[ -f "runs/$name/checkpoint.pt" ]] && resume=(--resume "runs/$name/checkpoint.pt")
   echo "[$(date +%T)] $name: python aihf_mujoco.py --run_name $name $flags ${resume[*]}"
   # shellcheck disable=SC2086
-  flock -n -E 75 "runs/$name.lock" nice -n 10 "${PYTHON:-python}" aihf_mujoco.py --run_name "$name" $flags "${resume[@]}" \
-    < /dev/null >> "runs/$name.log" 2>&1
-  rc=$?
-  if [[ $rc == 75 ]]; then echo "[$(date +%T)] $name: another lane is running it, skipping"
-  elif [[ $rc != 0 ]]; then echo "[$(date +%T)] $name: FAILED (see runs/$name.log)"; fi
+  nice -n 10 "${PYTHON:-python}" aihf_mujoco.py --run_name "$name" $flags "${resume[@]}" < /dev/null >> "runs/$name.log" 2>&1 \
+    || echo "[$(date +%T)] $name: FAILED (see runs/$name.log)"
+  exec 9>&-  # the lock is released here, or by the kernel when this lane dies
 done < "$1"
