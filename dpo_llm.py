@@ -382,6 +382,18 @@ def _accumulate_(grad_weight, grad_logits, hidden):
         grad_weight += (grad_logits.t() @ hidden).float()
 
 
+def _chunk_plan(rows, rows_per_group: int, chunk_size: int):
+    """[(start, end, first_row, end_row)] per chunk: about chunk_size tokens each, never splitting a group of
+    rows_per_group consecutive rows. Boundaries: the first token of each group, grouped by chunk_size bucket."""
+    group = rows // rows_per_group
+    group_starts = torch.cat([group.new_zeros(1), torch.nonzero(group[1:] != group[:-1]).squeeze(1) + 1])
+    bucket = group_starts // chunk_size
+    starts = group_starts[torch.cat([bucket.new_ones(1, dtype=torch.bool), bucket[1:] != bucket[:-1]])]
+    ends = torch.cat([starts[1:], starts.new_full((1,), len(rows))])
+    first_rows = rows[starts] // rows_per_group * rows_per_group
+    return torch.stack([starts, ends, first_rows, rows[ends - 1] + 1]).t().tolist()  # the one host sync
+
+
 class FusedLinearLoss(torch.autograd.Function):
     """loss = loss_fn(per-row sums of log p(target), first_row, end_row), summed over chunks of whole groups.
 
@@ -393,19 +405,11 @@ class FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows, num_rows: int, rows_per_group: int, chunk_size: int, loss_fn):
         cast_weight = weight.to(hidden.dtype)
-        n = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         row_logps = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # Chunk boundaries: the first token of each group, grouped by which chunk_size bucket it falls in.
-        group = rows // rows_per_group
-        group_starts = torch.cat([group.new_zeros(1), torch.nonzero(group[1:] != group[:-1]).squeeze(1) + 1])
-        bucket = group_starts // chunk_size
-        starts = group_starts[torch.cat([bucket.new_ones(1, dtype=torch.bool), bucket[1:] != bucket[:-1]])]
-        ends = torch.cat([starts[1:], starts.new_full((1,), n)])
-        first_rows = rows[starts] // rows_per_group * rows_per_group
-        plan = torch.stack([starts, ends, first_rows, rows[ends - 1] + 1]).t().tolist()  # the one host sync
+        plan = _chunk_plan(rows, rows_per_group, chunk_size)
         buffer = _logits_buffer(hidden, weight, max(end - start for start, end, _, _ in plan))
         for start, end, first_row, end_row in plan:
             local_rows = rows[start:end] - first_row

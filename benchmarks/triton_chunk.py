@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dpo_llm import _accumulate_, _logits_buffer  # noqa: E402
+from dpo_llm import _accumulate_, _chunk_plan, _logits_buffer  # noqa: E402
 
 BLOCK_V = 2048  # columns per step; a row of V=50304 is 25 steps, all in registers, fp32 math
 
@@ -119,18 +119,11 @@ class TritonFusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows, num_rows: int, rows_per_group: int, chunk_size: int, loss_fn):
         cast_weight = weight.to(hidden.dtype)
-        n = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         row_logps = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        group = rows // rows_per_group
-        group_starts = torch.cat([group.new_zeros(1), torch.nonzero(group[1:] != group[:-1]).squeeze(1) + 1])
-        bucket = group_starts // chunk_size
-        starts = group_starts[torch.cat([bucket.new_ones(1, dtype=torch.bool), bucket[1:] != bucket[:-1]])]
-        ends = torch.cat([starts[1:], starts.new_full((1,), n)])
-        first_rows = rows[starts] // rows_per_group * rows_per_group
-        plan = torch.stack([starts, ends, first_rows, rows[ends - 1] + 1]).t().tolist()
+        plan = _chunk_plan(rows, rows_per_group, chunk_size)
         buffer = _logits_buffer(hidden, weight, max(end - start for start, end, _, _ in plan))
         for start, end, first_row, end_row in plan:
             local_rows = rows[start:end] - first_row
