@@ -145,22 +145,31 @@ def main():
         if a.triton:
             jobs += [(kind, f"triton-{kind}", c) for c in a.chunks]
     results = {job: [] for job in jobs}
+    failures = {}
     common = ["--vocab", a.vocab, "--hidden", a.hidden, "--tokens", a.tokens, "--dtype", a.dtype, "--device", a.device,
               "--threads", a.threads, "--repeats", a.repeats]
-    for _ in range(a.rounds):
+    for done in range(1, a.rounds + 1):
         for job in jobs:
             cmd = [sys.executable, __file__, "--worker", job[1], "--chunk", job[2], *common]
-            out = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, check=True).stdout
-            results[job].append(json.loads(out.strip().splitlines()[-1]))
+            proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
+            if proc.returncode == 0:
+                results[job].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            else:  # one broken variant (e.g. a kernel that does not compile) must not cost the other rows
+                failures[job] = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:200]
+        # written after every round, so a run cut short by a time limit still leaves the rounds it finished
+        write_table(a, jobs, results, failures, done)
 
+
+def write_table(a, jobs, results, failures, rounds_done):
     def med(job, key):
         return statistics.median(r[key] for r in results[job])
 
+    device_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device
     lines = [
         f"Command: `python benchmarks/{os.path.basename(__file__)} {' '.join(sys.argv[1:])}`".rstrip(),
-        f"Machine: {platform.machine()} {os.cpu_count()} CPUs ({a.device}, {a.threads} threads), torch {torch.__version__}, "
+        f"Machine: {platform.machine()} {os.cpu_count()} CPUs ({device_name}, {a.threads} threads), torch {torch.__version__}, "
         f"python {platform.python_version()}; V={a.vocab}, D={a.hidden}, N={a.tokens}, {a.dtype}; "
-        f"median of {a.rounds} rounds x {a.repeats} repeats",
+        f"median of {rounds_done} rounds x {a.repeats} repeats" + (f" (of {a.rounds} asked)" if rounds_done < a.rounds else ""),
         "",
         "| loss | path | chunk | peak extra memory (MB) | time (s) | memory ratio | time ratio |",
         "|---|---|---|---|---|---|---|",
@@ -168,15 +177,17 @@ def main():
     for job in jobs:
         kind, name, chunk = job
         naive = (kind, f"naive-{kind}", 0)
+        if not results[job] or not results[naive]:
+            lines.append(f"| {kind} | {name} | {chunk or '-'} | failed: {failures.get(job) or failures.get(naive)} | | | |")
+            continue
         lines.append(f"| {kind} | {name} | {chunk or '-'} | {med(job, 'peak_mb'):.0f} | {med(job, 'time_s'):.3f} | "
                      f"{med(job, 'peak_mb') / med(naive, 'peak_mb'):.2f}x | {med(job, 'time_s') / med(naive, 'time_s'):.2f}x |")
     table = "\n".join(lines)
-    print(table)
+    print(table, flush=True)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
             f.write(table + "\n")
-
 
 if __name__ == "__main__":
     main()
