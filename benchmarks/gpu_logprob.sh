@@ -10,7 +10,10 @@ export PYTHONPATH=$PWD/.site:${PYTHONPATH:-}
 out=${OUT:-benchmarks/results}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-for n in 4096 16384; do
-  timeout 240 python3 benchmarks/bench_logprob.py --device cuda --dtype bfloat16 --triton --tokens $n \
+# N=4096 with the CPU table's chunk sizes; N=16384 with larger chunks, which a GPU's matmuls may prefer.
+# Each bench writes its table after every round, so a run cut short by `timeout` still leaves round 1.
+for spec in "4096 256 512 1024" "16384 1024 2048 4096"; do
+  set -- $spec; n=$1; shift
+  timeout 240 python3 benchmarks/bench_logprob.py --device cuda --dtype bfloat16 --triton --tokens $n --chunks "$@" \
     --rounds 2 --repeats 5 --out "$out/logprob_gpu_bf16_n$n.md" || echo "N=$n did not finish"
 done
