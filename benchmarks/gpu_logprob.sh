@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU rows of issue 3's log-prob benchmark, as one device call: bf16 on the lent GPU, naive vs the torch
 # chunk path vs the Triton candidate (benchmarks/triton_chunk.py), at N=4096 and N=16384 tokens.
-# Once, here:   bash ../shared/device/fetch-wheels.sh        (the GPU image lacks tyro, which dpo_llm.py imports)
+# Once, here:   PATH=$PWD/.venv/bin:$PATH bash ../shared/device/fetch-wheels.sh   (the GPU image lacks tyro, which
+#               dpo_llm.py imports; the venv on PATH pins the versions; .whl/ stays from one session to the next)
 # Then:         device run, carry [".whl"], command "bash benchmarks/gpu_logprob.sh", timeout_s 540
 # The tables come back in $OUT; copy them to benchmarks/results/ and into the README with the device named.
 set -eu
