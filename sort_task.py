@@ -134,7 +134,10 @@ def gold_reward(prompts, responses) -> torch.Tensor:
     valid = y >= 0
     ordered = (y[:, :, None] <= y[:, None, :]) & valid[:, :, None] & valid[:, None, :]
     num_pairs = pairs.sum((1, 2))
-    order = torch.where(num_pairs > 0, (ordered & pairs).sum((1, 2)) / num_pairs.clamp(min=1), valid.all(1).float())
+    # A response of fewer than two words has no pairs: its order factor is 1 if its word is a digit. Padding
+    # columns are excluded, or a one-word response would score 0 next to a longer one in the same batch.
+    no_pairs_order = (valid | ~inside).all(1).float()
+    order = torch.where(num_pairs > 0, (ordered & pairs).sum((1, 2)) / num_pairs.clamp(min=1), no_pairs_order)
     return (multiset * order).float()
 
 

@@ -24,6 +24,15 @@ def test_gold_reward_hand_cases():
     torch.testing.assert_close(got, torch.tensor(list(cases.values()), dtype=torch.float32))
 
 
+def test_gold_reward_one_word_response_does_not_depend_on_the_batch():
+    # A one-word response has no pairs to order; its score is the overlap alone, whatever else is in the batch.
+    prompts, responses = ["sort: 3 =", "sort: 2 1 =", "sort: 3 1 2 ="], [" 3", " 1", " 1 2 3"]
+    alone = torch.cat([gold_reward([p], [r]) for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(alone, torch.tensor([1.0, 0.5, 1.0]))
+    torch.testing.assert_close(gold_reward(prompts, responses), alone)
+    torch.testing.assert_close(gold_reward(["sort: 3 =", "sort: 3 1 2 ="], [" x", " 1 2 3"]), torch.tensor([0.0, 1.0]))
+
+
 def test_gold_reward_duplicates_and_flaw():
     # Ties count as ordered; "largest first" loses exactly the n-1 pairs it forms with the rest: 1 - 2/n.
     n = 6
