@@ -660,10 +660,21 @@ def main(args: Args):
     ckpt = None
     if args.resume:
         ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-        for k in ("env_id", "algo", "hidden", "reward_input", "fixed_horizon"):
-            saved = ckpt["args"].get(k, getattr(Args, k))  # a field newer than the checkpoint has its default
-            if saved != getattr(args, k):
-                fail(f"--resume: checkpoint has {k}={saved!r} but this command has {getattr(args, k)!r}")
+        # A resumed run may change how long it runs and what it logs; any other knob would splice two different
+        # runs into one curve. The data flags are checked through the data key below, whose message names them.
+        may_change = {"exp_name", "run_name", "threads", "total_timesteps", "buffer_size", "learning_starts",
+                      "eval_every", "eval_episodes", "log_every", "checkpoint_every", "save_buffer", "resume",
+                      "cache_dir", "expert_out"}
+        if data is not None:
+            may_change |= {"seed", "expert_path", "num_demos", "demo_episodes", "num_prefs", "segment_len",
+                           "pref_noise", "pool_noises", "pool_steps"}
+        for k, value in asdict(args).items():
+            if k in may_change or k not in ckpt["args"]:  # a field newer than the checkpoint: nothing to compare
+                continue
+            saved = ckpt["args"][k]
+            if (list(saved) if isinstance(saved, tuple) else saved) != (list(value) if isinstance(value, tuple) else value):
+                fail(f"--resume: checkpoint has --{k} {saved!r} but this command has {value!r}; "
+                     "repeat the original command's flags")
         if data is not None and ckpt.get("data_key", data["key"]) != data["key"]:
             fail("--resume: this command's demos/preferences differ from the checkpoint's (another --seed, expert or "
                  "data flag); repeat the original command's data flags")

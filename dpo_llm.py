@@ -126,6 +126,8 @@ def validate_args(args: Args):
         (args.beta > 0, f"--beta must be > 0 (got {args.beta}); the DPO paper uses 0.1"),
         (args.loss_type in ("sigmoid", "ipo"), f"unknown --loss_type {args.loss_type!r}; use sigmoid or ipo"),
         (0 <= args.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5) (got {args.label_smoothing})"),
+        (args.label_smoothing == 0 or args.loss_type == "sigmoid",
+         "--label_smoothing (conservative DPO) applies to --loss_type sigmoid only; drop it for ipo"),
         (args.batch_size > 0 and args.gradient_accumulation_steps > 0, "--batch_size and --gradient_accumulation_steps must be > 0"),
         (args.batch_size % args.gradient_accumulation_steps == 0,
          f"--batch_size {args.batch_size} is not divisible by --gradient_accumulation_steps {args.gradient_accumulation_steps}; "
@@ -625,9 +627,10 @@ def main():
         """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task)."""
         if task is None:
             return {}
+        was_training = model.training
         model.eval()
         result = task.evaluate(model, tokenizer, seed=args.seed)
-        model.train()
+        model.train(was_training)
         print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
         return {f"{k}{suffix}": v for k, v in result.items()}
 
@@ -639,23 +642,23 @@ def main():
     if "gold_reward_init" not in metrics:
         metrics.update(evaluate_gold("_init"))
 
-    def optimizer_step(optimizer, scheduler, step):
-        """Clip, step, advance the schedule; returns the pre-clip gradient norm."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    def optimizer_step(parameters, optimizer, scheduler, step):
+        """Clip, step, advance the schedule and the step counters; returns the pre-clip gradient norm."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"], state["global_step"] = step + 1, state["global_step"] + 1
         return grad_norm
 
-    def new_optimizer(lr, steps):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=args.weight_decay)
+    def new_optimizer(parameters, lr, steps):
+        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=args.weight_decay)
         return optimizer, linear_schedule(optimizer, steps, args.warmup_ratio)
 
     # ---- stage 1: SFT on demonstrations: -mean log pi(y_t | x, y_<t) over response tokens ----
     if state["stage"] == "sft":
         steps = batch_order(len(sft_examples), args.batch_size, args.sft_epochs, args.seed)
-        optimizer, scheduler = new_optimizer(args.sft_learning_rate, len(steps))
+        optimizer, scheduler = new_optimizer(model.parameters(), args.sft_learning_rate, len(steps))
         if state["step"]:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -674,7 +677,7 @@ def main():
                                                 len(flat_targets), 1, args.logprob_chunk_size, lambda lp, a, b: -lp.sum() * scale)
                 loss.backward()
                 total_loss += loss.detach()
-            grad_norm = optimizer_step(optimizer, scheduler, step)
+            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, step)
             if step % 20 == 0 or step + 1 == len(steps):
                 writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
                 writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
@@ -690,7 +693,7 @@ def main():
     # ---- stage 2: DPO against the frozen reference (the model as it enters this stage) ----
     dpo_started, dpo_tokens = time.time(), torch.zeros((), dtype=torch.long, device=device)
     steps = batch_order(len(train_pairs), args.batch_size, args.num_epochs, args.seed + 1)
-    optimizer, scheduler = new_optimizer(args.learning_rate, len(steps))
+    optimizer, scheduler = new_optimizer(model.parameters(), args.learning_rate, len(steps))
     eval_batches = [pair_batch(eval_pairs[i : i + micro], tokenizer.pad_token_id) for i in range(0, len(eval_pairs), micro)]
     if state["step"] == 0 or "ref_logps" not in state:  # reference log-probs, once: no second model in memory
         state["ref_logps"] = sequence_logps(model, [pair_batch(train_pairs[i : i + micro], tokenizer.pad_token_id)
@@ -737,7 +740,7 @@ def main():
                                                      args.beta, args.loss_type, args.label_smoothing)
                 stats += torch.stack([loss.detach() * args.gradient_accumulation_steps, chosen_r.mean(), rejected_r.mean(),
                                       (chosen_r > rejected_r).float().mean(), row_logps[0::2].mean(), row_logps[1::2].mean()])
-        grad_norm = optimizer_step(optimizer, scheduler, step)
+        grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, step)
         if step % 10 == 0 or step + 1 == len(steps):
             stats = (stats / args.gradient_accumulation_steps).tolist()
             logs = {"loss": stats[0], "rewards/chosen": stats[1], "rewards/rejected": stats[2], "rewards/accuracies": stats[3],
@@ -753,10 +756,11 @@ def main():
             checkpoint(optimizer, scheduler)
 
     # ---- final evaluation, model, metrics ----
-    # Throughput of this process's DPO stage, reference log-probs included (the figure the benchmarks compare).
-    metrics["dpo_tokens_per_s"] = round(dpo_tokens.item() / (time.time() - dpo_started), 1)
-    state.update(stage="done")
-    checkpoint(optimizer, scheduler)
+    if state["stage"] == "dpo":  # not when resuming a run killed during its final evaluation: no DPO step ran here
+        # Throughput of this process's DPO stage, reference log-probs included (the figure the benchmarks compare).
+        metrics["dpo_tokens_per_s"] = round(dpo_tokens.item() / (time.time() - dpo_started), 1)
+        state.update(stage="done")
+        checkpoint(optimizer, scheduler)
     final = preference_accuracy()
     metrics.update(evaluate_gold(""))
     if final:
@@ -766,7 +770,8 @@ def main():
         writer.add_scalar(f"final/{k}", v, state["global_step"])
     model.save_pretrained(os.path.join(run_dir, "model"))
     tokenizer.save_pretrained(os.path.join(run_dir, "model"))
-    result = {"algo": "dpo" if args.loss_type == "sigmoid" else args.loss_type, "task": "sort" if embedded else args.dataset_name,
+    algo = args.loss_type if args.loss_type != "sigmoid" else "cdpo" if args.label_smoothing > 0 else "dpo"
+    result = {"algo": algo, "task": "sort" if embedded else args.dataset_name,
               "seed": args.seed, "steps": state["global_step"], "wall_s": round(time.time() - started, 1), **metrics}
     write_json(result, os.path.join(run_dir, "metrics.json"))
     writer.close()

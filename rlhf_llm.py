@@ -936,6 +936,15 @@ def main():
     if "gold_reward_init" not in metrics:
         metrics.update(evaluate_gold("_init"))
 
+    def optimizer_step(parameters, optimizer, scheduler, step):
+        """Clip, step, advance the schedule and the step counters; returns the pre-clip gradient norm."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"], state["global_step"] = step + 1, state["global_step"] + 1
+        return grad_norm
+
     def new_optimizer(parameters, lr, steps):
         optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=args.weight_decay)
         return optimizer, linear_schedule(optimizer, steps, args.warmup_ratio)
@@ -967,11 +976,7 @@ def main():
                                                 len(flat_targets), 1, args.logprob_chunk_size, lambda lp, a, b: -lp.sum() * scale)
                 loss.backward()
                 total_loss += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"], state["global_step"] = step + 1, state["global_step"] + 1
+            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, step)
             if step % 20 == 0 or step + 1 == len(steps):
                 writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
                 writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
@@ -1023,11 +1028,7 @@ def main():
                 loss.backward()
                 stats += torch.stack([loss.detach(), (chosen > rejected).float().sum() / args.batch_size,
                                       (chosen - rejected).detach().sum() / args.batch_size])
-            grad_norm = torch.nn.utils.clip_grad_norm_(reward_model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"], state["global_step"] = step + 1, state["global_step"] + 1
+            grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, step)
             if step % 10 == 0 or step + 1 == len(steps):
                 loss_v, acc, margin = stats.tolist()
                 for k, v in {"rm/loss": loss_v, "rm/accuracy": acc, "rm/margin": margin, "rm/grad_norm": grad_norm.item()}.items():

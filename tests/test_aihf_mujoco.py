@@ -82,6 +82,10 @@ def test_sac_deterministic_and_resume(tiny_expert, workdir):
     p = run([*common, "--total_timesteps", "1800", "--resume", str(ckpt_path)], workdir, check=False)
     assert p.returncode != 0 and "raise --total_timesteps" in p.stderr
     assert metrics(workdir, "sac_again") == m
+    # another training knob on resume would splice two runs into one curve: refused, before anything is written
+    p = run([*common, "--total_timesteps", "2400", "--q_lr", "3e-4", "--resume", str(ckpt_path)], workdir, check=False)
+    assert p.returncode != 0 and "checkpoint has --q_lr 0.001" in p.stderr, p.stderr
+    assert metrics(workdir, "sac_again") == m
     # cross-session resume: the compact checkpoint alone (no replay.pt beside it) refills the buffer first
     compact = workdir / "compact"
     compact.mkdir()

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,6 +197,7 @@ def _fails(monkeypatch, tmp_path, *flags):
     (["--loss_type", "hinge2"], "unknown --loss_type"),
     (["--batch_size", 10, "--gradient_accumulation_steps", 3], "not divisible"),
     (["--label_smoothing", 0.7], "--label_smoothing"),
+    (["--loss_type", "ipo", "--label_smoothing", 0.1], "sigmoid only"),
     (["--max_prompt_length", 64, "--max_length", 64], "--max_prompt_length"),
     (["--task.min_digits", 9, "--task.max_digits", 3], "--task.min_digits"),
 ])
@@ -243,3 +245,10 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, task_cache):
     resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     for key in ("steps", "gold_reward_init", "gold_reward_sft", "gold_reward", "gold_reward_greedy", "pref_accuracy"):
         assert resumed[key] == pytest.approx(whole[key], abs=1e-6), key
+    # Killed after training, during the final evaluation: the resume only re-evaluates, keeping the measured throughput.
+    shutil.copytree(tmp_path / "whole", tmp_path / "in_eval")
+    (tmp_path / "in_eval" / "metrics.json").unlink()
+    run_script("dpo_llm.py", "--resume", tmp_path / "in_eval")
+    in_eval = json.loads((tmp_path / "in_eval" / "metrics.json").read_text())
+    for key in ("steps", "dpo_tokens_per_s", "gold_reward", "gold_reward_greedy", "pref_accuracy"):
+        assert in_eval[key] == pytest.approx(whole[key], abs=1e-6), key

@@ -34,7 +34,7 @@ def variant(config):
 
 
 def read_run(run_dir):
-    """(config, {step: (mean, std)}, expert return on the demo rollouts or None) of one run folder."""
+    """(config, {step: (mean, std)}, the expert's return logged by the run or None) of one run folder."""
     with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})  # 0 = keep every point
@@ -86,7 +86,7 @@ def main():
         sys.exit("error: plotting needs matplotlib: pip install matplotlib")
 
     curves = defaultdict(dict)  # (env, algo) -> {seed: {step: (mean, std)}}
-    rows, env_ids, demo_expert = [], set(), None
+    rows, env_ids, run_expert_return = [], set(), None
     for run_dir in a.runs:
         if not os.path.isfile(os.path.join(run_dir, "config.json")):
             sys.exit(f"error: {run_dir} is not a run folder (no config.json); pass runs/<name> folders")
@@ -94,7 +94,7 @@ def main():
         env_ids.add(config["env_id"])
         name = variant(config)
         curves[(config["env_id"], name)][config["seed"]] = points
-        demo_expert = demo_expert if demo_expert is not None else run_expert
+        run_expert_return = run_expert_return if run_expert_return is not None else run_expert
         for step in sorted(points):
             rows.append(dict(run=os.path.basename(run_dir.rstrip("/")), env_id=config["env_id"], algo=name,
                              seed=config["seed"], step=step, eval_return_mean=round(points[step][0], 1),
@@ -122,8 +122,9 @@ def main():
         ax.plot(np.array(steps) / 1e3, mean, style, color=COLORS.get(base), label=label)
         ax.fill_between(np.array(steps) / 1e3, [min(v) for v in vals], [max(v) for v in vals],
                         color=COLORS.get(base), alpha=0.2 if algo == base else 0.1, linewidth=0)
-    # the expert's return on the runs' own demonstration rollouts; else the shipped expert's (sac runs have no demos)
-    expert, expert_source = demo_expert, "on its demonstration rollouts"
+    # the expert's return as the first run measured it (10 evaluation episodes, seeded by the run's seed); else the
+    # shipped expert's (sac runs load no expert)
+    expert, expert_source = run_expert_return, "over 10 evaluation episodes (charts/expert_return of the first run)"
     if expert is None and os.path.isfile(a.expert_returns):
         with open(a.expert_returns) as f:
             expert, expert_source = json.load(f).get(f"{env_id}.pt", {}).get("return_mean"), f"({a.expert_returns})"
