@@ -617,6 +617,7 @@ def evaluate(actor, env_id, episodes, seed, reward_net=None, reward_input="state
 
 
 def main(args: Args):
+    started = time.time()
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -742,11 +743,15 @@ def main(args: Args):
         writer.add_scalar("charts/reward_corr", corr, 0)
         print(f"rlhf: BC policy return {bc_ret:.1f}, BT reward correlation with true reward {corr:.3f}")
 
+    def wall_s():
+        """Wall-clock seconds of the whole run (data, pre-training stages, SAC, evals), over all its sessions."""
+        return (0.0 if ckpt is None else ckpt.get("wall_s", 0.0)) + time.time() - started
+
     def checkpoint(step):
         state = dict(step=step, args=asdict(args), agent=agent.state_dict(), q_opt=agent.q_opt.state_dict(),
                      actor_opt=agent.actor_opt.state_dict(), alpha_opt=agent.alpha_opt.state_dict(),
                      torch_rng=torch.get_rng_state(), sample_rng=sample_gen.get_state(), np_rng=rng.bit_generator.state,
-                     best_eval=best_eval, data_key=None if data is None else data["key"])
+                     best_eval=best_eval, data_key=None if data is None else data["key"], wall_s=wall_s())
         if reward_net is not None:
             state.update(reward_net=reward_net.state_dict(), reward_opt=reward_opt.state_dict())
         if args.save_buffer:  # buffer first: a checkpoint never points at a stale buffer
@@ -863,7 +868,7 @@ def main(args: Args):
     env.close()
     save_actor(agent.actor, args.env_id, os.path.join(run_dir, "actor.pt"), dict(step=args.total_timesteps))
     metrics = dict(algo=args.algo, task=args.env_id, seed=args.seed, steps=args.total_timesteps,
-                   wall_s=round(time.time() - t0, 1), sps=round((args.total_timesteps - step0) / (time.time() - t0), 1),
+                   wall_s=round(wall_s(), 1), sps=round((args.total_timesteps - step0) / (time.time() - t0), 1),
                    eval_return_mean=last_eval[0], eval_return_std=last_eval[1], best_eval_return=best_eval,
                    reward_corr=None if reward_net is None else last_eval[2],
                    expert_return=None if data is None else data["expert_return"],

@@ -73,11 +73,13 @@ def test_sac_deterministic_and_resume(tiny_expert, workdir):
     run([*common, "--run_name", "sac_again"], workdir)
     assert metrics(workdir, "sac_again")["eval_return_mean"] == metrics(workdir, "sac")["eval_return_mean"]
     ckpt_path = workdir / "runs" / "sac_again" / "checkpoint.pt"
-    assert torch.load(ckpt_path, weights_only=False)["step"] == 1200
+    first = torch.load(ckpt_path, weights_only=False)
+    assert first["step"] == 1200 and first["wall_s"] > 0
     p = run([*common, "--total_timesteps", "1800", "--resume", str(ckpt_path)], workdir)
     assert "resumed at step 1200 (with the replay buffer)" in p.stdout
     m = metrics(workdir, "sac_again")  # resumed into the same run folder
     assert m["steps"] == 1800 and math.isfinite(m["eval_return_mean"])
+    assert m["wall_s"] > first["wall_s"]  # the whole run's time, its first session included
     # a finished run resumed without a larger --total_timesteps: refused, metrics.json left as it was
     p = run([*common, "--total_timesteps", "1800", "--resume", str(ckpt_path)], workdir, check=False)
     assert p.returncode != 0 and "raise --total_timesteps" in p.stderr
