@@ -673,7 +673,7 @@ def main(args: Args):
             if k in may_change or k not in ckpt["args"]:  # a field newer than the checkpoint: nothing to compare
                 continue
             saved = ckpt["args"][k]
-            if (list(saved) if isinstance(saved, tuple) else saved) != (list(value) if isinstance(value, tuple) else value):
+            if saved != value:
                 fail(f"--resume: checkpoint has --{k} {saved!r} but this command has {value!r}; "
                      "repeat the original command's flags")
         if data is not None and ckpt.get("data_key", data["key"]) != data["key"]:
