@@ -18,6 +18,7 @@ over the LM head computes the loss and its gradients chunk by chunk (see "Fused 
         --max_length 512 --max_prompt_length 384 --learning_rate 5e-7 --sft_learning_rate 1e-5 --bf16
 """
 
+import inspect
 import json
 import math
 import os
@@ -256,29 +257,34 @@ def tokenize_examples(tokenizer, prompts, responses_per_prompt, args: Args, what
     return kept
 
 
+def pad_right(sequences, pad_id):
+    """(ids, mask) of right-padded rows."""
+    ids = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 def collate(sequences, loss_starts, pad_id):
     """Right-padded batch: input ids, attention mask and the targets of each position (-100 = no loss).
 
     Targets are shifted here, once: targets[:, t] is the token at t+1, so hidden state t predicts it."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    targets = torch.full((len(sequences), width), -100, dtype=torch.long)
+    ids, mask = pad_right(sequences, pad_id)
+    targets = torch.full_like(ids, -100)
     for i, (s, start) in enumerate(zip(sequences, loss_starts)):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
         targets[i, start - 1 : len(s) - 1] = torch.tensor(s[start:])
     return ids, mask, targets
 
 
 def pair_batch(examples, pad_id):
-    """Chosen and rejected of each pair as adjacent rows [c0, r0, c1, r1, ...]: one forward for both, and a
-    chunk of whole pairs is a contiguous block of rows (the fused DPO loss needs whole pairs per chunk)."""
-    sequences, starts = [], []
-    for prompt, chosen, rejected in examples:
-        sequences += [prompt + chosen, prompt + rejected]
-        starts += [len(prompt), len(prompt)]
-    return collate(sequences, starts, pad_id)
+    """A batch of pairs for the shared-prompt forward (`pair_scored_tokens`): one prompt row per pair, and the
+    chosen and rejected responses (EOS included) as adjacent rows [c0, r0, c1, r1, ...], so that a chunk of whole
+    pairs is a contiguous block of rows (the fused DPO loss needs whole pairs per chunk)."""
+    prompt_ids, prompt_mask = pad_right([p for p, _, _ in examples], pad_id)
+    response_ids, response_mask = pad_right([r for _, chosen, rejected in examples for r in (chosen, rejected)], pad_id)
+    return prompt_ids, prompt_mask, response_ids, response_mask
 
 
 def sft_batch(examples, pad_id):
@@ -483,7 +489,7 @@ def load_policy(path: str, device):
 def hidden_states(model, ids, mask):
     """Last hidden states (B, T, D) of the backbone, without the LM head (the fused losses apply it)."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # correct for left or right padding
-    return model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    return model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
 
 
 def scored_tokens(model, ids, mask, targets):
@@ -494,17 +500,48 @@ def scored_tokens(model, ids, mask, targets):
     return hidden[keep], targets[keep], rows
 
 
+def pair_scored_tokens(model, prompt_ids, prompt_mask, response_ids, response_mask):
+    """scored_tokens of the rows [prompt + chosen, prompt + rejected] of each pair, with the prompt run once.
+
+    The concatenated forward would run every prompt twice, once per response. Here the backbone runs the B
+    prompts, their keys and values are repeated for the 2B responses, and the responses run on top of them;
+    autograd carries both responses' gradients back through the shared keys and values into the one prompt pass.
+    Same log-probs as the concatenated rows (tested), with the prompt's share of the backbone's work and
+    activations halved, which counts most where prompts are long, as in multi-turn dialogue data like HH."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    # recent transformers name the argument `cache`, earlier versions `past_key_values`
+    cache_arg = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+    prompt_lengths = prompt_mask.sum(1)
+    prompt_hidden = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
+                                     position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), **{cache_arg: cache}).last_hidden_state
+    cache.batch_repeat_interleave(2)  # prompt i's keys/values serve rows 2i (chosen) and 2i+1 (rejected)
+    # The prompts' right padding sits between prompt and response: masked out, and the response positions
+    # continue from each prompt's true length, so rotary positions match the concatenated sequence.
+    mask = torch.cat([prompt_mask.repeat_interleave(2, 0), response_mask], 1)
+    positions = prompt_lengths.repeat_interleave(2)[:, None] + torch.arange(response_ids.shape[1], device=response_ids.device)
+    response_hidden = model.base_model(input_ids=response_ids, attention_mask=mask, position_ids=positions,
+                                       use_cache=True, **{cache_arg: cache}).last_hidden_state
+    # Response token 0 is predicted by the prompt's last state, response token t > 0 by response state t - 1.
+    last_prompt = prompt_hidden[torch.arange(len(prompt_ids), device=prompt_ids.device), prompt_lengths - 1]
+    hidden = torch.cat([last_prompt.repeat_interleave(2, 0)[:, None], response_hidden[:, :-1]], 1)
+    keep = response_mask.bool()
+    rows = torch.arange(len(response_ids), device=response_ids.device)[:, None].expand_as(response_ids)[keep]
+    return hidden[keep], response_ids[keep], rows
+
+
 @torch.no_grad()
 def sequence_logps(model, batches, chunk_size, device, autocast):
-    """Sum of response log-probs of each row of each (ids, mask, targets) batch, concatenated."""
+    """Sum of response log-probs of each response row of each `pair_batch`, concatenated."""
     model.eval()
     out = []
-    for ids, mask, targets in batches:
-        ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
+    for batch in batches:
+        batch = [t.to(device) for t in batch]
         with autocast:
-            hidden, flat_targets, rows = scored_tokens(model, ids, mask, targets)
+            hidden, flat_targets, rows = pair_scored_tokens(model, *batch)
         token_logps = ChunkedLogprobs.apply(hidden, model.get_output_embeddings().weight, flat_targets, chunk_size)
-        out.append(torch.zeros(ids.shape[0], device=device).index_add_(0, rows, token_logps))
+        out.append(torch.zeros(len(batch[2]), device=device).index_add_(0, rows, token_logps))
     model.train()
     return torch.cat(out).cpu() if out else torch.zeros(0)
 
@@ -721,8 +758,9 @@ def main():
         stats = torch.zeros(6, device=device)
         for m in range(args.gradient_accumulation_steps):
             index = steps[step][m * micro : (m + 1) * micro]
-            ids, mask, targets = (t.to(device) for t in pair_batch([train_pairs[i] for i in index], tokenizer.pad_token_id))
-            dpo_tokens += mask.sum()
+            batch = [t.to(device) for t in pair_batch([train_pairs[i] for i in index], tokenizer.pad_token_id)]
+            prompt_mask, response_mask = batch[1], batch[3]
+            dpo_tokens += 2 * prompt_mask.sum() + response_mask.sum()  # tokens of the chosen and rejected sequences
             ref = ref_logps[index].reshape(-1).to(device)  # rows [c0, r0, c1, r1, ...], as in the batch
 
             def pair_loss(row_logps, first, end):
@@ -731,8 +769,8 @@ def main():
                 return losses.sum() / args.batch_size
 
             with autocast:
-                hidden, flat_targets, rows = scored_tokens(model, ids, mask, targets)
-            loss, row_logps = FusedLinearLoss.apply(hidden, head_weight, flat_targets, rows, ids.shape[0], 2,
+                hidden, flat_targets, rows = pair_scored_tokens(model, *batch)
+            loss, row_logps = FusedLinearLoss.apply(hidden, head_weight, flat_targets, rows, len(response_mask), 2,
                                                     args.logprob_chunk_size, pair_loss)
             loss.backward()
             with torch.no_grad():

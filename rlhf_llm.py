@@ -324,8 +324,7 @@ def collate(sequences, loss_starts, pad_id):
 
 
 def pair_batch(examples, pad_id):
-    """Chosen and rejected of each pair as adjacent rows [c0, r0, c1, r1, ...]: one forward for both, and a
-    chunk of whole pairs is a contiguous block of rows (the fused DPO loss needs whole pairs per chunk)."""
+    """Chosen and rejected of each pair as adjacent rows [c0, r0, c1, r1, ...]: one reward-model forward for both."""
     sequences, starts = [], []
     for prompt, chosen, rejected in examples:
         sequences += [prompt + chosen, prompt + rejected]

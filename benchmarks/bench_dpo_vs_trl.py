@@ -12,7 +12,8 @@ Variants, each in its own fresh subprocess (peak RSS = ru_maxrss of that process
   trl-precompute  TRL DPOTrainer with precompute_ref_log_probs=True;
   plain           a plain PyTorch DPO loop: reference log-probs precomputed once (like ours), one concatenated
                   forward of chosen+rejected, full (B, T, V) logits, log_softmax + gather, AdamW;
-  ours            dpo_llm.py run as the real script (runpy), reading dpo_tokens_per_s from its metrics.json.
+  ours            dpo_llm.py run as the real script (runpy), reading dpo_tokens_per_s from its metrics.json
+                  (each prompt through the backbone once per pair; every other variant runs it twice).
 tokens/s = non-pad tokens (prompt + response) of the chosen and rejected sequences trained / seconds of the
 training stage, the reference log-prob pass included for everyone (TRL: the precompute inside DPOTrainer.__init__
 + trainer.train(); plain: precompute + loop; ours: its DPO stage). Variants are run in rounds (order reversed every
@@ -376,7 +377,7 @@ def main():
     lines += ["", "Variants: trl-default = TRL DPOTrainer defaults (reference model in memory); trl-precompute = "
               "precompute_ref_log_probs=True; plain = plain PyTorch loop in this file (reference log-probs precomputed, "
               "full logits, log_softmax + gather, one concatenated chosen+rejected forward, AdamW); ours = dpo_llm.py "
-              "(fused chunked LM-head DPO loss, reference log-probs precomputed).",
+              "(each prompt run once for both responses, fused chunked LM-head DPO loss, reference log-probs precomputed).",
               "Targets (issue 3 section 5): ours >= 2.5x trl-default tokens/s, >= 1.1x plain tokens/s, peak RSS <= 0.4x TRL's."]
     table = "\n".join(lines) + "\n"
     print("\n" + table)

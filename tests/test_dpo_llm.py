@@ -135,6 +135,40 @@ def test_collate_shifts_targets():
     assert targets.tolist() == [[-100, 7, 8, -100], [9, -100, -100, -100]]
 
 
+@pytest.mark.parametrize("lengths", [[(5, 3, 6), (2, 4, 1), (7, 7, 2)], [(4, 3, 3), (4, 3, 3)]], ids=["ragged", "unpadded"])
+def test_shared_prompt_forward_matches_concatenated(lengths):
+    """The prompt run once for both responses gives the log-probs and gradients of [prompt + response] rows.
+    ("unpadded": no padding anywhere, where an all-ones mask must still be causal across prompt and response.)"""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
+    model = GPTNeoXForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(1)
+    examples = [tuple(torch.randint(2, 40, (n,), generator=g).tolist() for n in triple) for triple in lengths]
+    weight = model.get_output_embeddings().weight
+
+    def logps_and_grads(hidden, targets, rows):
+        token_logps = ChunkedLogprobs.apply(hidden, weight, targets, 4)
+        row_logps = torch.zeros(2 * len(examples)).index_add(0, rows, token_logps)
+        upstream = torch.linspace(-1, 1, len(row_logps))  # distinct weights: a swapped row would show
+        grads = torch.autograd.grad((row_logps * upstream).sum(), list(model.parameters()))
+        return row_logps, grads
+
+    sequences = [p + r for p, c, rj in examples for r in (c, rj)]
+    ids, mask, targets = dpo_llm.collate(sequences, [len(p) for p, _, _ in examples for _ in range(2)], pad_id=0)
+    concatenated = logps_and_grads(*dpo_llm.scored_tokens(model, ids, mask, targets))
+    shared = logps_and_grads(*dpo_llm.pair_scored_tokens(model, *dpo_llm.pair_batch(examples, pad_id=0)))
+    torch.testing.assert_close(shared[0], concatenated[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(shared[1], concatenated[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # and both equal the plain model's log-softmax over its full logits
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    plain = torch.log_softmax(logits, -1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
+    torch.testing.assert_close(shared[0], (plain * (targets != -100)).sum(1), rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------------------
