@@ -10,8 +10,9 @@ an implicit reward and no demonstration term.
 
 Stages: (1) SFT on demonstrations (next-token cross-entropy, prompt masked; --sft_epochs 0 skips it), then
 (2) DPO with the SFT model as reference. The reference log-probs are computed once before DPO, so no second
-model sits in memory while training. Log-probs never materialise the (tokens x vocab) logits: a chunked loop
-over the LM head computes the loss and its gradients chunk by chunk (see "Fused losses" below).
+model sits in memory while training. Each pair's prompt runs through the backbone once, for both responses
+(`pair_scored_tokens`). Log-probs never materialise the (tokens x vocab) logits: a chunked loop over the LM head
+computes the loss and its gradients chunk by chunk (see "Fused losses" below).
 
     python dpo_llm.py                                   # embedded digit-sorting task, offline, CPU, minutes
     python dpo_llm.py --model_name_or_path EleutherAI/pythia-160m --dataset_name Anthropic/hh-rlhf \

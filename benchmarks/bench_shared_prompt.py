@@ -85,6 +85,8 @@ def main():
     if args.worker:
         print("RESULT " + json.dumps(worker(*args.worker, args.steps, args.threads)), flush=True)
         return
+    import torch  # the driver only reports its version; the workers measure
+
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TRANSFORMERS_VERBOSITY": "error"}
     results = {}
     for shape in args.shapes.split(","):
@@ -100,7 +102,7 @@ def main():
     lines = ["# Shared-prompt forward vs concatenated forward (CPU)", "",
              f"Command: `python benchmarks/bench_shared_prompt.py {' '.join(sys.argv[1:])}`", "",
              f"Machine: {os.cpu_count()} CPUs ({platform.machine()}), {args.threads} torch thread(s) per process, "
-             f"torch {__import__('torch').__version__}; each row the median of {args.rounds} fresh process(es), "
+             f"torch {torch.__version__}; each row the median of {args.rounds} fresh process(es), "
              f"paths alternating; {args.steps} timed DPO steps (forward + backward, batch {PAIRS} pairs) each.", "",
              "| shape (hidden, layers) | prompt + response tokens | path | s / step | peak RSS (MB) | time ratio | memory ratio |",
              "|---|---|---|---:|---:|---:|---:|"]
