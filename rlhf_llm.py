@@ -308,17 +308,23 @@ def tokenize_examples(tokenizer, prompts, responses_per_prompt, args: Args, what
     return kept
 
 
+def pad_right(sequences, pad_id):
+    """(ids, mask) of right-padded rows."""
+    ids = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 def collate(sequences, loss_starts, pad_id):
     """Right-padded batch: input ids, attention mask and the targets of each position (-100 = no loss).
 
     Targets are shifted here, once: targets[:, t] is the token at t+1, so hidden state t predicts it."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    targets = torch.full((len(sequences), width), -100, dtype=torch.long)
+    ids, mask = pad_right(sequences, pad_id)
+    targets = torch.full_like(ids, -100)
     for i, (s, start) in enumerate(zip(sequences, loss_starts)):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
         targets[i, start - 1 : len(s) - 1] = torch.tensor(s[start:])
     return ids, mask, targets
 
@@ -626,7 +632,7 @@ def load_policy(path: str, device):
 def hidden_states(model, ids, mask):
     """Last hidden states (B, T, D) of the backbone, without the LM head (the fused losses apply it)."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # correct for left or right padding
-    return model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    return model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
 
 
 def scored_tokens(model, ids, mask, targets):
