@@ -8,8 +8,11 @@ The naive path materialises logits (N, V), their log-softmax and both gradients;
   token - per-token log-probs with an arbitrary upstream gradient (what PPO needs): naive vs ChunkedLogprobs
           (logits recomputed chunk by chunk in the backward).
 --triton adds the candidate Triton kernels of benchmarks/triton_chunk.py (GPU) as a third path per loss.
-Each measurement runs in a fresh subprocess: peak memory = growth of the process's max RSS during the first
-forward+backward (inputs and imports excluded), time = median of the following repeats.
+CPU: each measurement runs in a fresh subprocess; peak memory = growth of the process's max RSS during the first
+forward+backward (inputs and imports excluded). CUDA: the allocator's peak can be reset, so one subprocess per round
+measures a family of paths (torch paths, then Triton paths apart, so a faulting kernel cannot take the torch rows
+with it); each path runs once to warm up (cuBLAS workspaces, Triton compilation), then peak memory = growth of
+torch.cuda.max_memory_allocated over one more forward+backward. Time = median of the following repeats.
 
     python benchmarks/bench_logprob.py                      # V=50304, D=512, N=4096, fp32, CPU
     python benchmarks/bench_logprob.py --device cuda --dtype bfloat16   # GPU (peak from torch.cuda)
@@ -87,35 +90,52 @@ def run_variant(name, chunk, hidden, weight, targets, rows, ref, upstream):
     loss.backward()
 
 
-def worker(a):
-    """Measure one variant in this (fresh) process and print a JSON line."""
-    torch.set_num_threads(a.threads)
-    device, dtype = torch.device(a.device), getattr(torch, a.dtype)
-    inputs = make_inputs(a.tokens, a.hidden, a.vocab, dtype, device)
+def measure(job, chunk, inputs, repeats, device):
+    """Peak extra memory (MB) and median time (s) of one path's forward+backward."""
+    def clear_grads():
+        for t in inputs[:2]:
+            t.grad = None
+
     if device.type == "cuda":
+        run_variant(job, chunk, *inputs)  # warm-up, not measured: one-time workspaces and kernel compilation
+        clear_grads()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run_variant(a.worker, a.chunk, *inputs)
+    run_variant(job, chunk, *inputs)
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
     times = []
-    for _ in range(a.repeats):
-        for t in inputs[:2]:
-            t.grad = None
+    for _ in range(repeats):
+        clear_grads()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        run_variant(a.worker, a.chunk, *inputs)
+        run_variant(job, chunk, *inputs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    print(json.dumps({"peak_mb": peak_mb, "time_s": statistics.median(times)}))
+    clear_grads()
+    return {"peak_mb": peak_mb, "time_s": statistics.median(times)}
+
+
+def worker(a):
+    """Measure the given paths (name:chunk, comma-separated) in this process; one JSON line per path."""
+    torch.set_num_threads(a.threads)
+    device, dtype = torch.device(a.device), getattr(torch, a.dtype)
+    inputs = make_inputs(a.tokens, a.hidden, a.vocab, dtype, device)
+    for spec in a.worker.split(","):
+        name, chunk = spec.split(":")
+        try:
+            result = measure(name, int(chunk), inputs, a.repeats, device)
+        except Exception as e:  # e.g. a kernel that does not compile: report it, measure the rest
+            result = {"error": f"{type(e).__name__}: {e}"[:200]}
+        print(json.dumps({"job": spec, **result}), flush=True)
 
 
 def main():
@@ -132,7 +152,6 @@ def main():
     p.add_argument("--triton", action="store_true", help="also time the Triton candidate (benchmarks/triton_chunk.py)")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--chunk", type=int, default=1024, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         return worker(a)
@@ -148,14 +167,28 @@ def main():
     failures = {}
     common = ["--vocab", a.vocab, "--hidden", a.hidden, "--tokens", a.tokens, "--dtype", a.dtype, "--device", a.device,
               "--threads", a.threads, "--repeats", a.repeats]
+    # a CPU process's max RSS cannot be reset, so each CPU path gets its own process; see the module docstring
+    if a.device.startswith("cuda"):
+        groups = [[job for job in jobs if job[1].startswith("triton-") == triton] for triton in (False, True)]
+    else:
+        groups = [[job] for job in jobs]
     for done in range(1, a.rounds + 1):
-        for job in jobs:
-            cmd = [sys.executable, __file__, "--worker", job[1], "--chunk", job[2], *common]
+        for group in filter(None, groups):
+            specs = ",".join(f"{name}:{chunk}" for _, name, chunk in group)
+            cmd = [sys.executable, __file__, "--worker", specs, *common]
             proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
-            if proc.returncode == 0:
-                results[job].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            else:  # one broken variant (e.g. a kernel that does not compile) must not cost the other rows
-                failures[job] = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:200]
+            measured = {}
+            for line in proc.stdout.splitlines():
+                if line.startswith("{"):
+                    record = json.loads(line)
+                    measured[record.pop("job")] = record
+            for job in group:
+                record = measured.get(f"{job[1]}:{job[2]}")
+                if record and "error" not in record:
+                    results[job].append(record)
+                else:  # one broken path must not cost the other rows
+                    failures[job] = record["error"] if record else \
+                        (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:200]
         # written after every round, so a run cut short by a time limit still leaves the rounds it finished
         write_table(a, jobs, results, failures, done)
 

@@ -1,8 +1,8 @@
 """The candidate Triton kernels (benchmarks/triton_chunk.py) against dpo_llm.py's torch chunk path.
 
-They are GPU kernels; here they run on the CPU through Triton's interpreter (TRITON_INTERPRET=1, which must be
-set before the kernels are defined, hence the subprocess). Skipped where Triton is not installed (the CPU torch
-wheel of .ci/run does not bring it; `pip install triton` runs these)."""
+They are GPU kernels; on the CPU they run through Triton's interpreter (TRITON_INTERPRET=1, which must be set
+before the kernels are defined, hence the subprocess), and compiled on a CUDA GPU where there is one. Skipped where
+Triton is not installed (the CPU torch wheel of .ci/run does not bring it; `pip install triton` runs these)."""
 
 import importlib.util
 import os
@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -22,6 +23,7 @@ from dpo_llm import ChunkedLogprobs, FusedLinearLoss, dpo_losses
 
 tc.BLOCK_V = 64  # several column blocks per row, the last one partial (V = 300)
 torch.manual_seed(0)
+torch.set_default_device(sys.argv[1])
 n, d, v, chunk = 50, 16, 300, 16  # chunks that do not divide n
 for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
     h0, w0 = torch.randn(n, d) * 2, torch.randn(v, d)
@@ -56,7 +58,11 @@ print("ok")
 """
 
 
-def test_triton_kernels_match_torch_chunk_path():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks")])}
-    proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU"))])
+def test_triton_kernels_match_torch_chunk_path(device):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks")])}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", CHECK, device], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
