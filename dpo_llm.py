@@ -33,6 +33,12 @@ import torch
 import torch.nn.functional as F
 import tyro
 
+try:  # GPU kernels for the log-prob chunks; triton comes with CUDA builds of torch (CPU: the torch path, below)
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 try:  # the embedded task is the one module shared by the LLM scripts; a copied script runs without it
     from sort_task import SortTaskConfig
 except ImportError:  # pragma: no cover
@@ -102,6 +108,8 @@ class Args:
     """gradient clipping norm"""
     logprob_chunk_size: int = 512
     """tokens per chunk of the fused LM-head loss: memory ~ chunk x vocab instead of tokens x vocab"""
+    logprob_kernel: str = "auto"
+    """per-chunk softmax work: triton (GPU kernels), torch, or auto (triton for CUDA tensors when installed)"""
 
     # Evaluation, logging, checkpoints, hardware
     eval_every: int = 50
@@ -138,6 +146,13 @@ def validate_args(args: Args):
         (args.sft_epochs >= 0 and args.num_epochs >= 0, "--sft_epochs and --num_epochs must be >= 0"),
         (args.logprob_chunk_size > 0, "--logprob_chunk_size must be > 0"),
         (args.device in ("auto", "cpu", "cuda"), f"unknown --device {args.device!r}; use auto, cpu or cuda"),
+        (args.logprob_kernel in ("auto", "torch", "triton"),
+         f"unknown --logprob_kernel {args.logprob_kernel!r}; use auto, torch or triton"),
+        (args.logprob_kernel != "triton" or triton is not None,
+         "--logprob_kernel triton needs the triton package (it comes with CUDA builds of torch); use auto or torch"),
+        (args.logprob_kernel != "triton" or args.device != "cpu" and torch.cuda.is_available()
+         or os.environ.get("TRITON_INTERPRET") == "1",
+         "--logprob_kernel triton needs a CUDA device (or TRITON_INTERPRET=1: Triton's interpreter, slow); use auto or torch"),
         (args.dataset_name is not None or args.model_name_or_path is None,
          "--model_name_or_path needs --dataset_name (the embedded task comes with its own base model)"),
     ]
@@ -318,53 +333,37 @@ def batch_order(num_examples, batch_size, epochs, seed):
 
 
 def _chunk_logits(hidden, weight, start, end, buffer):
-    """fp32 logits of one chunk (bf16 inputs: bf16 matmul, fp32 softmax math). Written into one reused
-    (chunk, V) buffer: a fresh 100+ MB allocation per chunk costs page faults on the CPU."""
-    return torch.mm(hidden[start:end], weight.t(), out=buffer[: end - start]).float()
+    """Logits of one chunk in the hidden states' dtype (bf16 inputs: bf16 matmul; the softmax math is fp32 on both
+    paths). Written into one reused (chunk, V) buffer: a fresh 100+ MB allocation per chunk costs page faults."""
+    return torch.mm(hidden[start:end], weight.t(), out=buffer[: end - start])
 
 
 def _logits_buffer(hidden, weight, chunk_size):
     return torch.empty(min(chunk_size, hidden.shape[0]), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
 
 
-class ChunkedLogprobs(torch.autograd.Function):
-    """Per-token log p(target) from hidden (N, D) and LM-head weight (V, D); targets == ignore_index give 0."""
+def _chunk_forward(logits, targets):
+    """Per token of one chunk of logits (in the matmul's dtype): log p(target) and the log-sum-exp, both fp32, and
+    what the gradient step reuses. The torch path turns an fp32 copy into softmax probabilities in place and hands
+    them on; the Triton path (GPU) reads the logits once and keeps nothing: its gradient kernel recomputes
+    exp(z - lse) in the same pass that writes the gradient."""
+    if _use_triton(logits):
+        lse, target_logits, _ = _triton_lse(logits, targets)
+        return target_logits - lse, lse, None
+    probs = logits.float()  # bf16: an fp32 copy; fp32: the buffer itself
+    target_logits = probs.gather(1, targets[:, None]).squeeze(1)
+    lse = _softmax_(probs)
+    return target_logits - lse, lse, probs
 
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int = -100):
-        weight = weight.to(hidden.dtype)
-        valid = targets != ignore_index
-        safe_targets = targets.masked_fill(~valid, 0)
-        logps = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse = torch.zeros_like(logps)
-        buffer = _logits_buffer(hidden, weight, chunk_size)
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = min(start + chunk_size, hidden.shape[0])
-            logits = _chunk_logits(hidden, weight, start, end, buffer)
-            target_logits = logits.gather(1, safe_targets[start:end, None]).squeeze(1)
-            lse[start:end] = _softmax_(logits)
-            logps[start:end] = target_logits - lse[start:end]
-        logps = logps.masked_fill(~valid, 0.0)
-        ctx.save_for_backward(hidden, weight, safe_targets, valid, lse)
-        ctx.chunk_size = chunk_size
-        return logps
 
-    @staticmethod
-    def backward(ctx, grad_logps):
-        hidden, weight, targets, valid, lse = ctx.saved_tensors
-        grad_logps = grad_logps.float().masked_fill(~valid, 0.0)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        buffer = _logits_buffer(hidden, weight, ctx.chunk_size)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = min(start + ctx.chunk_size, hidden.shape[0])
-            logits = _chunk_logits(hidden, weight, start, end, buffer)  # recomputed: nothing (N, V) was kept
-            g = grad_logps[start:end]
-            probs = logits.sub_(lse[start:end, None]).exp_()
-            grad_logits = _grad_logits_(probs, targets[start:end], g).to(hidden.dtype)
-            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-            _accumulate_(grad_weight, grad_logits, hidden[start:end])
-        return grad_hidden, grad_weight, None, None, None
+def _chunk_grad_(logits, targets, lse, grad_logp, probs=None):
+    """dL/dz of one chunk in the logits' dtype (in place on the buffer where the path allows), for dL/dlog p(target)
+    = grad_logp per token. probs: _chunk_forward's, or None (a backward that kept only the log-sum-exp)."""
+    if _use_triton(logits):
+        return _triton_grad_(logits, targets, lse, grad_logp)
+    if probs is None:
+        probs = logits.float().sub_(lse[:, None]).exp_()
+    return _grad_logits_(probs, targets, grad_logp).to(logits.dtype)
 
 
 def _softmax_(logits):
@@ -381,6 +380,87 @@ def _grad_logits_(probs, targets, grad_logp):
     grad = probs.mul_(-grad_logp[:, None])
     grad[torch.arange(len(targets), device=grad.device), targets] += grad_logp
     return grad
+
+
+# ---- the same per-chunk work as two Triton kernels (GPU) ----
+# On a GPU the chunk's matmuls are fast and the torch ops above are ~10 passes over the (chunk, V) block (a fp32
+# copy, max, sub, exp, sum, div, gather, mul, scatter, a bf16 copy): they dominate. Two kernels do it in one read
+# (log-sum-exp, online) plus one read-and-write (the gradient, over the block in place, in its own dtype), with fp32
+# math; one program per token row, BLOCK columns at a time. Measured on an H100 (README): 0.4-0.5x the naive
+# path's time where the torch chunk path takes 1.3-1.7x. The entropy terms serve rlhf_llm.py's PPO loss (these
+# kernels are the same in both scripts). `--logprob_kernel auto` uses them for CUDA tensors when triton is
+# installed (it comes with CUDA builds of torch); tests run them on the CPU through Triton's interpreter.
+LOGPROB_KERNEL = "auto"  # auto | torch | triton; main() sets it from --logprob_kernel
+TRITON_BLOCK_V = 2048  # columns per step of a row (at most; fewer for a small vocabulary)
+
+
+def _use_triton(logits):
+    return LOGPROB_KERNEL == "triton" or (LOGPROB_KERNEL == "auto" and logits.is_cuda and triton is not None)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _lse_kernel(logits_ptr, stride, targets_ptr, lse_ptr, target_logit_ptr, entropy_ptr, V,
+                    BLOCK: tl.constexpr, ENTROPY: tl.constexpr):
+        row = tl.program_id(0)
+        base = logits_ptr + row.to(tl.int64) * stride
+        peak = tl.full((), float("-inf"), tl.float32)
+        total = tl.zeros((), tl.float32)  # sum of exp(z - peak)
+        weighted = tl.zeros((), tl.float32)  # sum of exp(z - peak) * z, for the entropy lse - E_p[z]
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            new_peak = tl.maximum(peak, tl.max(z, 0))
+            rescale = tl.exp(peak - new_peak)  # the running sums were taken against the old peak
+            e = tl.exp(z - new_peak)  # 0 past the vocabulary's end
+            total = total * rescale + tl.sum(e, 0)
+            if ENTROPY:
+                weighted = weighted * rescale + tl.sum(e * tl.where(cols < V, z, 0.0), 0)  # (0 * -inf would be nan)
+            peak = new_peak
+        lse = peak + tl.log(total)
+        tl.store(lse_ptr + row, lse)
+        tl.store(target_logit_ptr + row, tl.load(base + tl.load(targets_ptr + row)).to(tl.float32))
+        if ENTROPY:
+            tl.store(entropy_ptr + row, lse - weighted / total)
+
+    @triton.jit
+    def _grad_kernel(logits_ptr, stride, targets_ptr, lse_ptr, g_ptr, entropy_ptr, g_entropy_ptr, V,
+                     BLOCK: tl.constexpr, ENTROPY: tl.constexpr):
+        # dL/dz = g (onehot(y) - p) - g_H p (log p + H), with p = exp(z - lse)
+        row = tl.program_id(0)
+        base = logits_ptr + row.to(tl.int64) * stride
+        lse, g, target = tl.load(lse_ptr + row), tl.load(g_ptr + row), tl.load(targets_ptr + row)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            log_p = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) - lse
+            p = tl.exp(log_p)
+            grad = tl.where(cols == target, g, 0.0) - g * p
+            if ENTROPY:
+                grad -= tl.load(g_entropy_ptr + row) * p * (log_p + tl.load(entropy_ptr + row))
+            tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _triton_lse(logits, targets, entropy=False):
+    """Per row of a (chunk, V) block: log-sum-exp, the target's logit and (entropy=True) the entropy, fp32."""
+    rows, vocab = logits.shape
+    lse, target_logits = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(2))
+    entropies = torch.empty_like(lse) if entropy else lse  # (unused by the kernel when entropy=False)
+    _lse_kernel[(rows,)](logits, logits.stride(0), targets, lse, target_logits, entropies, vocab,
+                         BLOCK=min(TRITON_BLOCK_V, triton.next_power_of_2(vocab)), ENTROPY=entropy)
+    return lse, target_logits, entropies if entropy else None
+
+
+def _triton_grad_(logits, targets, lse, grad_logp, entropy=None, grad_entropy=None):
+    """In place: the block's logits -> dL/dz for dL/dlog p(target) = grad_logp and dL/dH = grad_entropy per row."""
+    rows, vocab = logits.shape
+    with_entropy = grad_entropy is not None
+    g = grad_logp.float().contiguous()
+    _grad_kernel[(rows,)](logits, logits.stride(0), targets, lse.contiguous(), g,
+                          entropy.contiguous() if with_entropy else g, grad_entropy.float().contiguous() if with_entropy else g,
+                          vocab, BLOCK=min(TRITON_BLOCK_V, triton.next_power_of_2(vocab)), ENTROPY=with_entropy)
+    return logits
 
 
 def _accumulate_(grad_weight, grad_logits, hidden):
@@ -401,6 +481,42 @@ def _chunk_plan(rows, rows_per_group: int, chunk_size: int):
     ends = torch.cat([starts[1:], starts.new_full((1,), len(rows))])
     first_rows = rows[starts] // rows_per_group * rows_per_group
     return torch.stack([starts, ends, first_rows, rows[ends - 1] + 1]).t().tolist()  # the one host sync
+
+
+class ChunkedLogprobs(torch.autograd.Function):
+    """Per-token log p(target) from hidden (N, D) and LM-head weight (V, D); targets == ignore_index give 0."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int = -100):
+        weight = weight.to(hidden.dtype)
+        valid = targets != ignore_index
+        safe_targets = targets.masked_fill(~valid, 0)
+        logps = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.zeros_like(logps)
+        buffer = _logits_buffer(hidden, weight, chunk_size)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            logits = _chunk_logits(hidden, weight, start, end, buffer)
+            logps[start:end], lse[start:end], _ = _chunk_forward(logits, safe_targets[start:end])
+        logps = logps.masked_fill(~valid, 0.0)
+        ctx.save_for_backward(hidden, weight, safe_targets, valid, lse)
+        ctx.chunk_size = chunk_size
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, targets, valid, lse = ctx.saved_tensors
+        grad_logps = grad_logps.float().masked_fill(~valid, 0.0)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        buffer = _logits_buffer(hidden, weight, ctx.chunk_size)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            logits = _chunk_logits(hidden, weight, start, end, buffer)  # recomputed: nothing (N, V) was kept
+            grad_logits = _chunk_grad_(logits, targets[start:end], lse[start:end], grad_logps[start:end])
+            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+            _accumulate_(grad_weight, grad_logits, hidden[start:end])
+        return grad_hidden, grad_weight, None, None, None
 
 
 class FusedLinearLoss(torch.autograd.Function):
@@ -424,9 +540,7 @@ class FusedLinearLoss(torch.autograd.Function):
             local_rows = rows[start:end] - first_row
             span = end_row - first_row
             logits = _chunk_logits(hidden, cast_weight, start, end, buffer)
-            target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
-            probs = logits
-            token_logps = target_logits - _softmax_(probs)  # from here on the buffer holds probabilities
+            token_logps, lse, probs = _chunk_forward(logits, targets[start:end])
             chunk_rows = torch.zeros(span, dtype=torch.float32, device=hidden.device).index_add_(0, local_rows, token_logps)
             row_logps[first_row:end_row] = chunk_rows
             # The loss on this chunk's rows, and d loss / d row-log-prob, by autograd on a tiny tensor.
@@ -435,7 +549,7 @@ class FusedLinearLoss(torch.autograd.Function):
                 chunk_loss = loss_fn(x, first_row, end_row)
                 (grad_rows,) = torch.autograd.grad(chunk_loss, x)
             loss += chunk_loss.detach()
-            grad_logits = _grad_logits_(probs, targets[start:end], grad_rows[local_rows]).to(hidden.dtype)
+            grad_logits = _chunk_grad_(logits, targets[start:end], lse, grad_rows[local_rows], probs)
             torch.mm(grad_logits, cast_weight, out=grad_hidden[start:end])
             _accumulate_(grad_weight, grad_logits, hidden[start:end])
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
@@ -487,10 +601,18 @@ def load_policy(path: str, device):
     return model, tokenizer
 
 
+def to_autocast_dtype(hidden):
+    """Under autocast (--bf16), hidden states in its dtype. The final layer norm hands back fp32, but the LM head is a
+    linear layer, which autocast runs in bf16; so are the fused losses' chunk matmuls (their softmax math is fp32)."""
+    device = hidden.device.type
+    return hidden.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else hidden
+
+
 def hidden_states(model, ids, mask):
     """Last hidden states (B, T, D) of the backbone, without the LM head (the fused losses apply it)."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # correct for left or right padding
-    return model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+    return to_autocast_dtype(model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                              use_cache=False).last_hidden_state)
 
 
 def scored_tokens(model, ids, mask, targets):
@@ -526,7 +648,7 @@ def pair_scored_tokens(model, prompt_ids, prompt_mask, response_ids, response_ma
                                        use_cache=True, **{cache_arg: cache}).last_hidden_state
     # Response token 0 is predicted by the prompt's last state, response token t > 0 by response state t - 1.
     last_prompt = prompt_hidden[torch.arange(len(prompt_ids), device=prompt_ids.device), prompt_lengths - 1]
-    hidden = torch.cat([last_prompt.repeat_interleave(2, 0)[:, None], response_hidden[:, :-1]], 1)
+    hidden = to_autocast_dtype(torch.cat([last_prompt.repeat_interleave(2, 0)[:, None], response_hidden[:, :-1]], 1))
     keep = response_mask.bool()
     rows = torch.arange(len(response_ids), device=response_ids.device)[:, None].expand_as(response_ids)[keep]
     return hidden[keep], response_ids[keep], rows
@@ -575,6 +697,7 @@ def linear_schedule(optimizer, total_steps, warmup_ratio):
 # Main
 # ==========================================================================================================
 def main():
+    global LOGPROB_KERNEL
     args = tyro.cli(Args, use_underscores=True)
     if args.resume is not None:
         checkpoint_path = os.path.join(args.resume, "checkpoint.pt")
@@ -603,6 +726,7 @@ def main():
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    LOGPROB_KERNEL = args.logprob_kernel
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -659,7 +783,8 @@ def main():
     metrics = state["metrics"]
     head_weight = model.get_output_embeddings().weight
     print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(train_pairs)} pairs, {len(eval_pairs)} held-out pairs, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
+          f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
 
     def evaluate_gold(suffix):
         """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task)."""

@@ -1,13 +1,16 @@
 """Fused chunked LM-head log-probs vs the naive path: peak memory and time of forward+backward, side by side.
 
-The naive path materialises logits (N, V), their log-softmax and both gradients; ours (dpo_llm.py) keeps one
-(chunk, V) block alive. Three comparisons, each ours vs its naive twin on the same inputs:
+The naive path materialises logits (N, V), their log-softmax and both gradients; ours (dpo_llm.py, rlhf_llm.py)
+keeps one (chunk, V) block alive. Four comparisons, each ours vs its naive twin on the same inputs:
   dpo   - DPO loss over 16 pairs (32 rows x 128 response tokens) with precomputed reference log-probs:
           naive log_softmax+gather vs FusedLinearLoss (gradients computed inside the forward);
   sft   - token-mean cross-entropy: F.cross_entropy on full logits vs FusedLinearLoss;
-  token - per-token log-probs with an arbitrary upstream gradient (what PPO needs): naive vs ChunkedLogprobs
-          (logits recomputed chunk by chunk in the backward).
---triton adds the candidate Triton kernels of benchmarks/triton_chunk.py (GPU) as a third path per loss.
+  token - per-token log-probs with an arbitrary upstream gradient: naive vs ChunkedLogprobs (logits recomputed
+          chunk by chunk in the backward);
+  entropy - per-token log-probs and entropies, arbitrary upstream gradients on both (PPO's policy loss):
+          naive vs rlhf_llm.ChunkedLogprobsEntropy.
+Ours runs the torch chunk path (--logprob_kernel torch); --triton adds the scripts' Triton kernels (GPU;
+--logprob_kernel triton) as a third path per loss.
 CPU: each measurement runs in a fresh subprocess; peak memory = growth of the process's max RSS during the first
 forward+backward (inputs and imports excluded). CUDA: the allocator's peak can be reset, so one subprocess per round
 measures a family of paths (torch paths, then Triton paths apart, so a faulting kernel cannot take the torch rows
@@ -34,7 +37,10 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import dpo_llm  # noqa: E402
+import rlhf_llm  # noqa: E402
 from dpo_llm import ChunkedLogprobs, FusedLinearLoss, dpo_losses  # noqa: E402
+from rlhf_llm import ChunkedLogprobsEntropy  # noqa: E402
 
 PAIRS, ROW_TOKENS, BETA = 16, 128, 0.1
 
@@ -46,7 +52,7 @@ def make_inputs(n, d, v, dtype, device):
     targets = torch.randint(0, v, (n,), generator=g).to(device)
     rows = torch.arange(n, device=device) // (n // (2 * PAIRS))  # 2*PAIRS rows of equal length, [c0, r0, c1, ...]
     ref = torch.randn(2 * PAIRS, generator=g).to(device) * 5 - 300
-    upstream = torch.randn(n, generator=g).to(device)
+    upstream = torch.randn(n, 2, generator=g).to(device)  # d loss / d log p and d loss / d entropy per token
     return hidden, weight, targets, rows, ref, upstream
 
 
@@ -54,37 +60,42 @@ def naive_token_logps(hidden, weight, targets):
     return torch.log_softmax((hidden @ weight.t()).float(), -1).gather(1, targets[:, None]).squeeze(1)
 
 
+def naive_token_logps_entropy(hidden, weight, targets):
+    log_probs = torch.log_softmax((hidden @ weight.t()).float(), -1)
+    return log_probs.gather(1, targets[:, None]).squeeze(1), -(log_probs.exp() * log_probs).sum(-1)
+
+
 def run_variant(name, chunk, hidden, weight, targets, rows, ref, upstream):
     """One forward+backward; returns nothing (gradients land in .grad)."""
     n = hidden.shape[0]
+    # a Triton row runs the same class as our torch row of its kind, with the scripts' Triton kernels
+    dpo_llm.LOGPROB_KERNEL = rlhf_llm.LOGPROB_KERNEL = "triton" if name.startswith("triton-") else "torch"
+    name = {"triton-dpo": "fused-dpo", "triton-sft": "fused-sft", "triton-token": "chunked-token",
+            "triton-entropy": "chunked-entropy"}.get(name, name)
 
     def pair_loss(row_logps, first, end):
         losses, _, _ = dpo_losses(row_logps[0::2], row_logps[1::2], ref[first:end:2], ref[first + 1:end:2], BETA, "sigmoid", 0.0)
         return losses.sum() / PAIRS
 
-    if name.startswith("triton-"):
-        from triton_chunk import TritonChunkedLogprobs, TritonFusedLinearLoss
     if name == "naive-dpo":
         per_row = torch.zeros(2 * PAIRS, device=hidden.device).index_add(0, rows, naive_token_logps(hidden, weight, targets))
         loss = pair_loss(per_row, 0, 2 * PAIRS)
     elif name == "fused-dpo":
         loss, _ = FusedLinearLoss.apply(hidden, weight, targets, rows, 2 * PAIRS, 2, chunk, pair_loss)
-    elif name == "triton-dpo":
-        loss, _ = TritonFusedLinearLoss.apply(hidden, weight, targets, rows, 2 * PAIRS, 2, chunk, pair_loss)
     elif name == "naive-sft":
         loss = F.cross_entropy((hidden @ weight.t()).float(), targets)
     elif name == "fused-sft":
         loss, _ = FusedLinearLoss.apply(hidden, weight, targets, torch.arange(n, device=hidden.device), n, 1, chunk,
                                         lambda lp, a, b: -lp.sum() / n)
-    elif name == "triton-sft":
-        loss, _ = TritonFusedLinearLoss.apply(hidden, weight, targets, torch.arange(n, device=hidden.device), n, 1,
-                                              chunk, lambda lp, a, b: -lp.sum() / n)
     elif name == "naive-token":
-        loss = (naive_token_logps(hidden, weight, targets) * upstream).sum()
+        loss = (naive_token_logps(hidden, weight, targets) * upstream[:, 0]).sum()
     elif name == "chunked-token":
-        loss = (ChunkedLogprobs.apply(hidden, weight, targets, chunk) * upstream).sum()
-    elif name == "triton-token":
-        loss = (TritonChunkedLogprobs.apply(hidden, weight, targets, chunk) * upstream).sum()
+        loss = (ChunkedLogprobs.apply(hidden, weight, targets, chunk) * upstream[:, 0]).sum()
+    elif name in ("naive-entropy", "chunked-entropy"):
+        chunked = name == "chunked-entropy"
+        logps, entropy = (ChunkedLogprobsEntropy.apply(hidden, weight, targets, chunk) if chunked
+                          else naive_token_logps_entropy(hidden, weight, targets))
+        loss = (logps * upstream[:, 0] + entropy * upstream[:, 1]).sum()
     else:
         raise ValueError(name)
     loss.backward()
@@ -149,7 +160,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="all variants are measured once per round, interleaved")
-    p.add_argument("--triton", action="store_true", help="also time the Triton candidate (benchmarks/triton_chunk.py)")
+    p.add_argument("--kinds", nargs="+", default=["dpo", "sft", "token", "entropy"], choices=["dpo", "sft", "token", "entropy"])
+    p.add_argument("--triton", action="store_true", help="also time the scripts' Triton kernels (--logprob_kernel triton)")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -157,8 +169,8 @@ def main():
         return worker(a)
 
     jobs = []
-    for kind in ("dpo", "sft", "token"):
-        ours = "chunked-token" if kind == "token" else f"fused-{kind}"
+    for kind in a.kinds:
+        ours = f"chunked-{kind}" if kind in ("token", "entropy") else f"fused-{kind}"
         jobs.append((kind, f"naive-{kind}", 0))
         jobs += [(kind, ours, c) for c in a.chunks]
         if a.triton:

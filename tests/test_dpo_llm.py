@@ -234,8 +234,11 @@ def _fails(monkeypatch, tmp_path, *flags):
     (["--loss_type", "ipo", "--label_smoothing", 0.1], "sigmoid only"),
     (["--max_prompt_length", 64, "--max_length", 64], "--max_prompt_length"),
     (["--task.min_digits", 9, "--task.max_digits", 3], "--task.min_digits"),
+    (["--logprob_kernel", "cuda"], "unknown --logprob_kernel"),
+    (["--logprob_kernel", "triton", "--device", "cpu"], "--logprob_kernel triton needs"),  # no triton, or no GPU
 ])
 def test_bad_arguments(monkeypatch, tmp_path, flags, needle):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert needle in _fails(monkeypatch, tmp_path, *flags)
 
 

@@ -242,6 +242,7 @@ def test_hh_format_data_and_local_models(tiny_hh, tmp_path):
     (["--rollout_batch_size", "10", "--num_mini_batches", "4"], "--rollout_batch_size 10 must split"),
     (["--dataset_name", "/no/such/file.jsonl"], "dataset path not found"),
     (["--reward_model_path", "TINY_HH"], "differs from the policy's"),
+    (["--logprob_kernel", "triton", "--device", "cpu"], "--logprob_kernel triton needs"),  # no triton, or no GPU
 ])
 def test_bad_inputs_fail_in_one_line(flags, message, tiny_hh, task_cache, tmp_path):
     flags = [tiny_hh["model"] if f == "TINY_HH" else f for f in flags]

@@ -1,4 +1,5 @@
-"""The candidate Triton kernels (benchmarks/triton_chunk.py) against dpo_llm.py's torch chunk path.
+"""The Triton kernels of the fused log-prob losses (dpo_llm.py, rlhf_llm.py: --logprob_kernel triton) against the
+torch chunk path, their oracle: log-probs, entropies, losses and gradients, fp32 and bf16.
 
 They are GPU kernels; on the CPU they run through Triton's interpreter (TRITON_INTERPRET=1, which must be set
 before the kernels are defined, hence the subprocess), and compiled on a CUDA GPU where there is one. Skipped where
@@ -18,42 +19,71 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 CHECK = r"""
 import sys, torch
-import triton_chunk as tc
-from dpo_llm import ChunkedLogprobs, FusedLinearLoss, dpo_losses
+import dpo_llm, rlhf_llm
 
-tc.BLOCK_V = 64  # several column blocks per row, the last one partial (V = 300)
+device = sys.argv[1]
+torch.set_default_device(device)
 torch.manual_seed(0)
-torch.set_default_device(sys.argv[1])
 n, d, v, chunk = 50, 16, 300, 16  # chunks that do not divide n
-for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+calls = []
+for m in (dpo_llm, rlhf_llm):
+    m.TRITON_BLOCK_V = 64  # several column blocks per row, the last one partial (V = 300)
+    launch = m._triton_lse
+    m._triton_lse = lambda *a, _launch=launch, **k: calls.append(1) or _launch(*a, **k)  # counts the kernel launches
+    m.LOGPROB_KERNEL = "auto"
+    assert m._use_triton(torch.empty(0)) == (device == "cuda"), "auto must pick the kernels for CUDA tensors only"
+
+for dtype, tol in ((torch.float32, 5e-5), (torch.bfloat16, 2e-2)):  # fp32: entropy grads sum log p + H, |z| ~ 30
     h0, w0 = torch.randn(n, d) * 2, torch.randn(v, d)
     targets = torch.randint(0, v, (n,))
     targets[[3, 17]] = -100  # ignore_index rows score 0 and get no gradient
-    upstream = torch.randn(n)
+    upstream, upstream_h = torch.randn(n), torch.randn(n)
     rows = torch.arange(n) // 5  # 10 rows of 5 tokens: 5 DPO pairs
     ref = torch.randn(10) - 20
 
     def pair_loss(x, a, b):
-        return dpo_losses(x[0::2], x[1::2], ref[a:b:2], ref[a + 1:b:2], 0.1, "sigmoid", 0.0)[0].sum()
+        return dpo_llm.dpo_losses(x[0::2], x[1::2], ref[a:b:2], ref[a + 1:b:2], 0.1, "sigmoid", 0.0)[0].sum()
 
-    def token(fn):
-        h, w = h0.to(dtype).requires_grad_(), w0.to(dtype).requires_grad_()
-        logps = fn.apply(h, w, targets, chunk)
+    def leaves():
+        return h0.to(dtype, copy=True).requires_grad_(), w0.to(dtype, copy=True).requires_grad_()  # fresh leaves, fresh .grad
+
+    def token(m):
+        h, w = leaves()
+        logps = m.ChunkedLogprobs.apply(h, w, targets, chunk)
         (logps * upstream).sum().backward()
         return [logps.detach(), h.grad.float(), w.grad.float()]
 
-    def fused(fn):
-        h, w = h0.to(dtype).requires_grad_(), w0.to(dtype).requires_grad_()
-        loss, row_logps = fn.apply(h, w, targets.clamp(min=0), rows, 10, 2, chunk, pair_loss)
+    def fused(m):
+        h, w = leaves()
+        loss, row_logps = m.FusedLinearLoss.apply(h, w, targets.clamp(min=0), rows, 10, 2, chunk, pair_loss)
         loss.backward()
         return [loss.detach(), row_logps, h.grad.float(), w.grad.float()]
 
-    for name, ours, oracle in (("token", token(tc.TritonChunkedLogprobs), token(ChunkedLogprobs)),
-                               ("fused", fused(tc.TritonFusedLinearLoss), fused(FusedLinearLoss))):
+    def entropy(use_logps, use_entropy):
+        def run(m):
+            h, w = leaves()
+            logps, ent = m.ChunkedLogprobsEntropy.apply(h, w, targets.clamp(min=0), chunk)
+            (logps * upstream * use_logps + ent * upstream_h * use_entropy).sum().backward()
+            return [logps.detach(), ent.detach(), h.grad.float(), w.grad.float()]
+        return run
+
+    cases = [("token", dpo_llm, token), ("fused dpo_llm", dpo_llm, fused), ("fused rlhf_llm", rlhf_llm, fused),
+             ("entropy, both grads", rlhf_llm, entropy(1, 1)), ("entropy, logp grad", rlhf_llm, entropy(1, 0)),
+             ("entropy, entropy grad", rlhf_llm, entropy(0, 1))]
+    for name, m, case in cases:
+        m.LOGPROB_KERNEL = "torch"
+        oracle = case(m)
+        assert not calls, (name, "the torch path launched a kernel")
+        m.LOGPROB_KERNEL = "triton"
+        ours = case(m)
+        assert calls, (name, "the triton path launched no kernel")
+        calls.clear()
         for a, b in zip(ours, oracle):
             err = ((a - b).norm() / b.norm().clamp(min=1e-6)).item()
             assert err < tol, (name, dtype, err)
-    assert (token(tc.TritonChunkedLogprobs)[0][[3, 17]] == 0).all()
+    dpo_llm.LOGPROB_KERNEL = "triton"
+    assert (token(dpo_llm)[0][[3, 17]] == 0).all()
+    calls.clear()
 print("ok")
 """
 
@@ -61,7 +91,7 @@ print("ok")
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU"))])
 def test_triton_kernels_match_torch_chunk_path(device):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run([sys.executable, "-c", CHECK, device], env=env, capture_output=True, text=True, timeout=300)
