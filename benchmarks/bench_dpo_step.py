@@ -136,11 +136,11 @@ def main():
         del model, optimizer
         if cuda:
             torch.cuda.empty_cache()
-    table = "\n".join(lines)
-    print(table, flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(table + "\n")
+        table = "\n".join(lines)  # written after every shape, so a run cut short keeps the shapes it finished
+        print(table, flush=True)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(table + "\n")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ torch chunk path, their oracle: log-probs, entropies, losses and gradients, fp32
 
 They are GPU kernels; on the CPU they run through Triton's interpreter (TRITON_INTERPRET=1, which must be set
 before the kernels are defined, hence the subprocess), and compiled on a CUDA GPU where there is one. Skipped where
-Triton is not installed (the CPU torch wheel of .ci/run does not bring it; `pip install triton` runs these)."""
+Triton is not installed (the CPU torch wheel of .ci/run does not bring it; `pip install triton` runs these).
+Seen on the GPU machine's image (Triton 3.6.0, numpy 2.5.2): the compiled run passed, but the interpreter run failed
+inside Triton (`int()` of a one-element array, at the kernels' loop bound); here, with Triton 3.9, both pass."""
 
 import importlib.util
 import os
