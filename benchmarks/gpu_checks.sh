@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Everything a lent GPU session checks, as one device call (~5 min; the inner timeouts add up to 540 s):
+# Everything a lent GPU session checks, as one device call (~7 min; the inner timeouts add up to 570 s):
 #   1. the Triton kernels of dpo_llm.py / rlhf_llm.py, compiled, against the torch chunk path (tests/test_triton_chunk.py);
 #   2. the log-prob benchmark's GPU rows (issue 3): bf16, naive vs the torch chunk path vs the Triton kernels;
 #   3. one whole DPO step at Pythia-160m/410m shapes with the three LM-head paths (benchmarks/bench_dpo_step.py);
 #   4. the scripts end to end on CUDA + bf16: `python dpo_llm.py --bf16` (the default run) and a tiny rlhf_llm.py run.
 # Once, here:   PATH=$PWD/.venv/bin:$PATH bash ../shared/device/fetch-wheels.sh   (the GPU image lacks datasets and
 #               tyro; the venv on PATH pins the versions; .whl/ stays from one session to the next)
-# Then:         device run, carry [".whl"], command "bash benchmarks/gpu_checks.sh", timeout_s 560
+# Then:         device run, carry [".whl"], command "bash benchmarks/gpu_checks.sh", timeout_s 590
 # Tables, metrics and the log come back in $OUT; copy them to benchmarks/results/ and the README with the device named.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl || exit 1
@@ -21,7 +21,7 @@ timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_triton_chunk.py |
 # Each bench writes its table after every round, so a run cut short by `timeout` still leaves the rounds it finished.
 timeout 130 python3 benchmarks/bench_logprob.py --device cuda --dtype bfloat16 --triton --tokens 16384 \
   --chunks 1024 2048 4096 8192 --rounds 3 --repeats 10 --out "$out/logprob_gpu_bf16_n16384.md" || echo "N=16384 did not finish"
-timeout 120 python3 benchmarks/bench_dpo_step.py --out "$out/dpo_step_gpu.md" || echo "bench_dpo_step did not finish"
+timeout 150 python3 benchmarks/bench_dpo_step.py --steps 20 --rounds 5 --out "$out/dpo_step_gpu.md" || echo "bench_dpo_step did not finish"
 timeout 100 python3 benchmarks/bench_logprob.py --device cuda --dtype bfloat16 --triton --tokens 4096 \
   --chunks 256 1024 4096 --rounds 2 --repeats 10 --out "$out/logprob_gpu_bf16_n4096.md" || echo "N=4096 did not finish"
 timeout 90 python3 dpo_llm.py --bf16 --device cuda --output_dir "$runs" --run_name dpo_bf16 \
