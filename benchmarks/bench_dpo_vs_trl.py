@@ -378,7 +378,7 @@ def main():
               "precompute_ref_log_probs=True; plain = plain PyTorch loop in this file (reference log-probs precomputed, "
               "full logits, log_softmax + gather, one concatenated chosen+rejected forward, AdamW); ours = dpo_llm.py "
               "(each prompt run once for both responses, fused chunked LM-head DPO loss, reference log-probs precomputed).",
-              "Targets (issue 3 section 5): ours >= 2.5x trl-default tokens/s, >= 1.1x plain tokens/s, peak RSS <= 0.4x TRL's."]
+              "Goals: ours >= 2.5x trl-default tokens/s, >= 1.1x plain tokens/s, peak RSS <= 0.4x TRL's."]
     table = "\n".join(lines) + "\n"
     print("\n" + table)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

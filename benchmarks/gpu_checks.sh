@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Everything a lent GPU session checks, as one device call (~7 min; the inner timeouts add up to 570 s):
+# The GPU checks, in one run of about 7 min (the inner timeouts add up to 570 s):
 #   1. the Triton kernels of dpo_llm.py / rlhf_llm.py, compiled, against the torch chunk path (tests/test_triton_chunk.py);
-#   2. the log-prob benchmark's GPU rows (issue 3): bf16, naive vs the torch chunk path vs the Triton kernels;
+#   2. the log-prob benchmark's GPU rows: bf16, naive vs the torch chunk path vs the Triton kernels;
 #   3. one whole DPO step at Pythia-160m/410m shapes with the three LM-head paths (benchmarks/bench_dpo_step.py);
 #   4. the scripts end to end on CUDA + bf16: `python dpo_llm.py --bf16` (the default run) and a tiny rlhf_llm.py run.
-# Once, here:   PATH=$PWD/.venv/bin:$PATH bash ../shared/device/fetch-wheels.sh   (the GPU image lacks datasets and
-#               tyro; the venv on PATH pins the versions; .whl/ stays from one session to the next)
-# Then:         device run, carry [".whl"], command "bash benchmarks/gpu_checks.sh", timeout_s 590
-# Tables, metrics and the log come back in $OUT; copy them to benchmarks/results/ and the README with the device named.
+# The GPU machine needs datasets and tyro. The script installs them offline: every wheel in .whl/ goes into .site/
+# (no index, no dependency resolution), so first put in .whl/ the wheels of datasets, tyro and those of their
+# needs the machine lacks (dill, multiprocess, docstring-parser, typeguard), fetched for its Python with
+# `pip download --no-deps --only-binary=:all: --python-version <X.Y> -d .whl <package>==<version>`.
+# Then, from the repository root:   bash benchmarks/gpu_checks.sh      (OUT=<folder> writes there instead)
+# Tables, metrics and the log land in $OUT (default benchmarks/results/); copy the figures to benchmarks/README.md
+# with the GPU named.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD/.site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
