@@ -1,23 +1,22 @@
 """DPO (Direct Preference Optimization), with an optional SFT stage first, in one file.
 
-DPO (Rafailov et al., 2023, arXiv 2305.18290, eq. 7) trains the policy directly on preference pairs: with the
-implicit reward  r(x, y) = beta * [log pi(y|x) - log pi_ref(y|x)],  it minimises the Bradley-Terry loss
-    L = -log sigmoid( r(x, y_w) - r(x, y_l) )
-against a frozen reference policy pi_ref (here: the SFT model). Options: conservative DPO (label smoothing eps,
-L = -(1-eps) log sig(h) - eps log sig(-h)) and IPO (Azar et al., 2023: L = (h/beta - 1/(2 beta))^2, h the
-beta-scaled margin). In AIHF's terms (Li et al., ICLR 2025, arXiv 2406.06874) this is the special case with
-an implicit reward and no demonstration term.
+DPO (Rafailov et al., 2023, arXiv 2305.18290, eq. 7) trains the policy directly on preference pairs. With the
+implicit reward  r(x, y) = beta * [log pi(y|x) - log pi_ref(y|x)]  it minimises the Bradley-Terry loss
+    L_DPO = -log sigmoid( r(x, y_w) - r(x, y_l) )
+against a frozen reference policy pi_ref (here: the SFT model). Options: conservative DPO (label smoothing eps:
+-(1-eps) log sigmoid(h) - eps log sigmoid(-h)) and IPO (Azar et al., 2023: (h/beta - 1/(2 beta))^2, h the margin).
+In AIHF's terms (Li et al., ICLR 2025, arXiv 2406.06874) DPO is the special case with an implicit reward and no
+demonstration term.
 
-Stages: (1) SFT on demonstrations (next-token cross-entropy, prompt masked; --sft_epochs 0 skips it), then
-(2) DPO with the SFT model as reference. The reference log-probs are computed once before DPO, so no second
-model sits in memory while training. Each pair's prompt runs through the backbone once, for both responses
-(`pair_scored_tokens`). Log-probs never materialise the (tokens x vocab) logits: a chunked loop over the LM head
-computes the loss and its gradients chunk by chunk (see "Fused losses" below).
+Stages: (1) SFT on demonstrations, -mean_t log pi(y_t | x, y_<t) with the prompt masked (--sft_epochs 0 skips it);
+(2) DPO with the SFT model as the reference. The reference log-probs are computed once before DPO, so no second
+model sits in memory; each pair's prompt runs through the backbone once for both responses; the LM head never
+materialises the (tokens x vocab) logits (the fused chunked loss in the machinery section at the end).
 
-    python dpo_llm.py                                   # embedded digit-sorting task, offline, CPU, minutes
+    python dpo_llm.py                                   # embedded digit-sorting task, offline, CPU, under a minute
     python dpo_llm.py --model_name_or_path EleutherAI/pythia-160m --dataset_name Anthropic/hh-rlhf \
         --max_length 512 --max_prompt_length 384 --learning_rate 5e-7 --sft_learning_rate 1e-5 --bf16 \
-        --logprob_chunk_size 4096                       # on a GPU: Triton kernels, larger chunks (README)
+        --logprob_chunk_size 4096                       # on a GPU: Triton kernels, larger chunks
 """
 
 import inspect
@@ -28,19 +27,20 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from functools import partial
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 import tyro
 
-try:  # GPU kernels for the log-prob chunks; triton comes with CUDA builds of torch (CPU: the torch path, below)
+try:  # GPU kernels for the log-prob chunks; triton comes with CUDA builds of torch (CPU: the torch path)
     import triton
     import triton.language as tl
 except ImportError:
     triton = None
 
-try:  # the embedded task is the one module shared by the LLM scripts; a copied script runs without it
+try:  # the embedded task is the one module the LLM scripts share; a copied script runs without it on real data
     from sort_task import SortTaskConfig
 except ImportError:  # pragma: no cover
 
@@ -84,11 +84,11 @@ class Args:
     sft_epochs: int = 3
     """epochs of SFT on the demonstrations before DPO (0 = start DPO from the given model)"""
     sft_learning_rate: float = 3e-4
-    """AdamW learning rate of SFT"""
+    """AdamW learning rate of SFT (embedded task; 1e-5 suits Pythia on HH)"""
 
     # DPO stage
-    loss_type: str = "sigmoid"
-    """sigmoid (DPO) or ipo"""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid (DPO, conservative DPO with --label_smoothing) or ipo"""
     beta: float = 0.1
     """KL weight beta of the implicit reward (paper: 0.1)"""
     label_smoothing: float = 0.0
@@ -96,7 +96,7 @@ class Args:
     num_epochs: int = 4
     """epochs of DPO over the preference pairs"""
     learning_rate: float = 5e-5
-    """AdamW learning rate of DPO"""
+    """AdamW learning rate of DPO (embedded task; the paper uses 1e-6, 5e-7 suits Pythia on HH)"""
     batch_size: int = 32
     """examples (pairs in DPO, demonstrations in SFT) per optimizer step"""
     gradient_accumulation_steps: int = 1
@@ -109,15 +109,15 @@ class Args:
     """gradient clipping norm"""
     logprob_chunk_size: int = 512
     """tokens per chunk of the fused LM-head loss: memory ~ chunk x vocab instead of tokens x vocab (GPU: 2048-4096)"""
-    logprob_kernel: str = "auto"
+    logprob_kernel: Literal["auto", "torch", "triton"] = "auto"
     """per-chunk softmax work: triton (GPU kernels), torch, or auto (triton for CUDA tensors when installed)"""
 
     # Evaluation, logging, checkpoints, hardware
     eval_every: int = 50
-    """evaluate held-out preference accuracy every this many DPO steps"""
+    """evaluate held-out preference accuracy every this many DPO steps (0 = only at the end)"""
     save_every: int = 100
     """write a checkpoint every this many optimizer steps (0 = only at stage ends)"""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """cpu, cuda or auto"""
     bf16: bool = False
     """bfloat16 autocast (GPU); master weights stay fp32"""
@@ -127,44 +127,207 @@ class Args:
     """the embedded task (used when --dataset_name is not given)"""
 
 
-def fail(message: str):
-    """Bad input: one line naming the problem and the fix, exit code 1."""
-    sys.exit(f"error: {message}")
-
-
-def validate_args(args: Args):
-    checks = [
-        (args.beta > 0, f"--beta must be > 0 (got {args.beta}); the DPO paper uses 0.1"),
-        (args.loss_type in ("sigmoid", "ipo"), f"unknown --loss_type {args.loss_type!r}; use sigmoid or ipo"),
-        (0 <= args.label_smoothing < 0.5, f"--label_smoothing must be in [0, 0.5) (got {args.label_smoothing})"),
-        (args.label_smoothing == 0 or args.loss_type == "sigmoid",
-         "--label_smoothing (conservative DPO) applies to --loss_type sigmoid only; drop it for ipo"),
-        (args.batch_size > 0 and args.gradient_accumulation_steps > 0, "--batch_size and --gradient_accumulation_steps must be > 0"),
-        (args.batch_size % args.gradient_accumulation_steps == 0,
-         f"--batch_size {args.batch_size} is not divisible by --gradient_accumulation_steps {args.gradient_accumulation_steps}; "
-         "make it a multiple"),
-        (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be > 0 and < --max_length"),
-        (args.sft_epochs >= 0 and args.num_epochs >= 0, "--sft_epochs and --num_epochs must be >= 0"),
-        (args.logprob_chunk_size > 0, "--logprob_chunk_size must be > 0"),
-        (args.device in ("auto", "cpu", "cuda"), f"unknown --device {args.device!r}; use auto, cpu or cuda"),
-        (args.logprob_kernel in ("auto", "torch", "triton"),
-         f"unknown --logprob_kernel {args.logprob_kernel!r}; use auto, torch or triton"),
-        (args.logprob_kernel != "triton" or triton is not None,
-         "--logprob_kernel triton needs the triton package (it comes with CUDA builds of torch); use auto or torch"),
-        (args.logprob_kernel != "triton" or args.device != "cpu" and torch.cuda.is_available()
-         or os.environ.get("TRITON_INTERPRET") == "1",
-         "--logprob_kernel triton needs a CUDA device (or TRITON_INTERPRET=1: Triton's interpreter, slow); use auto or torch"),
-        (args.dataset_name is not None or args.model_name_or_path is None,
-         "--model_name_or_path needs --dataset_name (the embedded task comes with its own base model)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            fail(message)
+# The valid interval of every numeric flag, checked before anything is built or written ("(" excludes the end).
+RANGES = {
+    "seed": "[0, inf)", "num_eval_prefs": "[1, inf)", "max_length": "[2, 1e6]", "max_prompt_length": "[1, 1e6]",
+    "sft_epochs": "[0, 1e4]", "sft_learning_rate": "(0, 1]", "beta": "(0, 1e3]", "label_smoothing": "[0, 0.5)",
+    "num_epochs": "[0, 1e4]", "learning_rate": "(0, 1]", "batch_size": "[1, 1e6]", "gradient_accumulation_steps": "[1, 1e6]",
+    "warmup_ratio": "[0, 1]", "weight_decay": "[0, 1e3]", "max_grad_norm": "(0, inf)", "logprob_chunk_size": "[1, 1e8]",
+    "eval_every": "[0, inf)", "save_every": "[0, inf)", "num_threads": "[0, 1024]",
+}
 
 
 # ==========================================================================================================
-# Data
+# The algorithm: the SFT and DPO losses
 # ==========================================================================================================
+def sft_loss(token_logps):
+    """SFT, per response token: -log pi(y_t | x, y_<t) (the caller averages over the batch's tokens)."""
+    return -token_logps
+
+
+def dpo_loss(policy_logps, ref_logps, beta, loss_type="sigmoid", label_smoothing=0.0):
+    """DPO, eq. 7 of Rafailov et al. (2023), on the sequence log-probs log pi(y|x) of pairs laid out as rows
+    [chosen_0, rejected_0, chosen_1, rejected_1, ...] (policy_logps from the model, ref_logps from pi_ref):
+
+        r(x, y) = beta * [log pi(y|x) - log pi_ref(y|x)]          implicit reward
+        h = r(x, y_w) - r(x, y_l)                                   margin
+        sigmoid: -(1 - eps) log sigmoid(h) - eps log sigmoid(-h)    (eps = label_smoothing > 0: conservative DPO)
+        ipo:     (h / beta - 1 / (2 beta))^2                        (Azar et al. 2023, on sequence log-probs)
+
+    Returns the loss of each pair and the implicit rewards of its chosen and rejected responses."""
+    rewards = beta * (policy_logps - ref_logps)
+    chosen_rewards, rejected_rewards = rewards[0::2], rewards[1::2]
+    margin = chosen_rewards - rejected_rewards
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    else:  # ipo: regress the log-ratio margin h/beta onto 1/(2 beta)
+        losses = (margin / beta - 1 / (2 * beta)) ** 2
+    return losses, chosen_rewards, rejected_rewards
+
+
+# ==========================================================================================================
+# Models: the policy's forward passes, and the losses of a micro-batch
+# ==========================================================================================================
+def load_policy(path: str, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
+        fail(f"model path not found: {path!r}; give a saved model directory or a hub id like EleutherAI/pythia-160m")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        fail(f"could not load the tokenizer of {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
+    if tokenizer.eos_token_id is None:
+        fail(f"tokenizer of {path!r} has no EOS token; set one (tokenizer.eos_token) and save it")
+    if tokenizer.pad_token_id is None:  # e.g. Pythia; padding is masked by attention masks and -100 targets
+        tokenizer.pad_token = tokenizer.eos_token
+        print(f"[model] tokenizer has no pad token: using EOS {tokenizer.eos_token!r} for padding (masked out)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    except (OSError, ValueError) as e:
+        fail(f"could not load model {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        fail(f"{path!r} has an LM head with a bias, which the fused log-prob path does not handle")
+    return model, tokenizer
+
+
+def to_autocast_dtype(hidden):
+    """Under autocast (--bf16), hidden states in its dtype. The final layer norm hands back fp32, but the LM head is a
+    linear layer, which autocast runs in bf16; so are the fused losses' chunk matmuls (their softmax math is fp32)."""
+    device = hidden.device.type
+    return hidden.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else hidden
+
+
+def hidden_states(model, ids, mask):
+    """Last hidden states (B, T, D) of the backbone, without the LM head (the fused losses apply it)."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # correct for left or right padding
+    return to_autocast_dtype(model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                              use_cache=False).last_hidden_state)
+
+
+def scored_tokens(model, ids, mask, targets):
+    """Hidden states, targets and sequence index of the positions that carry a target (prompt/padding skipped)."""
+    hidden = hidden_states(model, ids, mask)
+    keep = targets != -100
+    seq_ids = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(targets)[keep]
+    return hidden[keep], targets[keep], seq_ids
+
+
+def pair_scored_tokens(model, prompt_ids, prompt_mask, response_ids, response_mask):
+    """scored_tokens of the sequences [prompt + chosen, prompt + rejected] of each pair, with the prompt run once.
+
+    The concatenated forward would run every prompt twice, once per response. Here the backbone runs the B
+    prompts, their keys and values are repeated for the 2B responses, and the responses run on top of them;
+    autograd carries both responses' gradients back through the shared keys and values into the one prompt pass.
+    Same log-probs as the concatenated sequences (tested), with the prompt's share of the backbone's work and
+    activations halved, which counts most where prompts are long, as in multi-turn dialogue data like HH."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    # recent transformers name the argument `cache`, earlier versions `past_key_values`
+    cache_arg = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+    prompt_lengths = prompt_mask.sum(1)
+    prompt_hidden = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
+                                     position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), **{cache_arg: cache}).last_hidden_state
+    cache.batch_repeat_interleave(2)  # prompt i's keys/values serve sequences 2i (chosen) and 2i+1 (rejected)
+    # The prompts' right padding sits between prompt and response: masked out, and the response positions
+    # continue from each prompt's true length, so rotary positions match the concatenated sequence.
+    mask = torch.cat([prompt_mask.repeat_interleave(2, 0), response_mask], 1)
+    positions = prompt_lengths.repeat_interleave(2)[:, None] + torch.arange(response_ids.shape[1], device=response_ids.device)
+    response_hidden = model.base_model(input_ids=response_ids, attention_mask=mask, position_ids=positions,
+                                       use_cache=True, **{cache_arg: cache}).last_hidden_state
+    # Response token 0 is predicted by the prompt's last state, response token t > 0 by response state t - 1.
+    last_prompt = prompt_hidden[torch.arange(len(prompt_ids), device=prompt_ids.device), prompt_lengths - 1]
+    hidden = to_autocast_dtype(torch.cat([last_prompt.repeat_interleave(2, 0)[:, None], response_hidden[:, :-1]], 1))
+    keep = response_mask.bool()
+    seq_ids = torch.arange(len(response_ids), device=response_ids.device)[:, None].expand_as(response_ids)[keep]
+    return hidden[keep], response_ids[keep], seq_ids
+
+
+def sft_batch_loss(model, batch, args, autocast):
+    """The SFT loss of one micro-batch (ids, mask, targets): mean over its response tokens, divided by the
+    micro-batches per optimizer step. The LM head and the loss run fused, chunk by chunk (machinery)."""
+    ids, mask, targets = batch
+    scale = 1.0 / ((targets != -100).sum() * args.gradient_accumulation_steps)
+    with autocast:
+        hidden, targets, _ = scored_tokens(model, ids, mask, targets)
+    token_ids = torch.arange(len(targets), device=targets.device)  # each token its own sequence: any chunking is exact
+    loss, _, _ = fused_linear_loss(sft_loss, hidden, model.get_output_embeddings().weight, targets, token_ids,
+                                   scale=scale, chunk_size=args.logprob_chunk_size)
+    return loss
+
+
+def dpo_batch_loss(model, batch, ref_logps, args, autocast):
+    """L_DPO of one micro-batch of pairs (a `pair_batch`) against the reference log-probs of its sequences, summed
+    and divided by the pairs per optimizer step. Returns the loss, the implicit rewards of the chosen and
+    rejected responses, and the sequence log-probs. The LM head and dpo_loss run fused, chunk by chunk, whole
+    pairs per chunk (machinery), so nothing is recomputed for the statistics."""
+    with autocast:
+        hidden, targets, seq_ids = pair_scored_tokens(model, *batch)
+    loss, (chosen_rewards, rejected_rewards), logps = fused_linear_loss(
+        partial(dpo_loss, beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing),
+        hidden, model.get_output_embeddings().weight, targets, seq_ids, ref_logps,
+        group_size=2, scale=1.0 / args.batch_size, chunk_size=args.logprob_chunk_size)
+    return loss, chosen_rewards, rejected_rewards, logps
+
+
+@torch.no_grad()
+def sequence_logps(model, batches, chunk_size, device, autocast):
+    """Sum of response log-probs of each sequence of each `pair_batch`, concatenated."""
+    model.eval()
+    out = []
+    for batch in batches:
+        batch = [t.to(device) for t in batch]
+        with autocast:
+            hidden, targets, seq_ids = pair_scored_tokens(model, *batch)
+        token_logps = ChunkedLogprobs.apply(hidden, model.get_output_embeddings().weight, targets, chunk_size)
+        out.append(torch.zeros(len(batch[2]), device=device).index_add_(0, seq_ids, token_logps))
+    model.train()
+    return torch.cat(out).cpu() if out else torch.zeros(0)
+
+
+def evaluate_gold(task, model, tokenizer, seed, suffix):
+    """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only)."""
+    if task is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    result = task.evaluate(model, tokenizer, seed=seed)
+    model.train(was_training)
+    print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
+    return {f"{k}{suffix}": v for k, v in result.items()}
+
+
+# ==========================================================================================================
+# Data: the embedded task or a dataset (hub id or local files), tokenized and batched
+# ==========================================================================================================
+def load_data(args):
+    """(task or None, the policy to start from, training pairs, held-out pairs, demonstrations), each a tuple of
+    text columns: pairs (prompts, chosen, rejected), demonstrations (prompts, completions)."""
+    if args.dataset_name is None:
+        task = load_embedded_task(args)
+        return (task, task.model_path, preference_pairs(task.prefs, "embedded task"),
+                preference_pairs(task.eval_prefs, "embedded task"), demonstrations(task.demos, "embedded task"))
+    train_table = load_table(args.dataset_name, args.dataset_split)
+    if len(train_table) == 0:
+        fail(f"dataset {args.dataset_name!r} split {args.dataset_split!r} is empty; check the path or split")
+    pref_train = preference_pairs(train_table, args.dataset_name)
+    eval_table = load_table(args.dataset_name, args.eval_split, required=False)
+    if eval_table is not None and args.eval_split != args.dataset_split:
+        pref_eval = tuple(c[: args.num_eval_prefs] for c in preference_pairs(eval_table, args.dataset_name))
+    else:  # hold out the tail of the training pairs
+        held = min(args.num_eval_prefs, len(pref_train[0]) // 5)
+        pref_eval = tuple(c[len(c) - held :] for c in pref_train)
+        pref_train = tuple(c[: len(c) - held] for c in pref_train)
+        print(f"[data] no {args.eval_split!r} split: holding out the last {held} training pairs for evaluation")
+    if args.sft_dataset_name:
+        demos = demonstrations(load_table(args.sft_dataset_name, args.dataset_split), args.sft_dataset_name)
+    else:
+        demos = pref_train[:2]
+    return None, args.model_name_or_path or "EleutherAI/pythia-160m", pref_train, pref_eval, demos
+
+
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -218,14 +381,24 @@ def split_hh(transcript: str):
     return transcript[:cut], transcript[cut:]
 
 
+def text_column(table, column: str, name: str):
+    """A column as a list of strings; a null or non-text value fails like a missing column."""
+    values = list(table[column])
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        fail(f"dataset {name!r} column {column!r} holds {values[bad]!r} at row {bad}, not text; "
+             "fix or drop the rows with empty fields")
+    return values
+
+
 def preference_pairs(table, name: str):
     """prompt/chosen/rejected lists from a table with those columns, or HH-style chosen/rejected transcripts."""
     columns = set(table.column_names)
     if {"prompt", "chosen", "rejected"} <= columns:
-        return list(table["prompt"]), list(table["chosen"]), list(table["rejected"])
+        return tuple(text_column(table, c, name) for c in ("prompt", "chosen", "rejected"))
     if {"chosen", "rejected"} <= columns:  # Anthropic-HH: the prompt is the shared transcript prefix
         prompts, chosen, rejected, unmatched = [], [], [], 0
-        for c, r in zip(table["chosen"], table["rejected"]):
+        for c, r in zip(text_column(table, "chosen", name), text_column(table, "rejected", name)):
             prompt, c_response = split_hh(c)
             if prompt is None or not r.startswith(prompt):
                 unmatched += 1
@@ -241,19 +414,19 @@ def preference_pairs(table, name: str):
 
 
 def demonstrations(table, name: str):
+    """prompt/completion lists, or the chosen responses of preference data."""
     columns = set(table.column_names)
     if {"prompt", "completion"} <= columns:
-        return list(table["prompt"]), list(table["completion"])
+        return text_column(table, "prompt", name), text_column(table, "completion", name)
     if "chosen" in columns:  # preference data reused as demonstrations: the chosen responses
-        prompts, chosen, _ = preference_pairs(table, name)
-        return prompts, chosen
+        return preference_pairs(table, name)[:2]
     fail(f"SFT dataset {name!r} lacks the columns prompt/completion; found {sorted(columns)}")
 
 
-def tokenize_examples(tokenizer, prompts, responses_per_prompt, args: Args, what: str):
+def tokenize_examples(tokenizer, prompts, responses_per_prompt, args, what: str):
     """Token ids of each prompt and its responses (+EOS). Drops over-long prompts, truncates responses."""
-    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    responses = [tokenizer(list(r), add_special_tokens=False)["input_ids"] for r in responses_per_prompt]
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"] if len(prompts) else []
+    responses = [tokenizer(list(r), add_special_tokens=False)["input_ids"] for r in responses_per_prompt] if len(prompts) else []
     kept, dropped, truncated = [], 0, 0
     for i, p in enumerate(prompt_ids):
         if not 0 < len(p) <= args.max_prompt_length:  # an empty prompt leaves no position to predict from
@@ -275,7 +448,7 @@ def tokenize_examples(tokenizer, prompts, responses_per_prompt, args: Args, what
 
 
 def pad_right(sequences, pad_id):
-    """(ids, mask) of right-padded rows."""
+    """(ids, mask) of right-padded sequences."""
     ids = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(sequences):
@@ -318,7 +491,134 @@ def batch_order(num_examples, batch_size, epochs, seed):
 
 
 # ==========================================================================================================
-# Fused losses: log-probs through the LM head, chunk by chunk
+# Main: SFT, then DPO
+# ==========================================================================================================
+def main():
+    args = parse_args()
+    device, autocast = setup_torch(args)
+    started = time.time()
+
+    # ---- data and model: everything that can fail on bad input happens before the run directory exists ----
+    task, model_path, pref_train, pref_eval, (demo_prompts, demo_completions) = load_data(args)
+    model, tokenizer = load_policy(model_path, device)
+    pad_id = tokenizer.pad_token_id
+    train_pairs = tokenize_examples(tokenizer, pref_train[0], pref_train[1:], args, "preference pairs") if args.num_epochs else []
+    eval_pairs = tokenize_examples(tokenizer, pref_eval[0], pref_eval[1:], args, "held-out pairs") if pref_eval[0] else []
+    sft_examples = tokenize_examples(tokenizer, demo_prompts, [demo_completions], args, "demonstrations") if args.sft_epochs else []
+    micro = args.batch_size // args.gradient_accumulation_steps
+    check_batches_fit([("preference pairs", len(train_pairs), args.num_epochs, args.batch_size, "--batch_size"),
+                       ("demonstrations", len(sft_examples), args.sft_epochs, args.batch_size, "--batch_size")])
+
+    run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "dpo")
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(run_dir)
+    metrics = state["metrics"]
+    print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(train_pairs)} pairs, {len(eval_pairs)} held-out pairs, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
+          f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
+    if "gold_reward_init" not in metrics:
+        metrics.update(evaluate_gold(task, model, tokenizer, args.seed, "_init"))
+
+    # ---- stage 1: SFT on the demonstrations, -mean log pi(y_t | x, y_<t) over response tokens ----
+    if state["stage"] == "sft":
+        steps = batch_order(len(sft_examples), args.batch_size, args.sft_epochs, args.seed)
+        optimizer, scheduler = new_optimizer(model.parameters(), args.sft_learning_rate, len(steps), args, state)
+        model.train()
+        bar = progress_bar(len(steps), "sft", state["step"])
+        for step in range(state["step"], len(steps)):
+            total_loss = torch.zeros((), device=device)
+            for m in range(args.gradient_accumulation_steps):
+                batch = sft_batch([sft_examples[i] for i in steps[step][m * micro : (m + 1) * micro]], pad_id)
+                loss = sft_batch_loss(model, [t.to(device) for t in batch], args, autocast)
+                loss.backward()
+                total_loss += loss.detach()
+            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
+            bar.update()
+            if step % 20 == 0 or step + 1 == len(steps):
+                writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
+                writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
+                bar.set_postfix(loss=f"{total_loss.item():.4f}")
+                bar.write(f"[sft] step {step + 1}/{len(steps)} loss {total_loss.item():.4f}")
+            if args.save_every and (step + 1) % args.save_every == 0:
+                save_checkpoint(run_dir, state, model, optimizer, scheduler)
+        bar.close()
+        model.save_pretrained(os.path.join(run_dir, "sft_model"))
+        tokenizer.save_pretrained(os.path.join(run_dir, "sft_model"))
+        metrics.update(evaluate_gold(task, model, tokenizer, args.seed, "_sft"))
+        state.update(stage="dpo", step=0)
+        save_checkpoint(run_dir, state, model, optimizer, scheduler)
+
+    # ---- stage 2: DPO against the frozen reference pi_ref = the model as it enters this stage ----
+    dpo_started, dpo_tokens = time.time(), torch.zeros((), dtype=torch.long, device=device)
+    steps = batch_order(len(train_pairs), args.batch_size, args.num_epochs, args.seed + 1)
+    eval_batches = [pair_batch(eval_pairs[i : i + micro], pad_id) for i in range(0, len(eval_pairs), micro)]
+    if state["step"] == 0 or "ref_logps" not in state:
+        # log pi_ref of every sequence, once: no second model in memory while training
+        state["ref_logps"] = sequence_logps(model, [pair_batch(train_pairs[i : i + micro], pad_id)
+                                                    for i in range(0, len(train_pairs), micro)],
+                                            args.logprob_chunk_size, device, autocast)
+        state["eval_ref_logps"] = sequence_logps(model, eval_batches, args.logprob_chunk_size, device, autocast)
+    optimizer, scheduler = new_optimizer(model.parameters(), args.learning_rate, len(steps), args, state)
+    ref_logps = state["ref_logps"].view(-1, 2)  # (pairs, [chosen, rejected])
+
+    def preference_accuracy():
+        """Held-out pairs where the implicit reward ranks chosen above rejected, and the mean reward margin."""
+        if not eval_pairs:
+            return {}
+        logps = sequence_logps(model, eval_batches, args.logprob_chunk_size, device, autocast)
+        _, chosen_rewards, rejected_rewards = dpo_loss(logps, state["eval_ref_logps"], args.beta)
+        return {"eval/rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+                "eval/rewards/margins": (chosen_rewards - rejected_rewards).mean().item()}
+
+    model.train()
+    bar = progress_bar(len(steps), "dpo", state["step"])
+    for step in range(state["step"], len(steps)):
+        stats = torch.zeros(6, device=device)
+        for m in range(args.gradient_accumulation_steps):
+            index = steps[step][m * micro : (m + 1) * micro]
+            batch = [t.to(device) for t in pair_batch([train_pairs[i] for i in index], pad_id)]
+            dpo_tokens += 2 * batch[1].sum() + batch[3].sum()  # tokens of the chosen and rejected sequences
+            loss, chosen_rewards, rejected_rewards, logps = dpo_batch_loss(
+                model, batch, ref_logps[index].reshape(-1).to(device), args, autocast)
+            loss.backward()
+            stats += torch.stack([loss.detach() * args.gradient_accumulation_steps, chosen_rewards.mean(), rejected_rewards.mean(),
+                                  (chosen_rewards > rejected_rewards).float().mean(), logps[0::2].mean(), logps[1::2].mean()])
+        grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
+        bar.update()
+        if step % 10 == 0 or step + 1 == len(steps):
+            stats = (stats / args.gradient_accumulation_steps).tolist()
+            logs = {"loss": stats[0], "rewards/chosen": stats[1], "rewards/rejected": stats[2], "rewards/accuracies": stats[3],
+                    "rewards/margins": stats[1] - stats[2], "logps/chosen": stats[4], "logps/rejected": stats[5],
+                    "grad_norm": grad_norm.item(), "learning_rate": scheduler.get_last_lr()[0]}
+            for k, v in logs.items():
+                writer.add_scalar(k, v, state["global_step"])
+            bar.set_postfix(loss=f"{stats[0]:.4f}", acc=f"{stats[3]:.2f}")
+            bar.write(f"[dpo] step {step + 1}/{len(steps)} loss {stats[0]:.4f} margin {logs['rewards/margins']:.3f} acc {stats[3]:.2f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            for k, v in preference_accuracy().items():
+                writer.add_scalar(k, v, state["global_step"])
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(run_dir, state, model, optimizer, scheduler)
+    bar.close()
+
+    # ---- final evaluation, model, metrics ----
+    if state["stage"] == "dpo":  # not when resuming a run killed during its final evaluation: no DPO step ran here
+        # Throughput of this process's DPO stage, reference log-probs included (the figure the benchmarks compare).
+        metrics["dpo_tokens_per_s"] = round(dpo_tokens.item() / (time.time() - dpo_started), 1)
+        state.update(stage="done")
+        save_checkpoint(run_dir, state, model, optimizer, scheduler)
+    final = preference_accuracy()
+    metrics.update(evaluate_gold(task, model, tokenizer, args.seed, ""))
+    if final:
+        metrics["pref_accuracy"] = final["eval/rewards/accuracies"]
+        metrics["eval_reward_margin"] = final["eval/rewards/margins"]
+    algo = args.loss_type if args.loss_type != "sigmoid" else "cdpo" if args.label_smoothing > 0 else "dpo"
+    finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, metrics)
+
+
+# ==========================================================================================================
+# Machinery: the fused chunked LM-head losses, training plumbing, checkpoints, input validation
 # ==========================================================================================================
 # Naively, log p(y_t) needs logits = hidden @ W^T for all N tokens: an (N, V) tensor, plus its log-softmax,
 # plus their gradients: 4 x N x V floats (N = 4096 tokens, V = 50304: 3.3 GB in fp32). Here the tokens are
@@ -326,11 +626,25 @@ def batch_order(num_examples, batch_size, epochs, seed):
 #
 # Where the loss is a function of per-sequence sums of log-probs whose gradient is known once the chunk is
 # scored (SFT cross-entropy; DPO over whole pairs with precomputed reference log-probs), the gradients w.r.t.
-# hidden states and LM-head weight are computed *inside the forward*, chunk by chunk (FusedLinearLoss), so the
-# logits are never recomputed. ChunkedLogprobs is the general path (per-token log-probs for any downstream
-# use): it keeps only the log-sum-exp per token and recomputes each chunk's logits in the backward.
+# hidden states and LM-head weight are computed *inside the forward*, chunk by chunk (fused_linear_loss), so the
+# logits are never recomputed. Where the gradient is not known in the forward (per-token log-probs for any later
+# use, as in PPO's ratio), a chunked Function keeps only the log-sum-exp per token and recomputes each chunk's
+# logits in the backward (ChunkedLogprobs; ChunkedLogprobsEntropy also returns the entropy).
 #
 # For log p(y) = z_y - logsumexp(z):  d log p(y) / dz = onehot(y) - softmax(z).
+def fused_linear_loss(loss_fn, hidden, weight, targets, seq_ids, *seq_inputs, group_size=1, scale=1.0, chunk_size):
+    """scale * sum(loss_fn(log p of each sequence, *seq_inputs)), from hidden (N, D), LM-head weight (V, D) and
+    targets (N,), without ever holding the (N, V) logits.
+
+    seq_ids (N,): the sequence each token belongs to, non-decreasing. loss_fn gets the summed log-probs of a block
+    of whole groups of `group_size` consecutive sequences (2 for a DPO pair) and the matching rows of each of
+    seq_inputs; it returns the per-group losses, or a tuple (per-group losses, *per-group statistics).
+    Returns (loss, statistics concatenated over the batch, log p of each sequence). The loss's gradients are
+    computed in the forward (backward only scales them)."""
+    statistics = []
+    loss, seq_logps = FusedLinearLoss.apply(hidden, weight, targets, seq_ids, loss_fn, seq_inputs, group_size, scale,
+                                            chunk_size, statistics)
+    return loss, tuple(torch.cat(column) for column in zip(*statistics)), seq_logps
 
 
 def _chunk_logits(hidden, weight, start, end, buffer):
@@ -353,7 +667,7 @@ def _chunk_forward(logits, targets):
         return target_logits - lse, lse, None
     probs = logits.float()  # bf16: an fp32 copy; fp32: the buffer itself
     target_logits = probs.gather(1, targets[:, None]).squeeze(1)
-    lse = _softmax_(probs)
+    lse = _lse_then_softmax_(probs)
     return target_logits - lse, lse, probs
 
 
@@ -367,9 +681,9 @@ def _chunk_grad_(logits, targets, lse, grad_logp, probs=None):
     return _grad_logits_(probs, targets, grad_logp).to(logits.dtype)
 
 
-def _softmax_(logits):
-    """In place: logits -> softmax probabilities; returns the log-sum-exp per row. (logsumexp() would allocate a
-    second (chunk, V) temporary, and the gradient would need another exp pass over the logits.)"""
+def _lse_then_softmax_(logits):
+    """Returns the log-sum-exp of each row, and turns the logits into softmax probabilities in place on the way.
+    (logsumexp() would allocate a second (chunk, V) temporary, and the gradient would need another exp pass.)"""
     peak = logits.amax(-1)
     total = logits.sub_(peak[:, None]).exp_().sum(-1)
     logits.div_(total[:, None])
@@ -387,12 +701,10 @@ def _grad_logits_(probs, targets, grad_logp):
 # On a GPU the chunk's matmuls are fast and the torch ops above are ~10 passes over the (chunk, V) block (an fp32
 # copy, max, sub, exp, sum, div, gather, mul, scatter, a bf16 copy): they dominate. Two kernels do it in one read
 # (log-sum-exp, online) plus one read-and-write (the gradient, over the block in place, in its own dtype), with fp32
-# math; one program per token row, BLOCK columns at a time. Measured on an H100 (README; bf16, 16384 tokens, chunk
-# 4096): 0.2-0.5x the naive path's time, where the torch chunk path takes 1.2-1.7x. The entropy terms serve
-# rlhf_llm.py's PPO loss (the kernels are the same in both scripts). `--logprob_kernel auto` uses them for CUDA
-# tensors when triton is installed (it comes with CUDA builds of torch); tests run them on the CPU through Triton's
-# interpreter.
-LOGPROB_KERNEL = "auto"  # auto | torch | triton; main() sets it from --logprob_kernel
+# math; one program per token row, BLOCK columns at a time. The entropy terms serve PPO's loss (the kernels are the
+# same in every script). `--logprob_kernel auto` uses them for CUDA tensors when triton is installed; the tests run
+# them on the CPU through Triton's interpreter. Measurements: benchmarks/README.md.
+LOGPROB_KERNEL = "auto"  # auto | torch | triton; setup_torch() sets it from --logprob_kernel
 TRITON_BLOCK_V = 2048  # columns per step of a row (at most; fewer for a small vocabulary)
 
 
@@ -473,16 +785,16 @@ def _accumulate_(grad_weight, grad_logits, hidden):
         grad_weight += (grad_logits.t() @ hidden).float()
 
 
-def _chunk_plan(rows, rows_per_group: int, chunk_size: int):
-    """[(start, end, first_row, end_row)] per chunk: about chunk_size tokens each, never splitting a group of
-    rows_per_group consecutive rows. Boundaries: the first token of each group, grouped by chunk_size bucket."""
-    group = rows // rows_per_group
+def _chunk_plan(seq_ids, group_size: int, chunk_size: int):
+    """[(start, end, first_seq, end_seq)] per chunk: about chunk_size tokens each, never splitting a group of
+    group_size consecutive sequences. Boundaries: the first token of each group, grouped by chunk_size bucket."""
+    group = seq_ids // group_size
     group_starts = torch.cat([group.new_zeros(1), torch.nonzero(group[1:] != group[:-1]).squeeze(1) + 1])
     bucket = group_starts // chunk_size
     starts = group_starts[torch.cat([bucket.new_ones(1, dtype=torch.bool), bucket[1:] != bucket[:-1]])]
-    ends = torch.cat([starts[1:], starts.new_full((1,), len(rows))])
-    first_rows = rows[starts] // rows_per_group * rows_per_group
-    return torch.stack([starts, ends, first_rows, rows[ends - 1] + 1]).t().tolist()  # the one host sync
+    ends = torch.cat([starts[1:], starts.new_full((1,), len(seq_ids))])
+    first_seqs = seq_ids[starts] // group_size * group_size
+    return torch.stack([starts, ends, first_seqs, seq_ids[ends - 1] + 1]).t().tolist()  # the one host sync
 
 
 class ChunkedLogprobs(torch.autograd.Function):
@@ -522,205 +834,54 @@ class ChunkedLogprobs(torch.autograd.Function):
 
 
 class FusedLinearLoss(torch.autograd.Function):
-    """loss = loss_fn(per-row sums of log p(target), first_row, end_row), summed over chunks of whole groups.
-
-    hidden (N, D): one row per scored token; targets (N,); rows (N,) the sequence each token belongs to,
-    non-decreasing. A chunk never splits a group of `rows_per_group` consecutive rows (2 for a DPO pair), so
-    loss_fn sees complete per-row sums and its gradient d loss / d row-log-prob is exact inside the chunk.
-    Returns the loss (gradients already computed; backward only scales them) and the row log-prob sums."""
+    """The autograd Function behind fused_linear_loss: one pass over chunks of whole groups of sequences computes
+    the loss, its gradients w.r.t. hidden states and LM-head weight, the statistics and the sequence log-probs."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, rows, num_rows: int, rows_per_group: int, chunk_size: int, loss_fn):
+    def forward(ctx, hidden, weight, targets, seq_ids, loss_fn, seq_inputs, group_size: int, scale, chunk_size: int,
+                statistics: list):
         cast_weight = weight.to(hidden.dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        row_logps = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
+        plan = _chunk_plan(seq_ids, group_size, chunk_size)
+        seq_logps = torch.zeros(plan[-1][3], dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        plan = _chunk_plan(rows, rows_per_group, chunk_size)
         buffer = _logits_buffer(hidden, weight, max(end - start for start, end, _, _ in plan))
-        for start, end, first_row, end_row in plan:
-            local_rows = rows[start:end] - first_row
-            span = end_row - first_row
+        for start, end, first_seq, end_seq in plan:
+            local_ids = seq_ids[start:end] - first_seq
             logits = _chunk_logits(hidden, cast_weight, start, end, buffer)
             token_logps, lse, probs = _chunk_forward(logits, targets[start:end])
-            chunk_rows = torch.zeros(span, dtype=torch.float32, device=hidden.device).index_add_(0, local_rows, token_logps)
-            row_logps[first_row:end_row] = chunk_rows
-            # The loss on this chunk's rows, and d loss / d row-log-prob, by autograd on a tiny tensor.
+            chunk_logps = torch.zeros(end_seq - first_seq, dtype=torch.float32, device=hidden.device).index_add_(0, local_ids, token_logps)
+            seq_logps[first_seq:end_seq] = chunk_logps
+            # The loss on this chunk's whole groups, and d loss / d sequence log-prob, by autograd on a tiny tensor.
             with torch.enable_grad():
-                x = chunk_rows.detach().requires_grad_()
-                chunk_loss = loss_fn(x, first_row, end_row)
-                (grad_rows,) = torch.autograd.grad(chunk_loss, x)
+                x = chunk_logps.detach().requires_grad_()
+                out = loss_fn(x, *(s[first_seq:end_seq] for s in seq_inputs))
+                losses, chunk_statistics = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+                chunk_loss = losses.sum() * scale
+                (grad_seqs,) = torch.autograd.grad(chunk_loss, x)
             loss += chunk_loss.detach()
-            grad_logits = _chunk_grad_(logits, targets[start:end], lse, grad_rows[local_rows], probs)
+            statistics.append([s.detach() for s in chunk_statistics])
+            grad_logits = _chunk_grad_(logits, targets[start:end], lse, grad_seqs[local_ids], probs)
             torch.mm(grad_logits, cast_weight, out=grad_hidden[start:end])
             _accumulate_(grad_weight, grad_logits, hidden[start:end])
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        ctx.mark_non_differentiable(row_logps)
-        return loss, row_logps
+        ctx.mark_non_differentiable(seq_logps)
+        return loss, seq_logps
 
     @staticmethod
     def backward(ctx, grad_loss, _unused):
         grad_hidden, grad_weight = ctx.saved_tensors  # in place: no second (V, D) tensor
-        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss), None, None, None, None, None, None
+        return (grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss),
+                None, None, None, None, None, None, None, None)
 
 
-def dpo_losses(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, loss_type, label_smoothing):
-    """Per-pair DPO / conservative DPO / IPO loss on sequence log-probs, and the implicit rewards."""
-    chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
-    rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
-    margin = chosen_rewards - rejected_rewards
-    if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
-    else:  # ipo: regress the log-ratio margin h/beta onto 1/(2 beta)
-        losses = (margin / beta - 1 / (2 * beta)) ** 2
-    return losses, chosen_rewards, rejected_rewards
-
-
-# ==========================================================================================================
-# Models
-# ==========================================================================================================
-def load_policy(path: str, device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
-        fail(f"model path not found: {path!r}; give a saved model directory or a hub id like EleutherAI/pythia-160m")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        fail(f"could not load the tokenizer of {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
-    if tokenizer.eos_token_id is None:
-        fail(f"tokenizer of {path!r} has no EOS token; set one (tokenizer.eos_token) and save it")
-    if tokenizer.pad_token_id is None:  # e.g. Pythia; padding is masked by attention masks and -100 targets
-        tokenizer.pad_token = tokenizer.eos_token
-        print(f"[model] tokenizer has no pad token: using EOS {tokenizer.eos_token!r} for padding (masked out)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    except (OSError, ValueError) as e:
-        fail(f"could not load model {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        fail(f"{path!r} has an LM head with a bias, which the fused log-prob path does not handle")
-    return model, tokenizer
-
-
-def to_autocast_dtype(hidden):
-    """Under autocast (--bf16), hidden states in its dtype. The final layer norm hands back fp32, but the LM head is a
-    linear layer, which autocast runs in bf16; so are the fused losses' chunk matmuls (their softmax math is fp32)."""
-    device = hidden.device.type
-    return hidden.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else hidden
-
-
-def hidden_states(model, ids, mask):
-    """Last hidden states (B, T, D) of the backbone, without the LM head (the fused losses apply it)."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # correct for left or right padding
-    return to_autocast_dtype(model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                              use_cache=False).last_hidden_state)
-
-
-def scored_tokens(model, ids, mask, targets):
-    """Hidden states, targets and row index of the positions that carry a target (prompt/padding skipped)."""
-    hidden = hidden_states(model, ids, mask)
-    keep = targets != -100
-    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(targets)[keep]
-    return hidden[keep], targets[keep], rows
-
-
-def pair_scored_tokens(model, prompt_ids, prompt_mask, response_ids, response_mask):
-    """scored_tokens of the rows [prompt + chosen, prompt + rejected] of each pair, with the prompt run once.
-
-    The concatenated forward would run every prompt twice, once per response. Here the backbone runs the B
-    prompts, their keys and values are repeated for the 2B responses, and the responses run on top of them;
-    autograd carries both responses' gradients back through the shared keys and values into the one prompt pass.
-    Same log-probs as the concatenated rows (tested), with the prompt's share of the backbone's work and
-    activations halved, which counts most where prompts are long, as in multi-turn dialogue data like HH."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    # recent transformers name the argument `cache`, earlier versions `past_key_values`
-    cache_arg = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
-    prompt_lengths = prompt_mask.sum(1)
-    prompt_hidden = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
-                                     position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), **{cache_arg: cache}).last_hidden_state
-    cache.batch_repeat_interleave(2)  # prompt i's keys/values serve rows 2i (chosen) and 2i+1 (rejected)
-    # The prompts' right padding sits between prompt and response: masked out, and the response positions
-    # continue from each prompt's true length, so rotary positions match the concatenated sequence.
-    mask = torch.cat([prompt_mask.repeat_interleave(2, 0), response_mask], 1)
-    positions = prompt_lengths.repeat_interleave(2)[:, None] + torch.arange(response_ids.shape[1], device=response_ids.device)
-    response_hidden = model.base_model(input_ids=response_ids, attention_mask=mask, position_ids=positions,
-                                       use_cache=True, **{cache_arg: cache}).last_hidden_state
-    # Response token 0 is predicted by the prompt's last state, response token t > 0 by response state t - 1.
-    last_prompt = prompt_hidden[torch.arange(len(prompt_ids), device=prompt_ids.device), prompt_lengths - 1]
-    hidden = to_autocast_dtype(torch.cat([last_prompt.repeat_interleave(2, 0)[:, None], response_hidden[:, :-1]], 1))
-    keep = response_mask.bool()
-    rows = torch.arange(len(response_ids), device=response_ids.device)[:, None].expand_as(response_ids)[keep]
-    return hidden[keep], response_ids[keep], rows
-
-
-@torch.no_grad()
-def sequence_logps(model, batches, chunk_size, device, autocast):
-    """Sum of response log-probs of each response row of each `pair_batch`, concatenated."""
-    model.eval()
-    out = []
-    for batch in batches:
-        batch = [t.to(device) for t in batch]
-        with autocast:
-            hidden, flat_targets, rows = pair_scored_tokens(model, *batch)
-        token_logps = ChunkedLogprobs.apply(hidden, model.get_output_embeddings().weight, flat_targets, chunk_size)
-        out.append(torch.zeros(len(batch[2]), device=device).index_add_(0, rows, token_logps))
-    model.train()
-    return torch.cat(out).cpu() if out else torch.zeros(0)
-
-
-# ==========================================================================================================
-# Checkpoints
-# ==========================================================================================================
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a killed run never leaves a truncated checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def linear_schedule(optimizer, total_steps, warmup_ratio):
-    warmup = max(1, int(total_steps * warmup_ratio))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
-    )
-
-
-# ==========================================================================================================
-# Main
-# ==========================================================================================================
-def main():
+# ---- training plumbing ----
+def setup_torch(args):
+    """Threads, device, the log-prob kernel, bf16 autocast and the seeds; quiet library logging."""
     global LOGPROB_KERNEL
-    args = tyro.cli(Args, use_underscores=True)
-    if args.resume is not None:
-        checkpoint_path = os.path.join(args.resume, "checkpoint.pt")
-        if not os.path.exists(checkpoint_path):
-            fail(f"--resume {args.resume!r} holds no checkpoint.pt; point it at a run directory written by this script")
-        with open(os.path.join(args.resume, "config.json")) as f:
-            saved = json.load(f)
-        task = SortTaskConfig(**saved.pop("task"))
-        args = Args(**{**saved, "task": task, "resume": args.resume})
-    validate_args(args)
-    embedded = args.dataset_name is None
-    if embedded:
-        import sort_task
-
-        try:
-            sort_task.validate(args.task)
-        except ValueError as e:
-            fail(str(e))
-
-    import transformers
     import datasets
+    import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -729,219 +890,178 @@ def main():
         torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     LOGPROB_KERNEL = args.logprob_kernel
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    started = time.time()
+    return device, torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
-    # ---- data (everything that can fail on bad input happens before the run directory exists) ----
-    if embedded:
-        task = sort_task.SortTask(args.task)
-        model_path = task.model_path
-        prefs, eval_prefs, demos = task.prefs, task.eval_prefs, task.demos
-        pref_train = preference_pairs(prefs, "embedded task")
-        pref_eval = preference_pairs(eval_prefs, "embedded task")
-        demo_prompts, demo_completions = demonstrations(demos, "embedded task")
-    else:
-        task, model_path = None, args.model_name_or_path or "EleutherAI/pythia-160m"
-        train_table = load_table(args.dataset_name, args.dataset_split)
-        if len(train_table) == 0:
-            fail(f"dataset {args.dataset_name!r} split {args.dataset_split!r} is empty; check the path or split")
-        pref_train = preference_pairs(train_table, args.dataset_name)
-        eval_table = load_table(args.dataset_name, args.eval_split, required=False)
-        if eval_table is not None and args.eval_split != args.dataset_split:
-            pref_eval = tuple(c[: args.num_eval_prefs] for c in preference_pairs(eval_table, args.dataset_name))
-        else:  # hold out the tail of the training pairs
-            held = min(args.num_eval_prefs, len(pref_train[0]) // 5)
-            pref_eval = tuple(c[len(c) - held :] for c in pref_train)
-            pref_train = tuple(c[: len(c) - held] for c in pref_train)
-            print(f"[data] no {args.eval_split!r} split: holding out the last {held} training pairs for evaluation")
-        if args.sft_dataset_name:
-            demo_prompts, demo_completions = demonstrations(load_table(args.sft_dataset_name, args.dataset_split), args.sft_dataset_name)
-        else:
-            demo_prompts, demo_completions = pref_train[0], pref_train[1]
-    model, tokenizer = load_policy(model_path, device)
-    train_pairs = tokenize_examples(tokenizer, pref_train[0], pref_train[1:], args, "preference pairs")
-    eval_pairs = tokenize_examples(tokenizer, pref_eval[0], pref_eval[1:], args, "held-out pairs") if pref_eval[0] else []
-    sft_examples = tokenize_examples(tokenizer, demo_prompts, [demo_completions], args, "demonstrations") if args.sft_epochs else []
-    micro = args.batch_size // args.gradient_accumulation_steps
-    for name, examples, epochs in (("preference pairs", train_pairs, args.num_epochs), ("demonstrations", sft_examples, args.sft_epochs)):
-        if epochs and len(examples) < args.batch_size:
-            fail(f"only {len(examples)} {name} for --batch_size {args.batch_size}; lower --batch_size or add data")
 
-    # ---- run directory, logging ----
-    if args.resume:
-        run_dir = args.resume
-        state = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
-        model.load_state_dict(state["model"])
-    else:
-        run_dir = os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
-        os.makedirs(run_dir, exist_ok=True)
-        write_json(asdict(args), os.path.join(run_dir, "config.json"))
-        state = {"stage": "sft" if args.sft_epochs else "dpo", "step": 0, "metrics": {}, "global_step": 0}
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(run_dir)
-    metrics = state["metrics"]
-    head_weight = model.get_output_embeddings().weight
-    print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(train_pairs)} pairs, {len(eval_pairs)} held-out pairs, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
-          f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
-
-    def evaluate_gold(suffix):
-        """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task)."""
-        if task is None:
-            return {}
-        was_training = model.training
-        model.eval()
-        result = task.evaluate(model, tokenizer, seed=args.seed)
-        model.train(was_training)
-        print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
-        return {f"{k}{suffix}": v for k, v in result.items()}
-
-    def checkpoint(optimizer, scheduler, extra=None):
-        atomic_save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **(extra or {})},
-                    os.path.join(run_dir, "checkpoint.pt"))
-
-    if "gold_reward_init" not in metrics:
-        metrics.update(evaluate_gold("_init"))
-
-    def optimizer_step(parameters, optimizer, scheduler, step):
-        """Clip, step, advance the schedule and the step counters; returns the pre-clip gradient norm."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"], state["global_step"] = step + 1, state["global_step"] + 1
-        return grad_norm
-
-    def new_optimizer(parameters, lr, steps):
-        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=args.weight_decay)
-        return optimizer, linear_schedule(optimizer, steps, args.warmup_ratio)
-
-    # ---- stage 1: SFT on demonstrations: -mean log pi(y_t | x, y_<t) over response tokens ----
-    if state["stage"] == "sft":
-        steps = batch_order(len(sft_examples), args.batch_size, args.sft_epochs, args.seed)
-        optimizer, scheduler = new_optimizer(model.parameters(), args.sft_learning_rate, len(steps))
-        if state["step"]:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng"])
-        model.train()
-        for step in range(state["step"], len(steps)):
-            total_loss = torch.zeros((), device=device)
-            for m in range(args.gradient_accumulation_steps):
-                ids, mask, targets = (t.to(device) for t in sft_batch([sft_examples[i] for i in steps[step][m * micro : (m + 1) * micro]], tokenizer.pad_token_id))
-                num_tokens = (targets != -100).sum()
-                with autocast:
-                    hidden, flat_targets, _ = scored_tokens(model, ids, mask, targets)
-                # Each token is its own "row": cross-entropy is linear in the log-probs, so any chunking is exact.
-                scale = 1.0 / (num_tokens * args.gradient_accumulation_steps)
-                loss, _ = FusedLinearLoss.apply(hidden, head_weight, flat_targets, torch.arange(len(flat_targets), device=device),
-                                                len(flat_targets), 1, args.logprob_chunk_size, lambda lp, a, b: -lp.sum() * scale)
-                loss.backward()
-                total_loss += loss.detach()
-            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, step)
-            if step % 20 == 0 or step + 1 == len(steps):
-                writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
-                writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
-                print(f"[sft] step {step + 1}/{len(steps)} loss {total_loss.item():.4f}")
-            if args.save_every and (step + 1) % args.save_every == 0:
-                checkpoint(optimizer, scheduler)
-        model.save_pretrained(os.path.join(run_dir, "sft_model"))
-        tokenizer.save_pretrained(os.path.join(run_dir, "sft_model"))
-        metrics.update(evaluate_gold("_sft"))
-        state.update(stage="dpo", step=0)
-        checkpoint(optimizer, scheduler)
-
-    # ---- stage 2: DPO against the frozen reference (the model as it enters this stage) ----
-    dpo_started, dpo_tokens = time.time(), torch.zeros((), dtype=torch.long, device=device)
-    steps = batch_order(len(train_pairs), args.batch_size, args.num_epochs, args.seed + 1)
-    optimizer, scheduler = new_optimizer(model.parameters(), args.learning_rate, len(steps))
-    eval_batches = [pair_batch(eval_pairs[i : i + micro], tokenizer.pad_token_id) for i in range(0, len(eval_pairs), micro)]
-    if state["step"] == 0 or "ref_logps" not in state:  # reference log-probs, once: no second model in memory
-        state["ref_logps"] = sequence_logps(model, [pair_batch(train_pairs[i : i + micro], tokenizer.pad_token_id)
-                                                    for i in range(0, len(train_pairs), micro)],
-                                            args.logprob_chunk_size, device, autocast)
-        state["eval_ref_logps"] = sequence_logps(model, eval_batches, args.logprob_chunk_size, device, autocast)
-    else:
+def new_optimizer(parameters, lr, steps, args, state=None):
+    """AdamW with linear warm-up then linear decay to 0 over `steps`; restored from `state` on a resume."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=args.weight_decay)
+    warmup = max(1, int(steps * args.warmup_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+    if state is not None and state["step"]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-    ref_logps = state["ref_logps"].view(-1, 2)  # (pairs, [chosen, rejected])
+    return optimizer, scheduler
 
-    def preference_accuracy():
-        """Held-out pairs where the implicit reward ranks chosen above rejected."""
-        if not eval_pairs:
-            return {}
-        logps = sequence_logps(model, eval_batches, args.logprob_chunk_size, device, autocast).view(-1, 2)
-        ref = state["eval_ref_logps"].view(-1, 2)
-        _, chosen_r, rejected_r = dpo_losses(logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], args.beta, args.loss_type, 0.0)
-        return {"eval/rewards/accuracies": (chosen_r > rejected_r).float().mean().item(),
-                "eval/rewards/margins": (chosen_r - rejected_r).mean().item()}
 
-    model.train()
-    for step in range(state["step"], len(steps)):
-        stats = torch.zeros(6, device=device)
-        for m in range(args.gradient_accumulation_steps):
-            index = steps[step][m * micro : (m + 1) * micro]
-            batch = [t.to(device) for t in pair_batch([train_pairs[i] for i in index], tokenizer.pad_token_id)]
-            prompt_mask, response_mask = batch[1], batch[3]
-            dpo_tokens += 2 * prompt_mask.sum() + response_mask.sum()  # tokens of the chosen and rejected sequences
-            ref = ref_logps[index].reshape(-1).to(device)  # rows [c0, r0, c1, r1, ...], as in the batch
+def optimizer_step(parameters, optimizer, scheduler, args, state):
+    """Clip, step, advance the schedule and the run's step counters; returns the pre-clip gradient norm."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state["step"], state["global_step"] = state["step"] + 1, state["global_step"] + 1
+    return grad_norm
 
-            def pair_loss(row_logps, first, end):
-                losses, _, _ = dpo_losses(row_logps[0::2], row_logps[1::2], ref[first:end:2], ref[first + 1 : end : 2],
-                                          args.beta, args.loss_type, args.label_smoothing)
-                return losses.sum() / args.batch_size
 
-            with autocast:
-                hidden, flat_targets, rows = pair_scored_tokens(model, *batch)
-            loss, row_logps = FusedLinearLoss.apply(hidden, head_weight, flat_targets, rows, len(response_mask), 2,
-                                                    args.logprob_chunk_size, pair_loss)
-            loss.backward()
-            with torch.no_grad():
-                _, chosen_r, rejected_r = dpo_losses(row_logps[0::2], row_logps[1::2], ref[0::2], ref[1::2],
-                                                     args.beta, args.loss_type, args.label_smoothing)
-                stats += torch.stack([loss.detach() * args.gradient_accumulation_steps, chosen_r.mean(), rejected_r.mean(),
-                                      (chosen_r > rejected_r).float().mean(), row_logps[0::2].mean(), row_logps[1::2].mean()])
-        grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, step)
-        if step % 10 == 0 or step + 1 == len(steps):
-            stats = (stats / args.gradient_accumulation_steps).tolist()
-            logs = {"loss": stats[0], "rewards/chosen": stats[1], "rewards/rejected": stats[2], "rewards/accuracies": stats[3],
-                    "rewards/margins": stats[1] - stats[2], "logps/chosen": stats[4], "logps/rejected": stats[5],
-                    "grad_norm": grad_norm.item(), "learning_rate": scheduler.get_last_lr()[0]}
-            for k, v in logs.items():
-                writer.add_scalar(k, v, state["global_step"])
-            print(f"[dpo] step {step + 1}/{len(steps)} loss {stats[0]:.4f} margin {logs['rewards/margins']:.3f} acc {stats[3]:.2f}")
-        if args.eval_every and (step + 1) % args.eval_every == 0:
-            for k, v in preference_accuracy().items():
-                writer.add_scalar(k, v, state["global_step"])
-        if args.save_every and (step + 1) % args.save_every == 0:
-            checkpoint(optimizer, scheduler)
+def progress_bar(total: int, desc: str, initial: int = 0):
+    """A tqdm bar (set_postfix shows the running loss) when stderr is a terminal; in logs and tests a silent
+    stand-in, and the plain status lines carry the progress. tqdm comes with transformers and datasets."""
+    from tqdm.auto import tqdm
 
-    # ---- final evaluation, model, metrics ----
-    if state["stage"] == "dpo":  # not when resuming a run killed during its final evaluation: no DPO step ran here
-        # Throughput of this process's DPO stage, reference log-probs included (the figure the benchmarks compare).
-        metrics["dpo_tokens_per_s"] = round(dpo_tokens.item() / (time.time() - dpo_started), 1)
-        state.update(stage="done")
-        checkpoint(optimizer, scheduler)
-    final = preference_accuracy()
-    metrics.update(evaluate_gold(""))
-    if final:
-        metrics["pref_accuracy"] = final["eval/rewards/accuracies"]
-        metrics["eval_reward_margin"] = final["eval/rewards/margins"]
+    return tqdm(total=total, initial=initial, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
+
+
+# ---- run directory and checkpoints ----
+def open_run(args, model, first_stage):
+    """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model."""
+    if args.resume:
+        state = torch.load(os.path.join(args.resume, "checkpoint.pt"), weights_only=False)
+        model.load_state_dict(state["model"])
+        return args.resume, state
+    run_dir = os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    os.makedirs(run_dir, exist_ok=True)
+    write_json(asdict(args), os.path.join(run_dir, "config.json"))
+    return run_dir, {"stage": first_stage, "step": 0, "metrics": {}, "global_step": 0}
+
+
+def save_checkpoint(run_dir, state, model, optimizer, scheduler, **extra):
+    """The run's state, model, optimizer, schedule and RNG (+ extra models), written atomically."""
+    atomic_save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
+                os.path.join(run_dir, "checkpoint.pt"))
+
+
+def finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, metrics):
+    """The final model, metrics.json (the contract: algo, task, seed, steps, wall_s + the final evaluation)."""
     for k, v in metrics.items():
         writer.add_scalar(f"final/{k}", v, state["global_step"])
     model.save_pretrained(os.path.join(run_dir, "model"))
     tokenizer.save_pretrained(os.path.join(run_dir, "model"))
-    algo = args.loss_type if args.loss_type != "sigmoid" else "cdpo" if args.label_smoothing > 0 else "dpo"
-    result = {"algo": algo, "task": "sort" if embedded else args.dataset_name,
-              "seed": args.seed, "steps": state["global_step"], "wall_s": round(time.time() - started, 1), **metrics}
+    result = {"algo": algo, "task": "sort" if args.dataset_name is None else args.dataset_name, "seed": args.seed,
+              "steps": state["global_step"], "wall_s": round(time.time() - started, 1), **metrics}
     write_json(result, os.path.join(run_dir, "metrics.json"))
     writer.close()
     print(json.dumps(result))
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file, then rename: a killed run never leaves a truncated checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path: str):
+    """json.dump with the same write-then-rename as atomic_save."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ---- input validation: one line naming the problem and the fix, before anything is built or written ----
+def parse_args():
+    """The flags, or on --resume the run's own config.json, validated."""
+    args = tyro.cli(Args, use_underscores=True)
+    if args.resume is not None:
+        if not os.path.exists(os.path.join(args.resume, "checkpoint.pt")):
+            fail(f"--resume {args.resume!r} holds no checkpoint.pt; point it at a run directory written by this script")
+        with open(os.path.join(args.resume, "config.json")) as f:
+            saved = json.load(f)
+        task = SortTaskConfig(**saved.pop("task"))
+        args = Args(**{**saved, "task": task, "resume": args.resume})
+    validate_args(args)
+    return args
+
+
+def validate_args(args: Args):
+    check_ranges(args, RANGES)
+    embedded = args.dataset_name is None
+    checks = [
+        (args.label_smoothing == 0 or args.loss_type == "sigmoid",
+         "--label_smoothing (conservative DPO) applies to --loss_type sigmoid only; drop it for ipo"),
+        (args.batch_size % args.gradient_accumulation_steps == 0,
+         f"--batch_size {args.batch_size} is not divisible by --gradient_accumulation_steps {args.gradient_accumulation_steps}; "
+         "make it a multiple"),
+        (args.max_prompt_length < args.max_length, "--max_prompt_length must be < --max_length (room for a response)"),
+        (args.logprob_kernel != "triton" or triton is not None,
+         "--logprob_kernel triton needs the triton package (it comes with CUDA builds of torch); use auto or torch"),
+        (args.logprob_kernel != "triton" or args.device != "cpu" and torch.cuda.is_available()
+         or os.environ.get("TRITON_INTERPRET") == "1",
+         "--logprob_kernel triton needs a CUDA device (or TRITON_INTERPRET=1: Triton's interpreter, slow); use auto or torch"),
+        (not embedded or args.model_name_or_path is None,
+         "--model_name_or_path needs --dataset_name (the embedded task comes with its own base model)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    if embedded:
+        check_embedded_task(args)
+        check_batches_fit([("preference pairs (--task.num_prefs)", args.task.num_prefs, args.num_epochs, args.batch_size, "--batch_size"),
+                           ("demonstrations (--task.num_demos)", args.task.num_demos, args.sft_epochs, args.batch_size, "--batch_size")])
+
+
+def check_embedded_task(args):
+    """The embedded task's own checks (sort_task.validate), before it is built."""
+    try:
+        import_embedded_task().validate(args.task)
+    except ValueError as e:
+        fail(str(e))
+
+
+def import_embedded_task():
+    try:
+        import sort_task
+    except ImportError:
+        fail("the embedded task needs sort_task.py beside this script (copy it too), "
+             "or give your data with --dataset_name and --model_name_or_path")
+    return sort_task
+
+
+def load_embedded_task(args):
+    return import_embedded_task().SortTask(args.task)
+
+
+def check_batches_fit(needs):
+    """Each stage that runs gets at least one full batch. needs: [(what, how many, the stage runs, batch size, its flag)]."""
+    for what, available, runs, batch_size, flag in needs:
+        if runs and available < batch_size:
+            fail(f"only {available} {what} for {flag} {batch_size}; lower {flag} or add data")
+
+
+def check_ranges(config, ranges: dict, prefix: str = "--"):
+    """fail() unless each numeric flag lies in its interval, written like "(0, inf)" or "[0, 1)": a round bracket
+    excludes its end. NaN lies in no interval; None passes (an Optional flag left unset)."""
+    for name, interval in ranges.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        low, high = (float(end) for end in interval[1:-1].split(","))
+        above = low <= value if interval[0] == "[" else low < value
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):
+            fail(f"{prefix}{name} must be in {interval} (got {value})")
+
+
+def fail(message: str):
+    """Bad input: one line on stderr that names the problem and the fix; exit code 2, as for tyro's own errors."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -2,23 +2,23 @@
 
 (1) SFT: next-token cross-entropy on demonstrations, prompt masked.
 (2) Reward model r_phi(x, y): the SFT backbone (no LM head) + a scalar head read at the last non-pad token (EOS),
-    trained on preference pairs with the Bradley-Terry loss  L = -log sigmoid(r(x, y_w) - r(x, y_l))
-    (+ optional centering coef * (r_w + r_l)^2); then shifted so its mean on SFT samples is 0.
-(3) PPO (Schulman et al. 2017; Ouyang et al. 2022) maximising  E[ r(x, y) ] - kl_coef * KL(pi || pi_sft)  with the
+    trained on preference pairs with the Bradley-Terry loss  -log sigmoid(r(x, y_w) - r(x, y_l))
+    (+ optional centering coef * (r_w + r_l)^2); then shifted so that its mean on SFT samples is 0.
+(3) PPO (Schulman et al. 2017; Ouyang et al. 2022) maximising  E[r(x, y)] - kl_coef * KL(pi || pi_sft)  with the
     per-token KL penalty folded into the reward, GAE advantages, the clipped surrogate and a clipped value loss.
 Every implementation detail of "The N+ Implementation Details of RLHF with PPO" (Huang et al., 2024) that applies
 is marked `N+:` where it happens. In AIHF's terms (Li et al., ICLR 2025, arXiv 2406.06874) this is the special case
 w_demo = 0 of the outer reward objective, solved in sequence instead of jointly.
 
-Memory: no (tokens x vocab) logits are kept for backward anywhere: SFT uses the fused chunked cross-entropy,
-the policy's PPO log-probs and entropies come from a chunked LM-head Function that recomputes each chunk in the
+Memory: no (tokens x vocab) logits are kept for backward anywhere: SFT uses the fused chunked cross-entropy, the
+policy's PPO log-probs and entropies come from a chunked LM-head Function that recomputes each chunk in the
 backward, and the reward and value models are backbones with a (D -> 1) head (no LM head at all).
 
-    python rlhf_llm.py                                   # embedded digit-sorting task, offline, CPU, minutes
+    python rlhf_llm.py                                   # embedded digit-sorting task, offline, CPU, about a minute
     python rlhf_llm.py --model_name_or_path EleutherAI/pythia-160m --reward_model_path EleutherAI/pythia-160m \
         --dataset_name Anthropic/hh-rlhf --max_length 512 --max_prompt_length 384 --response_length 128 \
         --sft_learning_rate 1e-5 --rm_learning_rate 1e-6 --learning_rate 3e-6 --total_episodes 100000 --bf16 \
-        --logprob_chunk_size 4096                        # on a GPU: Triton kernels, larger chunks (README)
+        --logprob_chunk_size 4096                        # on a GPU: Triton kernels, larger chunks
 """
 
 import json
@@ -28,19 +28,19 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 import tyro
 
-try:  # GPU kernels for the log-prob chunks; triton comes with CUDA builds of torch (CPU: the torch path, below)
+try:  # GPU kernels for the log-prob chunks; triton comes with CUDA builds of torch (CPU: the torch path)
     import triton
     import triton.language as tl
 except ImportError:
     triton = None
 
-try:  # the embedded task is the one module shared by the LLM scripts; a copied script runs without it
+try:  # the embedded task is the one module the LLM scripts share; a copied script runs without it on real data
     from sort_task import SortTaskConfig
 except ImportError:  # pragma: no cover
 
@@ -86,13 +86,13 @@ class Args:
     sft_epochs: int = 3
     """epochs of SFT on the demonstrations (0 = PPO from the given model, which is then also the KL reference)"""
     sft_learning_rate: float = 3e-4
-    """AdamW learning rate of SFT"""
+    """AdamW learning rate of SFT (embedded task; 1e-5 suits Pythia on HH)"""
 
     # Stage 2: reward model
     rm_epochs: int = 2
     """epochs of reward-model training on the preference pairs (0 = use --reward_model_path as it is)"""
     rm_learning_rate: float = 1e-4
-    """AdamW learning rate of the reward model"""
+    """AdamW learning rate of the reward model (embedded task; the AIHF code uses 1e-6 on Pythia-1.4B)"""
     reward_center_coef: float = 0.0
     """optional reward centering: adds coef * mean((r_w + r_l)^2) to the loss (0 = off; TRL uses 0.01)"""
     num_reward_norm_samples: int = 256
@@ -108,7 +108,7 @@ class Args:
     num_ppo_epochs: int = 4
     """epochs over each rollout batch"""
     learning_rate: float = 3e-5
-    """AdamW learning rate of PPO (policy and value model, linearly annealed)"""
+    """AdamW learning rate of PPO, policy and value model, linearly annealed (embedded task; N+ uses 3e-6)"""
     response_length: Optional[int] = None
     """most tokens generated per response (None: the task's max_response_tokens; 128 on real data)"""
     temperature: float = 0.7
@@ -145,7 +145,7 @@ class Args:
     """gradient clipping norm"""
     logprob_chunk_size: int = 1024
     """tokens per chunk of the fused LM-head paths: memory ~ chunk x vocab instead of tokens x vocab (GPU: 2048-4096)"""
-    logprob_kernel: str = "auto"
+    logprob_kernel: Literal["auto", "torch", "triton"] = "auto"
     """per-chunk softmax work: triton (GPU kernels), torch, or auto (triton for CUDA tensors when installed)"""
 
     # Evaluation, logging, checkpoints, hardware
@@ -153,7 +153,7 @@ class Args:
     """evaluate the gold reward (embedded task) every this many PPO iterations (0 = only at the end)"""
     save_every: int = 100
     """write a checkpoint every this many optimizer steps (SFT, RM) or PPO iterations (0 = only at stage ends)"""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """cpu, cuda or auto"""
     bf16: bool = False
     """bfloat16 autocast (GPU); master weights stay fp32"""
@@ -163,58 +163,388 @@ class Args:
     """the embedded task (used when --dataset_name is not given)"""
 
 
-def fail(message: str):
-    """Bad input: one line naming the problem and the fix, exit code 1."""
-    sys.exit(f"error: {message}")
-
-
-def validate_args(args: Args):
-    minibatch = args.rollout_batch_size // max(1, args.num_mini_batches)
-    checks = [
-        (args.kl_coef >= 0, f"--kl_coef must be >= 0 (got {args.kl_coef}); the AIHF code uses 0.05"),
-        (args.response_length is None or args.response_length > 0,
-         f"--response_length must be > 0 (got {args.response_length}); PPO needs at least one generated token"),
-        (args.temperature > 0, f"--temperature must be > 0 (got {args.temperature}); N+ uses 0.7"),
-        (args.missing_eos_penalty >= 0, f"--missing_eos_penalty must be >= 0 (got {args.missing_eos_penalty})"),
-        (0 < args.gamma <= 1 and 0 <= args.lam <= 1, "--gamma must be in (0, 1] and --lam in [0, 1]"),
-        (args.cliprange > 0 and args.cliprange_value > 0, "--cliprange and --cliprange_value must be > 0"),
-        (args.vf_coef >= 0 and args.reward_center_coef >= 0, "--vf_coef and --reward_center_coef must be >= 0"),
-        (args.target_kl is None or args.target_kl > 0, "--target_kl must be > 0 (or left out)"),
-        (args.batch_size > 0 and args.gradient_accumulation_steps > 0, "--batch_size and --gradient_accumulation_steps must be > 0"),
-        (args.batch_size % args.gradient_accumulation_steps == 0,
-         f"--batch_size {args.batch_size} is not divisible by --gradient_accumulation_steps {args.gradient_accumulation_steps}; "
-         "make it a multiple"),
-        (args.rollout_batch_size > 0 and args.num_mini_batches > 0 and args.num_ppo_epochs > 0 and args.forward_batch_size > 0,
-         "--rollout_batch_size, --num_mini_batches, --num_ppo_epochs and --forward_batch_size must be > 0"),
-        (args.rollout_batch_size % args.num_mini_batches == 0 and minibatch % args.gradient_accumulation_steps == 0,
-         f"--rollout_batch_size {args.rollout_batch_size} must split into --num_mini_batches {args.num_mini_batches} minibatches "
-         f"of a multiple of --gradient_accumulation_steps {args.gradient_accumulation_steps}"),
-        (args.total_episodes >= 0, "--total_episodes must be >= 0"),
-        (0 < args.max_prompt_length < args.max_length, "--max_prompt_length must be > 0 and < --max_length"),
-        (args.sft_epochs >= 0 and args.rm_epochs >= 0, "--sft_epochs and --rm_epochs must be >= 0"),
-        (args.num_reward_norm_samples > 0, "--num_reward_norm_samples must be > 0"),
-        (args.logprob_chunk_size > 0, "--logprob_chunk_size must be > 0"),
-        (args.device in ("auto", "cpu", "cuda"), f"unknown --device {args.device!r}; use auto, cpu or cuda"),
-        (args.logprob_kernel in ("auto", "torch", "triton"),
-         f"unknown --logprob_kernel {args.logprob_kernel!r}; use auto, torch or triton"),
-        (args.logprob_kernel != "triton" or triton is not None,
-         "--logprob_kernel triton needs the triton package (it comes with CUDA builds of torch); use auto or torch"),
-        (args.logprob_kernel != "triton" or args.device != "cpu" and torch.cuda.is_available()
-         or os.environ.get("TRITON_INTERPRET") == "1",
-         "--logprob_kernel triton needs a CUDA device (or TRITON_INTERPRET=1: Triton's interpreter, slow); use auto or torch"),
-        (args.dataset_name is not None or args.model_name_or_path is None,
-         "--model_name_or_path needs --dataset_name (the embedded task comes with its own base model)"),
-        (args.rm_epochs > 0 or args.reward_model_path is not None,
-         "--rm_epochs 0 needs --reward_model_path (a trained reward model); otherwise the reward head is untrained"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            fail(message)
+# The valid interval of every numeric flag, checked before anything is built or written ("(" excludes the end).
+RANGES = {
+    "seed": "[0, inf)", "num_eval_prefs": "[1, inf)", "max_length": "[2, 1e6]", "max_prompt_length": "[1, 1e6]",
+    "sft_epochs": "[0, 1e4]", "sft_learning_rate": "(0, 1]", "rm_epochs": "[0, 1e4]", "rm_learning_rate": "(0, 1]",
+    "reward_center_coef": "[0, 1e3]", "num_reward_norm_samples": "[1, 1e7]", "total_episodes": "[0, 1e9]",
+    "rollout_batch_size": "[1, 1e6]", "num_mini_batches": "[1, 1e6]", "num_ppo_epochs": "[1, 1e3]", "learning_rate": "(0, 1]",
+    "response_length": "[1, 1e6]", "temperature": "(0, 1e3]", "missing_eos_penalty": "[0, 1e6]", "kl_coef": "[0, 1e3]",
+    "gamma": "(0, 1]", "lam": "[0, 1]", "cliprange": "(0, 1e3]", "cliprange_value": "(0, 1e6]", "vf_coef": "[0, 1e3]",
+    "target_kl": "(0, inf)", "forward_batch_size": "[1, 1e6]", "batch_size": "[1, 1e6]", "gradient_accumulation_steps": "[1, 1e6]",
+    "warmup_ratio": "[0, 1]", "weight_decay": "[0, 1e3]", "max_grad_norm": "(0, inf)", "logprob_chunk_size": "[1, 1e8]",
+    "eval_every": "[0, inf)", "save_every": "[0, inf)", "num_threads": "[0, 1024]",
+}
 
 
 # ==========================================================================================================
-# Data
+# The algorithm: SFT, Bradley-Terry and PPO, each a small pure function
 # ==========================================================================================================
+def sft_loss(token_logps):
+    """SFT, per response token: -log pi(y_t | x, y_<t) (the caller averages over the batch's tokens)."""
+    return -token_logps
+
+
+def bt_loss(chosen_rewards, rejected_rewards):
+    """Bradley-Terry: -log sigmoid(r(chosen) - r(rejected)) of each pair (the chosen one is preferred)."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards)
+
+
+def reward_model_loss(chosen_rewards, rejected_rewards, center_coef=0.0):
+    """The reward model's loss per pair: Bradley-Terry, plus the optional centering coef * (r_w + r_l)^2."""
+    return bt_loss(chosen_rewards, rejected_rewards) + center_coef * (chosen_rewards + rejected_rewards) ** 2
+
+
+def truncate_after_eos(responses, eos_id, pad_id):
+    """N+: a response ends at its first EOS; every later token becomes padding.
+
+    Returns the responses, the (B, L) mask of real tokens (the EOS included: the policy must learn to stop) and
+    whether each response has an EOS. Positions, not token values, define the mask, so pad == EOS (Pythia) is safe."""
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(1)
+    length = torch.where(has_eos, is_eos.int().argmax(1) + 1, responses.shape[1])
+    mask = torch.arange(responses.shape[1], device=responses.device)[None, :] < length[:, None]
+    return responses.masked_fill(~mask, pad_id), mask, has_eos
+
+
+def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """Per-token rewards: -kl_coef * k1 at every response token (N+: per-token KL penalty, k1 = log pi - log pi_ref)
+    and the score added at the last real token (N+: the reward model's score lands at the EOS token).
+    Also returns k1 and k3 = (r - 1) - log r, r = pi_ref / pi (unbiased, always >= 0; reported only)."""
+    log_ratio = (logprobs - ref_logprobs) * mask
+    k1 = log_ratio
+    k3 = ((-log_ratio).exp() - 1 + log_ratio) * mask
+    rewards = -kl_coef * k1
+    last = mask.sum(1) - 1
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return rewards, k1, k3
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over response tokens (right-padded; values and rewards beyond the mask are 0,
+    so the state after the last token is terminal). Returns advantages and returns = advantages + values.
+        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam A_{t+1},   R_t = A_t + V_t"""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    return advantages, advantages + values
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the real tokens (unbiased variance), 0 at padding (N+: advantage whitening)."""
+    mask = mask.to(x.dtype)
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, cliprange, cliprange_value):
+    """Clipped surrogate and clipped value losses over flat (real) tokens, with their diagnostics.
+
+    pg  = mean max(-A r, -A clip(r, 1 - eps, 1 + eps)),     r = pi / pi_old
+    vf  = 0.5 mean max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)"""
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
+    pg_loss = torch.max(pg_losses, pg_losses_clipped).mean()
+    values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    vf_losses = (values - returns) ** 2
+    vf_losses_clipped = (values_clipped - returns) ** 2
+    vf_loss = 0.5 * torch.max(vf_losses, vf_losses_clipped).mean()
+    with torch.no_grad():
+        stats = {"policy/approxkl": 0.5 * (log_ratio**2).mean(), "policy/clipfrac": (pg_losses_clipped > pg_losses).float().mean(),
+                 "val/clipfrac": (vf_losses_clipped > vf_losses).float().mean(), "val/ratio": ratio.mean(),
+                 "val/ratio_var": ratio.var() if ratio.numel() > 1 else torch.zeros(())}
+    return pg_loss, vf_loss, stats
+
+
+# ==========================================================================================================
+# Models: the policy, the reward and value models, generation and scoring, the PPO update
+# ==========================================================================================================
+def load_policy(path: str, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
+        fail(f"model path not found: {path!r}; give a saved model directory or a hub id like EleutherAI/pythia-160m")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        fail(f"could not load the tokenizer of {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
+    if tokenizer.eos_token_id is None:
+        fail(f"tokenizer of {path!r} has no EOS token; set one (tokenizer.eos_token) and save it")
+    if tokenizer.pad_token_id is None:  # e.g. Pythia; padding is masked by attention masks and -100 targets
+        tokenizer.pad_token = tokenizer.eos_token
+        print(f"[model] tokenizer has no pad token: using EOS {tokenizer.eos_token!r} for padding (masked out)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    except (OSError, ValueError) as e:
+        fail(f"could not load model {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        fail(f"{path!r} has an LM head with a bias, which the fused log-prob path does not handle")
+    return model, tokenizer
+
+
+def to_autocast_dtype(hidden):
+    """Under autocast (--bf16), hidden states in its dtype. The final layer norm hands back fp32, but the LM head is a
+    linear layer, which autocast runs in bf16; so are the fused losses' chunk matmuls (their softmax math is fp32)."""
+    device = hidden.device.type
+    return hidden.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else hidden
+
+
+def hidden_states(model, ids, mask):
+    """Last hidden states (B, T, D) of the backbone, without the LM head (the fused losses apply it)."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # correct for left or right padding
+    return to_autocast_dtype(model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                              use_cache=False).last_hidden_state)
+
+
+def scored_tokens(model, ids, mask, targets):
+    """Hidden states, targets and sequence index of the positions that carry a target (prompt/padding skipped)."""
+    hidden = hidden_states(model, ids, mask)
+    keep = targets != -100
+    seq_ids = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(targets)[keep]
+    return hidden[keep], targets[keep], seq_ids
+
+
+def sft_batch_loss(model, batch, args, autocast):
+    """The SFT loss of one micro-batch (ids, mask, targets): mean over its response tokens, divided by the
+    micro-batches per optimizer step. The LM head and the loss run fused, chunk by chunk (machinery)."""
+    ids, mask, targets = batch
+    scale = 1.0 / ((targets != -100).sum() * args.gradient_accumulation_steps)
+    with autocast:
+        hidden, targets, _ = scored_tokens(model, ids, mask, targets)
+    token_ids = torch.arange(len(targets), device=targets.device)  # each token its own sequence: any chunking is exact
+    loss, _, _ = fused_linear_loss(sft_loss, hidden, model.get_output_embeddings().weight, targets, token_ids,
+                                   scale=scale, chunk_size=args.logprob_chunk_size)
+    return loss
+
+
+def policy_logprobs_entropy(hidden, weight, targets, temperature, chunk_size):
+    """Per-token log pi(y_t) and entropy of the policy at `temperature`: logits / T as (hidden / T) @ W^T (N+)."""
+    return ChunkedLogprobsEntropy.apply(hidden / temperature, weight, targets, chunk_size)
+
+
+def load_reward_model(path: str, device):
+    """A causal-LM backbone with a scalar head `score` (AutoModelForSequenceClassification, num_labels=1).
+
+    From a causal LM the head is new: N+ initialises it N(0, 1/(D+1)) so the initial rewards have unit scale.
+    We never call HF's own forward: it finds the last token by pad_token_id, wrong when pad == EOS (Pythia)."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+                                                                        output_loading_info=True)
+    except (OSError, ValueError) as e:
+        fail(f"could not load reward model {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear):
+        fail(f"reward model {path!r} has no linear `score` head; use a decoder-only architecture (GPTNeoX, Llama, GPT-2 ...)")
+    trained_head = not any(k.startswith("score.") for k in info["missing_keys"])
+    if not trained_head:
+        with torch.no_grad():
+            head.weight.normal_(0, 1 / math.sqrt(head.in_features + 1))
+            if head.bias is not None:
+                head.bias.zero_()
+    if not hasattr(model.config, "reward_bias"):
+        model.config.reward_bias = 0.0
+    return model.to(device), trained_head
+
+
+def last_token_index(mask):
+    """Index of the last non-pad position of each row of a (B, T) attention mask; left or right padding."""
+    return mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
+
+
+def sequence_rewards(reward_model, ids, mask):
+    """r(x, y): the scalar head on the hidden state of the last non-pad token (EOS), minus the normalising bias."""
+    hidden = hidden_states(reward_model, ids, mask)
+    last = hidden[torch.arange(ids.shape[0], device=ids.device), last_token_index(mask)]
+    return reward_model.score(last).squeeze(-1).float() - reward_model.config.reward_bias
+
+
+def token_values(value_model, ids, mask):
+    """V(s_t) at every position: the value model's scalar head on each hidden state, (B, T)."""
+    return value_model.score(hidden_states(value_model, ids, mask)).squeeze(-1).float()
+
+
+def load_ppo_models(sft_path, rm_path, device):
+    """The frozen reference pi_sft (the KL anchor), the frozen reward model and the value model, which N+ starts
+    as a copy of the reward model (so V at the EOS token is the normalised reward at the first iteration)."""
+    ref_policy, _ = load_policy(sft_path, device)
+    reward_model, _ = load_reward_model(rm_path, device)
+    value_model, _ = load_reward_model(rm_path, device)
+    for frozen in (ref_policy, reward_model):
+        frozen.requires_grad_(False)
+    return ref_policy, reward_model, value_model
+
+
+@torch.no_grad()
+def generate(policy, queries, query_mask, response_length, temperature, pad_id, eos_id, forward_batch_size):
+    """Responses (B, response_length) sampled with the KV cache (HF generate), right-padded with pad_id.
+
+    N+: plain temperature sampling: top_k 0 and top_p 1 switch off HF's defaults, no min length."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                              pad_token_id=pad_id, eos_token_id=eos_id)
+    out = torch.full((queries.shape[0], response_length), pad_id, dtype=torch.long, device=queries.device)
+    for s in range(0, queries.shape[0], forward_batch_size):
+        q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
+        generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config)[:, q.shape[1] :]
+        out[s : s + len(q), : generated.shape[1]] = generated
+    return out
+
+
+@torch.no_grad()
+def normalize_reward(reward_model, policy, queries, query_mask, response_length, args, pad_id, eos_id, autocast):
+    """N+: shift the reward so that the policy's samples (here: the SFT model's) score 0 on average, the scale PPO's
+    hyper-parameters assume. Sets reward_model.config.reward_bias; returns the raw rewards of the samples."""
+    reward_model.config.reward_bias = 0.0
+    policy.eval()
+    responses = generate(policy, queries, query_mask, response_length, args.temperature, pad_id, eos_id, args.forward_batch_size)
+    responses, response_mask, _ = truncate_after_eos(responses, eos_id, pad_id)
+    raw = []
+    with autocast:
+        for s in range(0, len(queries), args.forward_batch_size):
+            ids = torch.cat([queries, responses], 1)[s : s + args.forward_batch_size]
+            mask = torch.cat([query_mask, response_mask.long()], 1)[s : s + args.forward_batch_size]
+            raw.append(sequence_rewards(reward_model, ids, mask))
+    raw = torch.cat(raw)
+    reward_model.config.reward_bias = raw.mean().item()
+    return raw
+
+
+@torch.no_grad()
+def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query_mask, responses, args, pad_id, eos_id, autocast):
+    """Everything PPO needs about a batch of rollouts, computed once with no grad: old log-probs and values,
+    reference log-probs, scores, KL-shaped rewards, advantages and returns."""
+    responses, response_mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)  # N+: truncate after EOS
+    sequences = torch.cat([queries, responses], 1)
+    attention = torch.cat([query_mask, response_mask.long()], 1)
+    context = queries.shape[1]
+    B, L = responses.shape
+    logprobs, ref_logprobs, entropy, values = (torch.zeros(B, L, device=queries.device) for _ in range(4))
+    scores = torch.zeros(B, device=queries.device)
+    for s in range(0, B, args.forward_batch_size):
+        ids, mask, resp = sequences[s : s + args.forward_batch_size], attention[s : s + args.forward_batch_size], \
+            response_mask[s : s + args.forward_batch_size]
+        targets = responses[s : s + args.forward_batch_size][resp]
+        with autocast:
+            # hidden state t emits token t + 1: the states at context-1 .. T-2 emit the response tokens
+            for model, out_logprobs, out_entropy in ((policy, logprobs, entropy), (ref_policy, ref_logprobs, None)):
+                hidden = hidden_states(model, ids, mask)[:, context - 1 : -1][resp]
+                lp, ent = policy_logprobs_entropy(hidden, model.get_output_embeddings().weight, targets, args.temperature,
+                                                  args.logprob_chunk_size)  # N+: logits / temperature for pi and pi_ref
+                out_logprobs[s : s + len(ids)][resp] = lp
+                if out_entropy is not None:
+                    out_entropy[s : s + len(ids)][resp] = ent
+            values[s : s + len(ids)] = token_values(value_model, ids, mask)[:, context - 1 : -1] * resp
+            scores[s : s + len(ids)] = sequence_rewards(reward_model, ids, mask)  # N+: score at the EOS token
+    scores = scores - args.missing_eos_penalty * (~has_eos).float()  # N+: penalise responses without EOS
+    rewards, k1, k3 = kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask, args.kl_coef)
+    advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
+    advantages = masked_whiten(advantages, response_mask)  # N+: whiten advantages over the batch's tokens
+    return {"sequences": sequences, "attention": attention, "responses": responses, "response_mask": response_mask,
+            "logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns, "scores": scores,
+            "has_eos": has_eos, "kl": k1.sum(1), "kl_k3": k3.sum(1), "entropy": (entropy * response_mask).sum(1),
+            "non_score_reward": (-args.kl_coef * k1).sum(1)}
+
+
+def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
+    """num_ppo_epochs epochs over the rollout batch in shuffled minibatches; returns the averaged diagnostics."""
+    B, context = batch["sequences"].shape[0], batch["sequences"].shape[1] - batch["responses"].shape[1]
+    minibatch_size = B // args.num_mini_batches
+    micro = minibatch_size // args.gradient_accumulation_steps
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    head_weight = policy.get_output_embeddings().weight
+    totals, count = {}, 0
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(args.num_ppo_epochs):
+        order = torch.randperm(B, generator=generator).to(batch["sequences"].device)
+        stop = False
+        for m0 in range(0, B, minibatch_size):
+            step_stats = {}
+            for u0 in range(m0, m0 + minibatch_size, micro):
+                idx = order[u0 : u0 + micro]
+                ids, mask, resp = batch["sequences"][idx], batch["attention"][idx], batch["response_mask"][idx]
+                with autocast:
+                    hidden = hidden_states(policy, ids, mask)[:, context - 1 : -1][resp]
+                    vpred = token_values(value_model, ids, mask)[:, context - 1 : -1][resp]
+                logprobs, entropy = policy_logprobs_entropy(hidden, head_weight, batch["responses"][idx][resp],
+                                                            args.temperature, args.logprob_chunk_size)
+                pg_loss, vf_loss, stats = ppo_losses(logprobs, batch["logprobs"][idx][resp], batch["advantages"][idx][resp],
+                                                     vpred, batch["values"][idx][resp], batch["returns"][idx][resp],
+                                                     args.cliprange, args.cliprange_value)
+                loss = (pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps
+                loss.backward()
+                stats.update({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": entropy.detach().mean()})
+                for k, v in stats.items():
+                    step_stats[k] = step_stats.get(k, 0) + v / args.gradient_accumulation_steps
+            torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for k, v in step_stats.items():
+                totals[k] = totals.get(k, 0) + v
+            count += 1
+            # Early stop (optional): the policy moved too far from the one that sampled the batch.
+            if args.target_kl is not None and step_stats["policy/approxkl"] > args.target_kl:
+                stop = True
+                break
+        if stop:
+            break
+    # TRL's names: averages over minibatches get "_avg", except val/ratio and val/ratio_var
+    return {(k if k.startswith("val/ratio") else f"{k}_avg"): (v / count).item() for k, v in totals.items()} | {"policy/epochs": epoch + 1}
+
+
+def evaluate_gold(task, model, tokenizer, seed, suffix):
+    """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only)."""
+    if task is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    result = task.evaluate(model, tokenizer, seed=seed)
+    model.train(was_training)
+    print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
+    return {f"{k}{suffix}": v for k, v in result.items()}
+
+
+# ==========================================================================================================
+# Data: the embedded task or a dataset (hub id or local files), tokenized and batched
+# ==========================================================================================================
+def load_data(args):
+    """(task or None, the policy to start from, training pairs, held-out pairs, demonstrations), each a tuple of
+    text columns: pairs (prompts, chosen, rejected), demonstrations (prompts, completions)."""
+    if args.dataset_name is None:
+        task = load_embedded_task(args)
+        return (task, task.model_path, preference_pairs(task.prefs, "embedded task"),
+                preference_pairs(task.eval_prefs, "embedded task"), demonstrations(task.demos, "embedded task"))
+    train_table = load_table(args.dataset_name, args.dataset_split)
+    if len(train_table) == 0:
+        fail(f"dataset {args.dataset_name!r} split {args.dataset_split!r} is empty; check the path or split")
+    pref_train = preference_pairs(train_table, args.dataset_name)
+    eval_table = load_table(args.dataset_name, args.eval_split, required=False)
+    if eval_table is not None and args.eval_split != args.dataset_split:
+        pref_eval = tuple(c[: args.num_eval_prefs] for c in preference_pairs(eval_table, args.dataset_name))
+    else:  # hold out the tail of the training pairs
+        held = min(args.num_eval_prefs, len(pref_train[0]) // 5)
+        pref_eval = tuple(c[len(c) - held :] for c in pref_train)
+        pref_train = tuple(c[: len(c) - held] for c in pref_train)
+        print(f"[data] no {args.eval_split!r} split: holding out the last {held} training pairs for evaluation")
+    if args.sft_dataset_name:
+        demos = demonstrations(load_table(args.sft_dataset_name, args.dataset_split), args.sft_dataset_name)
+    else:
+        demos = pref_train[:2]
+    return None, args.model_name_or_path or "EleutherAI/pythia-160m", pref_train, pref_eval, demos
+
+
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -268,14 +598,24 @@ def split_hh(transcript: str):
     return transcript[:cut], transcript[cut:]
 
 
+def text_column(table, column: str, name: str):
+    """A column as a list of strings; a null or non-text value fails like a missing column."""
+    values = list(table[column])
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        fail(f"dataset {name!r} column {column!r} holds {values[bad]!r} at row {bad}, not text; "
+             "fix or drop the rows with empty fields")
+    return values
+
+
 def preference_pairs(table, name: str):
     """prompt/chosen/rejected lists from a table with those columns, or HH-style chosen/rejected transcripts."""
     columns = set(table.column_names)
     if {"prompt", "chosen", "rejected"} <= columns:
-        return list(table["prompt"]), list(table["chosen"]), list(table["rejected"])
+        return tuple(text_column(table, c, name) for c in ("prompt", "chosen", "rejected"))
     if {"chosen", "rejected"} <= columns:  # Anthropic-HH: the prompt is the shared transcript prefix
         prompts, chosen, rejected, unmatched = [], [], [], 0
-        for c, r in zip(table["chosen"], table["rejected"]):
+        for c, r in zip(text_column(table, "chosen", name), text_column(table, "rejected", name)):
             prompt, c_response = split_hh(c)
             if prompt is None or not r.startswith(prompt):
                 unmatched += 1
@@ -291,19 +631,19 @@ def preference_pairs(table, name: str):
 
 
 def demonstrations(table, name: str):
+    """prompt/completion lists, or the chosen responses of preference data."""
     columns = set(table.column_names)
     if {"prompt", "completion"} <= columns:
-        return list(table["prompt"]), list(table["completion"])
+        return text_column(table, "prompt", name), text_column(table, "completion", name)
     if "chosen" in columns:  # preference data reused as demonstrations: the chosen responses
-        prompts, chosen, _ = preference_pairs(table, name)
-        return prompts, chosen
+        return preference_pairs(table, name)[:2]
     fail(f"SFT dataset {name!r} lacks the columns prompt/completion; found {sorted(columns)}")
 
 
-def tokenize_examples(tokenizer, prompts, responses_per_prompt, args: Args, what: str):
+def tokenize_examples(tokenizer, prompts, responses_per_prompt, args, what: str):
     """Token ids of each prompt and its responses (+EOS). Drops over-long prompts, truncates responses."""
-    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    responses = [tokenizer(list(r), add_special_tokens=False)["input_ids"] for r in responses_per_prompt]
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"] if len(prompts) else []
+    responses = [tokenizer(list(r), add_special_tokens=False)["input_ids"] for r in responses_per_prompt] if len(prompts) else []
     kept, dropped, truncated = [], 0, 0
     for i, p in enumerate(prompt_ids):
         if not 0 < len(p) <= args.max_prompt_length:  # an empty prompt leaves no position to predict from
@@ -325,7 +665,7 @@ def tokenize_examples(tokenizer, prompts, responses_per_prompt, args: Args, what
 
 
 def pad_right(sequences, pad_id):
-    """(ids, mask) of right-padded rows."""
+    """(ids, mask) of right-padded sequences."""
     ids = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(sequences):
@@ -345,13 +685,10 @@ def collate(sequences, loss_starts, pad_id):
     return ids, mask, targets
 
 
-def pair_batch(examples, pad_id):
-    """Chosen and rejected of each pair as adjacent rows [c0, r0, c1, r1, ...]: one reward-model forward for both."""
-    sequences, starts = [], []
-    for prompt, chosen, rejected in examples:
-        sequences += [prompt + chosen, prompt + rejected]
-        starts += [len(prompt), len(prompt)]
-    return collate(sequences, starts, pad_id)
+def pair_rows_batch(examples, pad_id):
+    """Chosen and rejected of each pair as adjacent right-padded sequences [p+c0, p+r0, p+c1, p+r1, ...] and their
+    attention mask: one reward-model forward for both responses."""
+    return pad_right([prompt + response for prompt, chosen, rejected in examples for response in (chosen, rejected)], pad_id)
 
 
 def sft_batch(examples, pad_id):
@@ -367,26 +704,266 @@ def batch_order(num_examples, batch_size, epochs, seed):
     return steps
 
 
-def left_pad(rows, pad_id):
+def left_pad(sequences, pad_id):
     """Left-padded prompts (B, P) and their attention mask, the layout generation continues from."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
     return ids, mask
 
 
+def sample_prompts(prompts, n, seed, pad_id, device):
+    """n of the tokenized prompts, left-padded: a deterministic draw per seed, so --resume repeats it exactly."""
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return (t.to(device) for t in left_pad([prompts[i] for i in order], pad_id))
+
+
 # ==========================================================================================================
-# Fused losses: log-probs through the LM head, chunk by chunk
+# Main: SFT, reward model, PPO
 # ==========================================================================================================
-# Naively, log p(y_t) needs logits = hidden @ W^T for all N tokens: an (N, V) tensor, its log-softmax and their
-# gradients (4 x N x V floats). Here the tokens are cut into chunks of C, each chunk's (C, V) logits are made,
-# used and freed, so memory is ~ C x V. SFT's cross-entropy uses FusedLinearLoss (gradients computed inside the
-# forward; same code as dpo_llm.py). PPO needs per-token log-probs *and* entropies of the policy for a loss of
-# per-token terms: ChunkedLogprobsEntropy keeps per token only the log-sum-exp and the entropy, and recomputes
-# each chunk's logits in the backward.
+def main():
+    args = parse_args()
+    device, autocast = setup_torch(args)
+    started = time.time()
+
+    # ---- data and models: everything that can fail on bad input happens before the run directory exists ----
+    task, model_path, pref_train, pref_eval, (demo_prompts, demo_completions) = load_data(args)
+    model, tokenizer = load_policy(model_path, device)
+    check_same_tokenizer(args.reward_model_path, tokenizer, model_path)
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    response_length = args.response_length or (task.max_response_tokens if task is not None else 128)
+    train_pairs = tokenize_examples(tokenizer, pref_train[0], pref_train[1:], args, "preference pairs") if args.rm_epochs else []
+    eval_pairs = tokenize_examples(tokenizer, pref_eval[0], pref_eval[1:], args, "held-out pairs") if pref_eval[0] else []
+    sft_examples = tokenize_examples(tokenizer, demo_prompts, [demo_completions], args, "demonstrations") if args.sft_epochs else []
+    # PPO prompts: the prompts of the demonstrations and of the training pairs (each once), short enough.
+    unique_prompts = list(dict.fromkeys(list(demo_prompts) + list(pref_train[0])))
+    ppo_prompts = [p for p in tokenizer(unique_prompts, add_special_tokens=True)["input_ids"] if 0 < len(p) <= args.max_prompt_length] \
+        if unique_prompts else []
+    micro = args.batch_size // args.gradient_accumulation_steps
+    check_batches_fit([("preference pairs", len(train_pairs), args.rm_epochs, args.batch_size, "--batch_size"),
+                       ("demonstrations", len(sft_examples), args.sft_epochs, args.batch_size, "--batch_size"),
+                       ("PPO prompts", len(ppo_prompts), args.total_episodes, args.rollout_batch_size, "--rollout_batch_size")])
+    check_context(model, ppo_prompts, response_length)
+
+    run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "rm")
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(run_dir)
+    metrics = state["metrics"]
+    head_weight = model.get_output_embeddings().weight
+    sft_path = os.path.join(run_dir, "sft_model") if args.sft_epochs else model_path
+    rm_path = os.path.join(run_dir, "reward_model")
+    print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(train_pairs)} pairs, {len(eval_pairs)} held-out pairs, "
+          f"{len(ppo_prompts)} PPO prompts, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
+          f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
+    if "gold_reward_init" not in metrics:
+        metrics.update(evaluate_gold(task, model, tokenizer, args.seed, "_init"))
+
+    # ---- stage 1: SFT on the demonstrations, -mean log pi(y_t | x, y_<t) over response tokens ----
+    if state["stage"] == "sft":
+        steps = batch_order(len(sft_examples), args.batch_size, args.sft_epochs, args.seed)
+        optimizer, scheduler = new_optimizer(model.parameters(), args.sft_learning_rate, len(steps), args, state)
+        model.train()
+        bar = progress_bar(len(steps), "sft", state["step"])
+        for step in range(state["step"], len(steps)):
+            total_loss = torch.zeros((), device=device)
+            for m in range(args.gradient_accumulation_steps):
+                batch = sft_batch([sft_examples[i] for i in steps[step][m * micro : (m + 1) * micro]], pad_id)
+                loss = sft_batch_loss(model, [t.to(device) for t in batch], args, autocast)
+                loss.backward()
+                total_loss += loss.detach()
+            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
+            bar.update()
+            if step % 20 == 0 or step + 1 == len(steps):
+                writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
+                writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
+                bar.set_postfix(loss=f"{total_loss.item():.4f}")
+                bar.write(f"[sft] step {step + 1}/{len(steps)} loss {total_loss.item():.4f}")
+            if args.save_every and (step + 1) % args.save_every == 0:
+                save_checkpoint(run_dir, state, model, optimizer, scheduler)
+        bar.close()
+        model.save_pretrained(sft_path)
+        tokenizer.save_pretrained(sft_path)
+        metrics.update(evaluate_gold(task, model, tokenizer, args.seed, "_sft"))
+        state.update(stage="rm", step=0)
+        save_checkpoint(run_dir, state, model, optimizer, scheduler)
+
+    # ---- stage 2: reward model, -log sigmoid(r(x, y_w) - r(x, y_l)), read at the EOS token ----
+    if state["stage"] == "rm":
+        reward_model, _ = load_reward_model(args.reward_model_path or sft_path, device)
+        if state["step"]:
+            reward_model.load_state_dict(state["reward_model"])
+        eval_batches = [pair_rows_batch(eval_pairs[i : i + micro], pad_id) for i in range(0, len(eval_pairs), micro)]
+
+        @torch.no_grad()
+        def rm_accuracy():
+            """Held-out pairs where the reward model ranks chosen above rejected."""
+            if not eval_batches:
+                return {}
+            reward_model.eval()
+            rewards = []
+            for ids, mask in eval_batches:
+                with autocast:
+                    rewards.append(sequence_rewards(reward_model, ids.to(device), mask.to(device)))
+            rewards = torch.cat(rewards).view(-1, 2)
+            return {"eval/accuracy": (rewards[:, 0] > rewards[:, 1]).float().mean().item(),
+                    "eval/margin": (rewards[:, 0] - rewards[:, 1]).mean().item()}
+
+        steps = batch_order(len(train_pairs), args.batch_size, args.rm_epochs, args.seed + 1)
+        optimizer, scheduler = new_optimizer(reward_model.parameters(), args.rm_learning_rate, max(1, len(steps)), args, state)
+        reward_model.eval()  # no dropout (also in the value model and policy below)
+        bar = progress_bar(len(steps), "reward model", state["step"])
+        for step in range(state["step"], len(steps)):
+            stats = torch.zeros(3, device=device)
+            for m in range(args.gradient_accumulation_steps):
+                ids, mask = (t.to(device) for t in pair_rows_batch([train_pairs[i] for i in steps[step][m * micro : (m + 1) * micro]], pad_id))
+                with autocast:
+                    rewards = sequence_rewards(reward_model, ids, mask)  # rows [c0, r0, c1, r1, ...]
+                chosen, rejected = rewards[0::2], rewards[1::2]
+                loss = reward_model_loss(chosen, rejected, args.reward_center_coef).sum() / args.batch_size
+                loss.backward()
+                stats += torch.stack([loss.detach(), (chosen > rejected).float().sum() / args.batch_size,
+                                      (chosen - rejected).detach().sum() / args.batch_size])
+            grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, args, state)
+            bar.update()
+            if step % 10 == 0 or step + 1 == len(steps):
+                loss_v, acc, margin = stats.tolist()
+                for k, v in {"rm/loss": loss_v, "rm/accuracy": acc, "rm/margin": margin, "rm/grad_norm": grad_norm.item()}.items():
+                    writer.add_scalar(k, v, state["global_step"])
+                bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc:.2f}")
+                bar.write(f"[rm] step {step + 1}/{len(steps)} loss {loss_v:.4f} acc {acc:.2f} margin {margin:.3f}")
+            if args.eval_every and (step + 1) % (args.eval_every * 4) == 0:
+                for k, v in rm_accuracy().items():
+                    writer.add_scalar(f"rm/{k}", v, state["global_step"])
+            if args.save_every and (step + 1) % args.save_every == 0:
+                save_checkpoint(run_dir, state, model, optimizer, scheduler, reward_model=reward_model.state_dict())
+        bar.close()
+        final = rm_accuracy()
+        if final:
+            metrics["rm_accuracy"], metrics["rm_eval_margin"] = final["eval/accuracy"], final["eval/margin"]
+            print(f"[rm] held-out preference accuracy {final['eval/accuracy']:.3f}")
+        # N+: normalise the reward so that SFT samples score 0 on average
+        queries, query_mask = sample_prompts(ppo_prompts, min(args.num_reward_norm_samples, len(ppo_prompts)),
+                                             args.seed * 7919 + 1, pad_id, device)
+        torch.manual_seed(args.seed * 7919 + 1)
+        raw = normalize_reward(reward_model, model, queries, query_mask, response_length, args, pad_id, eos_id, autocast)
+        metrics["reward_bias"] = reward_model.config.reward_bias
+        print(f"[rm] reward on {len(raw)} SFT samples: mean {raw.mean().item():.3f} std {raw.std().item():.3f} -> bias subtracted")
+        reward_model.save_pretrained(rm_path)
+        tokenizer.save_pretrained(rm_path)
+        del reward_model, optimizer
+        state.update(stage="ppo", step=0)
+        atomic_save({**state, "model": model.state_dict()}, os.path.join(run_dir, "checkpoint.pt"))
+
+    # ---- stage 3: PPO against the reward model, with a per-token KL penalty to the SFT policy ----
+    if state["stage"] == "ppo":
+        ref_policy, reward_model, value_model = load_ppo_models(sft_path, rm_path, device)
+        if "value_model" in state:
+            value_model.load_state_dict(state["value_model"])
+        # N+: no dropout anywhere, so the ratio pi / pi_old is exactly 1 on the first minibatch; eval() mode throughout.
+        for m in (model, ref_policy, reward_model, value_model):
+            m.eval()
+        num_iterations = args.total_episodes // args.rollout_batch_size
+        optimizer, scheduler = new_optimizer(list(model.parameters()) + list(value_model.parameters()), args.learning_rate,
+                                             max(1, num_iterations), args)  # N+: learning rate annealed linearly
+        if state["step"]:  # (PPO draws its own seeds per iteration: no RNG state to restore)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        ppo_started = time.time()
+        bar = progress_bar(num_iterations, "ppo", state["step"])
+        for update in range(state["step"], num_iterations):
+            timings = {}
+            # 1. roll out: prompts -> responses sampled at the temperature, with the KV cache
+            t0 = time.time()
+            queries, query_mask = sample_prompts(ppo_prompts, args.rollout_batch_size, args.seed * 1_000_003 + update, pad_id, device)
+            torch.manual_seed(args.seed * 1_000_003 + update)  # the sampling of iteration `update`, also after --resume
+            responses = generate(model, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
+                                 args.forward_batch_size)
+            timings["time/generate"] = time.time() - t0
+            # 2. score: log-probs, values, rewards, KL shaping, GAE, whitening (no grad)
+            t0 = time.time()
+            batch = score_rollouts(model, ref_policy, reward_model, value_model, queries, query_mask, responses, args,
+                                   pad_id, eos_id, autocast)
+            timings["time/score"] = time.time() - t0
+            # 3. learn: PPO epochs over minibatches of this batch
+            t0 = time.time()
+            stats = ppo_update(model, value_model, optimizer, batch, args, autocast, seed=args.seed * 1_000_003 + update)
+            scheduler.step()
+            timings["time/train"] = time.time() - t0
+            state["step"], state["global_step"] = update + 1, state["global_step"] + 1
+            bar.update()
+            mean_kl, scores = batch["kl"].mean().item(), batch["scores"].mean().item()
+            # objective/entropy is the exact entropy summed over the response (TRL logs the sampled -log pi instead)
+            logs = {"objective/kl": mean_kl, "objective/kl_k3": batch["kl_k3"].mean().item(),
+                    "objective/entropy": batch["entropy"].mean().item(),
+                    "objective/non_score_reward": batch["non_score_reward"].mean().item(),
+                    "objective/rlhf_reward": scores + batch["non_score_reward"].mean().item(), "objective/scores": scores,
+                    "val/num_eos_tokens": batch["has_eos"].sum().item(),
+                    "val/response_length": batch["response_mask"].sum(1).float().mean().item(),
+                    "lr": scheduler.get_last_lr()[0], "episode": (update + 1) * args.rollout_batch_size, **stats, **timings}
+            if task is not None:  # the gold reward of the training samples themselves (the task's "human")
+                text = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
+                prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+                logs["objective/gold_reward"] = task.gold_reward(prompts, [" " + r.strip() for r in text]).mean().item()
+            for k, v in logs.items():
+                writer.add_scalar(k, v, state["global_step"])
+            metrics.update(kl=mean_kl, scores=scores)
+            bar.set_postfix(score=f"{scores:.3f}", kl=f"{mean_kl:.3f}")
+            if update % 10 == 0 or update + 1 == num_iterations:
+                bar.write(f"[ppo] iteration {update + 1}/{num_iterations} score {scores:.3f} kl {mean_kl:.3f} "
+                          f"entropy {logs['objective/entropy']:.2f} approxkl {stats['policy/approxkl_avg']:.4f} "
+                          f"clipfrac {stats['policy/clipfrac_avg']:.3f}"
+                          + (f" gold {logs['objective/gold_reward']:.3f}" if task is not None else "")
+                          + f" ({time.time() - ppo_started:.0f}s)")
+            if args.eval_every and (update + 1) % args.eval_every == 0 and update + 1 < num_iterations:
+                for k, v in evaluate_gold(task, model, tokenizer, args.seed, "_ppo").items():
+                    writer.add_scalar(f"eval/{k}", v, state["global_step"])
+            if args.save_every and (update + 1) % args.save_every == 0:
+                save_checkpoint(run_dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
+                bar.write(f"[ppo] checkpoint at iteration {update + 1}")
+        bar.close()
+        value_model.save_pretrained(os.path.join(run_dir, "value_model"))
+        state.update(stage="done")
+        save_checkpoint(run_dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
+
+    # ---- final evaluation, model, metrics ----
+    metrics.update(evaluate_gold(task, model, tokenizer, args.seed, ""))
+    finish_run(run_dir, writer, model, tokenizer, args, state, started, "rlhf", metrics)
+
+
+# ==========================================================================================================
+# Machinery: the fused chunked LM-head losses, training plumbing, checkpoints, input validation
+# ==========================================================================================================
+# Naively, log p(y_t) needs logits = hidden @ W^T for all N tokens: an (N, V) tensor, plus its log-softmax,
+# plus their gradients: 4 x N x V floats (N = 4096 tokens, V = 50304: 3.3 GB in fp32). Here the tokens are
+# cut into chunks of C: each chunk's (C, V) logits are made, used and freed, so memory is ~ C x V.
+#
+# Where the loss is a function of per-sequence sums of log-probs whose gradient is known once the chunk is
+# scored (SFT cross-entropy; DPO over whole pairs with precomputed reference log-probs), the gradients w.r.t.
+# hidden states and LM-head weight are computed *inside the forward*, chunk by chunk (fused_linear_loss), so the
+# logits are never recomputed. Where the gradient is not known in the forward (per-token log-probs for any later
+# use, as in PPO's ratio), a chunked Function keeps only the log-sum-exp per token and recomputes each chunk's
+# logits in the backward (ChunkedLogprobs; ChunkedLogprobsEntropy also returns the entropy).
+#
+# For log p(y) = z_y - logsumexp(z):  d log p(y) / dz = onehot(y) - softmax(z).
+def fused_linear_loss(loss_fn, hidden, weight, targets, seq_ids, *seq_inputs, group_size=1, scale=1.0, chunk_size):
+    """scale * sum(loss_fn(log p of each sequence, *seq_inputs)), from hidden (N, D), LM-head weight (V, D) and
+    targets (N,), without ever holding the (N, V) logits.
+
+    seq_ids (N,): the sequence each token belongs to, non-decreasing. loss_fn gets the summed log-probs of a block
+    of whole groups of `group_size` consecutive sequences (2 for a DPO pair) and the matching rows of each of
+    seq_inputs; it returns the per-group losses, or a tuple (per-group losses, *per-group statistics).
+    Returns (loss, statistics concatenated over the batch, log p of each sequence). The loss's gradients are
+    computed in the forward (backward only scales them)."""
+    statistics = []
+    loss, seq_logps = FusedLinearLoss.apply(hidden, weight, targets, seq_ids, loss_fn, seq_inputs, group_size, scale,
+                                            chunk_size, statistics)
+    return loss, tuple(torch.cat(column) for column in zip(*statistics)), seq_logps
+
+
 def _chunk_logits(hidden, weight, start, end, buffer):
     """Logits of one chunk in the hidden states' dtype (bf16 inputs: bf16 matmul; the softmax math is fp32 on both
     paths). Written into one reused (chunk, V) buffer: a fresh 100+ MB allocation per chunk costs page faults."""
@@ -407,7 +984,7 @@ def _chunk_forward(logits, targets):
         return target_logits - lse, lse, None
     probs = logits.float()  # bf16: an fp32 copy; fp32: the buffer itself
     target_logits = probs.gather(1, targets[:, None]).squeeze(1)
-    lse = _softmax_(probs)
+    lse = _lse_then_softmax_(probs)
     return target_logits - lse, lse, probs
 
 
@@ -421,9 +998,9 @@ def _chunk_grad_(logits, targets, lse, grad_logp, probs=None):
     return _grad_logits_(probs, targets, grad_logp).to(logits.dtype)
 
 
-def _softmax_(logits):
-    """In place: logits -> softmax probabilities; returns the log-sum-exp per row. (logsumexp() would allocate a
-    second (chunk, V) temporary, and the gradient would need another exp pass over the logits.)"""
+def _lse_then_softmax_(logits):
+    """Returns the log-sum-exp of each row, and turns the logits into softmax probabilities in place on the way.
+    (logsumexp() would allocate a second (chunk, V) temporary, and the gradient would need another exp pass.)"""
     peak = logits.amax(-1)
     total = logits.sub_(peak[:, None]).exp_().sum(-1)
     logits.div_(total[:, None])
@@ -441,12 +1018,10 @@ def _grad_logits_(probs, targets, grad_logp):
 # On a GPU the chunk's matmuls are fast and the torch ops above are ~10 passes over the (chunk, V) block (an fp32
 # copy, max, sub, exp, sum, div, gather, mul, scatter, a bf16 copy): they dominate. Two kernels do it in one read
 # (log-sum-exp, online) plus one read-and-write (the gradient, over the block in place, in its own dtype), with fp32
-# math; one program per token row, BLOCK columns at a time. Measured on an H100 (README; bf16, 16384 tokens, chunk
-# 4096): 0.2-0.5x the naive path's time, where the torch chunk path takes 1.2-1.7x. The entropy terms serve
-# rlhf_llm.py's PPO loss (the kernels are the same in both scripts). `--logprob_kernel auto` uses them for CUDA
-# tensors when triton is installed (it comes with CUDA builds of torch); tests run them on the CPU through Triton's
-# interpreter.
-LOGPROB_KERNEL = "auto"  # auto | torch | triton; main() sets it from --logprob_kernel
+# math; one program per token row, BLOCK columns at a time. The entropy terms serve PPO's loss (the kernels are the
+# same in every script). `--logprob_kernel auto` uses them for CUDA tensors when triton is installed; the tests run
+# them on the CPU through Triton's interpreter. Measurements: benchmarks/README.md.
+LOGPROB_KERNEL = "auto"  # auto | torch | triton; setup_torch() sets it from --logprob_kernel
 TRITON_BLOCK_V = 2048  # columns per step of a row (at most; fewer for a small vocabulary)
 
 
@@ -527,59 +1102,59 @@ def _accumulate_(grad_weight, grad_logits, hidden):
         grad_weight += (grad_logits.t() @ hidden).float()
 
 
-def _chunk_plan(rows, rows_per_group: int, chunk_size: int):
-    """[(start, end, first_row, end_row)] per chunk: about chunk_size tokens each, never splitting a group of
-    rows_per_group consecutive rows. Boundaries: the first token of each group, grouped by chunk_size bucket."""
-    group = rows // rows_per_group
+def _chunk_plan(seq_ids, group_size: int, chunk_size: int):
+    """[(start, end, first_seq, end_seq)] per chunk: about chunk_size tokens each, never splitting a group of
+    group_size consecutive sequences. Boundaries: the first token of each group, grouped by chunk_size bucket."""
+    group = seq_ids // group_size
     group_starts = torch.cat([group.new_zeros(1), torch.nonzero(group[1:] != group[:-1]).squeeze(1) + 1])
     bucket = group_starts // chunk_size
     starts = group_starts[torch.cat([bucket.new_ones(1, dtype=torch.bool), bucket[1:] != bucket[:-1]])]
-    ends = torch.cat([starts[1:], starts.new_full((1,), len(rows))])
-    first_rows = rows[starts] // rows_per_group * rows_per_group
-    return torch.stack([starts, ends, first_rows, rows[ends - 1] + 1]).t().tolist()  # the one host sync
+    ends = torch.cat([starts[1:], starts.new_full((1,), len(seq_ids))])
+    first_seqs = seq_ids[starts] // group_size * group_size
+    return torch.stack([starts, ends, first_seqs, seq_ids[ends - 1] + 1]).t().tolist()  # the one host sync
 
 
 class FusedLinearLoss(torch.autograd.Function):
-    """loss = loss_fn(per-row sums of log p(target), first_row, end_row), summed over chunks of whole groups.
-
-    hidden (N, D): one row per scored token; targets (N,); rows (N,) the sequence each token belongs to,
-    non-decreasing. A chunk never splits a group of `rows_per_group` consecutive rows (2 for a DPO pair), so
-    loss_fn sees complete per-row sums and its gradient d loss / d row-log-prob is exact inside the chunk.
-    Returns the loss (gradients already computed; backward only scales them) and the row log-prob sums."""
+    """The autograd Function behind fused_linear_loss: one pass over chunks of whole groups of sequences computes
+    the loss, its gradients w.r.t. hidden states and LM-head weight, the statistics and the sequence log-probs."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, rows, num_rows: int, rows_per_group: int, chunk_size: int, loss_fn):
+    def forward(ctx, hidden, weight, targets, seq_ids, loss_fn, seq_inputs, group_size: int, scale, chunk_size: int,
+                statistics: list):
         cast_weight = weight.to(hidden.dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        row_logps = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
+        plan = _chunk_plan(seq_ids, group_size, chunk_size)
+        seq_logps = torch.zeros(plan[-1][3], dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        plan = _chunk_plan(rows, rows_per_group, chunk_size)
         buffer = _logits_buffer(hidden, weight, max(end - start for start, end, _, _ in plan))
-        for start, end, first_row, end_row in plan:
-            local_rows = rows[start:end] - first_row
-            span = end_row - first_row
+        for start, end, first_seq, end_seq in plan:
+            local_ids = seq_ids[start:end] - first_seq
             logits = _chunk_logits(hidden, cast_weight, start, end, buffer)
             token_logps, lse, probs = _chunk_forward(logits, targets[start:end])
-            chunk_rows = torch.zeros(span, dtype=torch.float32, device=hidden.device).index_add_(0, local_rows, token_logps)
-            row_logps[first_row:end_row] = chunk_rows
-            # The loss on this chunk's rows, and d loss / d row-log-prob, by autograd on a tiny tensor.
+            chunk_logps = torch.zeros(end_seq - first_seq, dtype=torch.float32, device=hidden.device).index_add_(0, local_ids, token_logps)
+            seq_logps[first_seq:end_seq] = chunk_logps
+            # The loss on this chunk's whole groups, and d loss / d sequence log-prob, by autograd on a tiny tensor.
             with torch.enable_grad():
-                x = chunk_rows.detach().requires_grad_()
-                chunk_loss = loss_fn(x, first_row, end_row)
-                (grad_rows,) = torch.autograd.grad(chunk_loss, x)
+                x = chunk_logps.detach().requires_grad_()
+                out = loss_fn(x, *(s[first_seq:end_seq] for s in seq_inputs))
+                losses, chunk_statistics = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+                chunk_loss = losses.sum() * scale
+                (grad_seqs,) = torch.autograd.grad(chunk_loss, x)
             loss += chunk_loss.detach()
-            grad_logits = _chunk_grad_(logits, targets[start:end], lse, grad_rows[local_rows], probs)
+            statistics.append([s.detach() for s in chunk_statistics])
+            grad_logits = _chunk_grad_(logits, targets[start:end], lse, grad_seqs[local_ids], probs)
             torch.mm(grad_logits, cast_weight, out=grad_hidden[start:end])
             _accumulate_(grad_weight, grad_logits, hidden[start:end])
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        ctx.mark_non_differentiable(row_logps)
-        return loss, row_logps
+        ctx.mark_non_differentiable(seq_logps)
+        return loss, seq_logps
 
     @staticmethod
     def backward(ctx, grad_loss, _unused):
         grad_hidden, grad_weight = ctx.saved_tensors  # in place: no second (V, D) tensor
-        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss), None, None, None, None, None, None
+        return (grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss),
+                None, None, None, None, None, None, None, None)
 
 
 class ChunkedLogprobsEntropy(torch.autograd.Function):
@@ -645,332 +1220,12 @@ class ChunkedLogprobsEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-# ==========================================================================================================
-# The RLHF / PPO pieces, each a small pure function
-# ==========================================================================================================
-def policy_logprobs_entropy(hidden, weight, targets, temperature, chunk_size):
-    """Per-token log pi(y_t) and entropy of the policy at `temperature`: logits / T as (hidden / T) @ W^T (N+)."""
-    return ChunkedLogprobsEntropy.apply(hidden / temperature, weight, targets, chunk_size)
-
-
-def last_token_index(mask):
-    """Index of the last non-pad position of each row of a (B, T) attention mask; left or right padding."""
-    return mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
-
-
-def reward_rm_loss(chosen_rewards, rejected_rewards, center_coef=0.0):
-    """Per-pair Bradley-Terry loss -log sigmoid(r_w - r_l), plus the optional centering coef * (r_w + r_l)^2."""
-    return -F.logsigmoid(chosen_rewards - rejected_rewards) + center_coef * (chosen_rewards + rejected_rewards) ** 2
-
-
-def truncate_after_eos(responses, eos_id, pad_id):
-    """N+: a response ends at its first EOS; every later token becomes padding.
-
-    Returns the responses, the (B, L) mask of real tokens (the EOS included: the policy must learn to stop) and
-    whether each response has an EOS. Positions, not token values, define the mask, so pad == EOS (Pythia) is safe."""
-    is_eos = responses == eos_id
-    has_eos = is_eos.any(1)
-    length = torch.where(has_eos, is_eos.int().argmax(1) + 1, responses.shape[1])
-    mask = torch.arange(responses.shape[1], device=responses.device)[None, :] < length[:, None]
-    return responses.masked_fill(~mask, pad_id), mask, has_eos
-
-
-def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
-    """Per-token rewards: -kl_coef * k1 at every response token (N+: per-token KL penalty, k1 = log pi - log pi_ref)
-    and the score added at the last real token (N+: the reward model's score lands at the EOS token).
-    Also returns k1 and k3 = (r - 1) - log r, r = pi_ref / pi (unbiased, always >= 0; reported only)."""
-    log_ratio = (logprobs - ref_logprobs) * mask
-    k1 = log_ratio
-    k3 = ((-log_ratio).exp() - 1 + log_ratio) * mask
-    rewards = -kl_coef * k1
-    last = mask.sum(1) - 1
-    rewards[torch.arange(len(scores), device=scores.device), last] += scores
-    return rewards, k1, k3
-
-
-def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation over response tokens (right-padded; values and rewards beyond the mask are 0,
-    so the state after the last token is terminal). Returns advantages and returns = advantages + values."""
-    rewards, values = rewards * mask, values * mask
-    advantages = torch.zeros_like(rewards)
-    last_gae = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last_gae = delta + gamma * lam * last_gae
-        advantages[:, t] = last_gae
-    return advantages, advantages + values
-
-
-def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the real tokens (unbiased variance), 0 at padding (N+: advantage whitening)."""
-    mask = mask.to(x.dtype)
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
-
-
-def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, cliprange, cliprange_value):
-    """Clipped surrogate and clipped value losses over flat (real) tokens, with their diagnostics.
-
-    pg  = mean max(-A r, -A clip(r, 1 - eps, 1 + eps)),     r = pi / pi_old
-    vf  = 0.5 mean max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)"""
-    log_ratio = logprobs - old_logprobs
-    ratio = log_ratio.exp()
-    pg_losses = -advantages * ratio
-    pg_losses_clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
-    pg_loss = torch.max(pg_losses, pg_losses_clipped).mean()
-    values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
-    vf_losses = (values - returns) ** 2
-    vf_losses_clipped = (values_clipped - returns) ** 2
-    vf_loss = 0.5 * torch.max(vf_losses, vf_losses_clipped).mean()
-    with torch.no_grad():
-        stats = {"policy/approxkl": 0.5 * (log_ratio**2).mean(), "policy/clipfrac": (pg_losses_clipped > pg_losses).float().mean(),
-                 "val/clipfrac": (vf_losses_clipped > vf_losses).float().mean(), "val/ratio": ratio.mean(),
-                 "val/ratio_var": ratio.var() if ratio.numel() > 1 else torch.zeros(())}
-    return pg_loss, vf_loss, stats
-
-
-# ==========================================================================================================
-# Models
-# ==========================================================================================================
-def load_policy(path: str, device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
-        fail(f"model path not found: {path!r}; give a saved model directory or a hub id like EleutherAI/pythia-160m")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        fail(f"could not load the tokenizer of {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
-    if tokenizer.eos_token_id is None:
-        fail(f"tokenizer of {path!r} has no EOS token; set one (tokenizer.eos_token) and save it")
-    if tokenizer.pad_token_id is None:  # e.g. Pythia; padding is masked by attention masks and -100 targets
-        tokenizer.pad_token = tokenizer.eos_token
-        print(f"[model] tokenizer has no pad token: using EOS {tokenizer.eos_token!r} for padding (masked out)")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    except (OSError, ValueError) as e:
-        fail(f"could not load model {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        fail(f"{path!r} has an LM head with a bias, which the fused log-prob path does not handle")
-    return model, tokenizer
-
-
-def to_autocast_dtype(hidden):
-    """Under autocast (--bf16), hidden states in its dtype. The final layer norm hands back fp32, but the LM head is a
-    linear layer, which autocast runs in bf16; so are the fused losses' chunk matmuls (their softmax math is fp32)."""
-    device = hidden.device.type
-    return hidden.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else hidden
-
-
-def hidden_states(model, ids, mask):
-    """Last hidden states (B, T, D) of the backbone, without the LM head (the fused losses apply it)."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # correct for left or right padding
-    return to_autocast_dtype(model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                              use_cache=False).last_hidden_state)
-
-
-def scored_tokens(model, ids, mask, targets):
-    """Hidden states, targets and row index of the positions that carry a target (prompt/padding skipped)."""
-    hidden = hidden_states(model, ids, mask)
-    keep = targets != -100
-    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(targets)[keep]
-    return hidden[keep], targets[keep], rows
-
-
-def load_reward_model(path: str, device):
-    """A causal-LM backbone with a scalar head `score` (AutoModelForSequenceClassification, num_labels=1).
-
-    From a causal LM the head is new: N+ initialises it N(0, 1/(D+1)) so the initial rewards have unit scale.
-    We never call HF's own forward: it finds the last token by pad_token_id, wrong when pad == EOS (Pythia)."""
-    from transformers import AutoModelForSequenceClassification
-
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
-                                                                        output_loading_info=True)
-    except (OSError, ValueError) as e:
-        fail(f"could not load reward model {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
-    head = getattr(model, "score", None)
-    if not isinstance(head, torch.nn.Linear):
-        fail(f"reward model {path!r} has no linear `score` head; use a decoder-only architecture (GPTNeoX, Llama, GPT-2 ...)")
-    trained_head = not any(k.startswith("score.") for k in info["missing_keys"])
-    if not trained_head:
-        with torch.no_grad():
-            head.weight.normal_(0, 1 / math.sqrt(head.in_features + 1))
-            if head.bias is not None:
-                head.bias.zero_()
-    if not hasattr(model.config, "reward_bias"):
-        model.config.reward_bias = 0.0
-    return model.to(device), trained_head
-
-
-def sequence_rewards(reward_model, ids, mask):
-    """r(x, y): the scalar head on the hidden state of the last non-pad token (EOS), minus the normalising bias."""
-    hidden = hidden_states(reward_model, ids, mask)
-    last = hidden[torch.arange(ids.shape[0], device=ids.device), last_token_index(mask)]
-    return reward_model.score(last).squeeze(-1).float() - reward_model.config.reward_bias
-
-
-def token_values(value_model, ids, mask):
-    """V(s_t) at every position: the value model's scalar head on each hidden state, (B, T)."""
-    return value_model.score(hidden_states(value_model, ids, mask)).squeeze(-1).float()
-
-
-# ==========================================================================================================
-# Rollouts: generate, then score
-# ==========================================================================================================
-@torch.no_grad()
-def generate(policy, queries, query_mask, response_length, temperature, pad_id, eos_id, forward_batch_size):
-    """Responses (B, response_length) sampled with the KV cache (HF generate), right-padded with pad_id.
-
-    N+: plain temperature sampling: top_k 0 and top_p 1 switch off HF's defaults, no min length."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                              pad_token_id=pad_id, eos_token_id=eos_id)
-    out = torch.full((queries.shape[0], response_length), pad_id, dtype=torch.long, device=queries.device)
-    for s in range(0, queries.shape[0], forward_batch_size):
-        q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
-        generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config)[:, q.shape[1] :]
-        out[s : s + len(q), : generated.shape[1]] = generated
-    return out
-
-
-@torch.no_grad()
-def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query_mask, responses, args, pad_id, eos_id, autocast):
-    """Everything PPO needs about a batch of rollouts, computed once with no grad: old log-probs and values,
-    reference log-probs, scores, KL-shaped rewards, advantages and returns."""
-    responses, response_mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)  # N+: truncate after EOS
-    sequences = torch.cat([queries, responses], 1)
-    attention = torch.cat([query_mask, response_mask.long()], 1)
-    context = queries.shape[1]
-    B, L = responses.shape
-    logprobs, ref_logprobs, entropy, values = (torch.zeros(B, L, device=queries.device) for _ in range(4))
-    scores = torch.zeros(B, device=queries.device)
-    for s in range(0, B, args.forward_batch_size):
-        ids, mask, resp = sequences[s : s + args.forward_batch_size], attention[s : s + args.forward_batch_size], \
-            response_mask[s : s + args.forward_batch_size]
-        targets = responses[s : s + args.forward_batch_size][resp]
-        with autocast:
-            # hidden state t emits token t + 1: the states at context-1 .. T-2 emit the response tokens
-            for model, out_logprobs, out_entropy in ((policy, logprobs, entropy), (ref_policy, ref_logprobs, None)):
-                hidden = hidden_states(model, ids, mask)[:, context - 1 : -1][resp]
-                lp, ent = policy_logprobs_entropy(hidden, model.get_output_embeddings().weight, targets, args.temperature,
-                                                  args.logprob_chunk_size)  # N+: logits / temperature for pi and pi_ref
-                out_logprobs[s : s + len(ids)][resp] = lp
-                if out_entropy is not None:
-                    out_entropy[s : s + len(ids)][resp] = ent
-            values[s : s + len(ids)] = token_values(value_model, ids, mask)[:, context - 1 : -1] * resp
-            scores[s : s + len(ids)] = sequence_rewards(reward_model, ids, mask)  # N+: score at the EOS token
-    scores = scores - args.missing_eos_penalty * (~has_eos).float()  # N+: penalise responses without EOS
-    rewards, k1, k3 = kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask, args.kl_coef)
-    advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
-    advantages = masked_whiten(advantages, response_mask)  # N+: whiten advantages over the batch's tokens
-    return {"sequences": sequences, "attention": attention, "responses": responses, "response_mask": response_mask,
-            "logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns, "scores": scores,
-            "has_eos": has_eos, "kl": k1.sum(1), "kl_k3": k3.sum(1), "entropy": (entropy * response_mask).sum(1),
-            "non_score_reward": (-args.kl_coef * k1).sum(1)}
-
-
-def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
-    """num_ppo_epochs epochs over the rollout batch in shuffled minibatches; returns the averaged diagnostics."""
-    B, context = batch["sequences"].shape[0], batch["sequences"].shape[1] - batch["responses"].shape[1]
-    minibatch = B // args.num_mini_batches
-    micro = minibatch // args.gradient_accumulation_steps
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    head_weight = policy.get_output_embeddings().weight
-    totals, count = {}, 0
-    generator = torch.Generator().manual_seed(seed)
-    for epoch in range(args.num_ppo_epochs):
-        order = torch.randperm(B, generator=generator).to(batch["sequences"].device)
-        stop = False
-        for m0 in range(0, B, minibatch):
-            step_stats = {}
-            for u0 in range(m0, m0 + minibatch, micro):
-                idx = order[u0 : u0 + micro]
-                ids, mask, resp = batch["sequences"][idx], batch["attention"][idx], batch["response_mask"][idx]
-                with autocast:
-                    hidden = hidden_states(policy, ids, mask)[:, context - 1 : -1][resp]
-                    vpred = token_values(value_model, ids, mask)[:, context - 1 : -1][resp]
-                logprobs, entropy = policy_logprobs_entropy(hidden, head_weight, batch["responses"][idx][resp],
-                                                            args.temperature, args.logprob_chunk_size)
-                pg_loss, vf_loss, stats = ppo_losses(logprobs, batch["logprobs"][idx][resp], batch["advantages"][idx][resp],
-                                                     vpred, batch["values"][idx][resp], batch["returns"][idx][resp],
-                                                     args.cliprange, args.cliprange_value)
-                loss = (pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps
-                loss.backward()
-                stats.update({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": entropy.detach().mean()})
-                for k, v in stats.items():
-                    step_stats[k] = step_stats.get(k, 0) + v / args.gradient_accumulation_steps
-            torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for k, v in step_stats.items():
-                totals[k] = totals.get(k, 0) + v
-            count += 1
-            # Early stop (optional): the policy moved too far from the one that sampled the batch.
-            if args.target_kl is not None and step_stats["policy/approxkl"] > args.target_kl:
-                stop = True
-                break
-        if stop:
-            break
-    # TRL's names: averages over minibatches get "_avg", except val/ratio and val/ratio_var
-    return {(k if k.startswith("val/ratio") else f"{k}_avg"): (v / count).item() for k, v in totals.items()} | {"policy/epochs": epoch + 1}
-
-
-# ==========================================================================================================
-# Checkpoints
-# ==========================================================================================================
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a killed run never leaves a truncated checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def linear_schedule(optimizer, total_steps, warmup_ratio):
-    warmup = max(1, int(total_steps * warmup_ratio))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
-    )
-
-
-# ==========================================================================================================
-# Main
-# ==========================================================================================================
-def main():
+# ---- training plumbing ----
+def setup_torch(args):
+    """Threads, device, the log-prob kernel, bf16 autocast and the seeds; quiet library logging."""
     global LOGPROB_KERNEL
-    args = tyro.cli(Args, use_underscores=True)
-    if args.resume is not None:
-        checkpoint_path = os.path.join(args.resume, "checkpoint.pt")
-        if not os.path.exists(checkpoint_path):
-            fail(f"--resume {args.resume!r} holds no checkpoint.pt; point it at a run directory written by this script")
-        with open(os.path.join(args.resume, "config.json")) as f:
-            saved = json.load(f)
-        task = SortTaskConfig(**saved.pop("task"))
-        args = Args(**{**saved, "task": task, "resume": args.resume})
-    validate_args(args)
-    embedded = args.dataset_name is None
-    if embedded:
-        import sort_task
-
-        try:
-            sort_task.validate(args.task)
-        except ValueError as e:
-            fail(str(e))
-
-    import transformers
     import datasets
+    import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -979,321 +1234,208 @@ def main():
         torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     LOGPROB_KERNEL = args.logprob_kernel
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    started = time.time()
+    return device, torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
-    # ---- data (everything that can fail on bad input happens before the run directory exists) ----
-    if embedded:
-        task = sort_task.SortTask(args.task)
-        model_path = task.model_path
-        prefs, eval_prefs, demos = task.prefs, task.eval_prefs, task.demos
-        pref_train = preference_pairs(prefs, "embedded task")
-        pref_eval = preference_pairs(eval_prefs, "embedded task")
-        demo_prompts, demo_completions = demonstrations(demos, "embedded task")
-        response_length = args.response_length or task.max_response_tokens
-    else:
-        task, model_path = None, args.model_name_or_path or "EleutherAI/pythia-160m"
-        train_table = load_table(args.dataset_name, args.dataset_split)
-        if len(train_table) == 0:
-            fail(f"dataset {args.dataset_name!r} split {args.dataset_split!r} is empty; check the path or split")
-        pref_train = preference_pairs(train_table, args.dataset_name)
-        eval_table = load_table(args.dataset_name, args.eval_split, required=False)
-        if eval_table is not None and args.eval_split != args.dataset_split:
-            pref_eval = tuple(c[: args.num_eval_prefs] for c in preference_pairs(eval_table, args.dataset_name))
-        else:  # hold out the tail of the training pairs
-            held = min(args.num_eval_prefs, len(pref_train[0]) // 5)
-            pref_eval = tuple(c[len(c) - held :] for c in pref_train)
-            pref_train = tuple(c[: len(c) - held] for c in pref_train)
-            print(f"[data] no {args.eval_split!r} split: holding out the last {held} training pairs for evaluation")
-        if args.sft_dataset_name:
-            demo_prompts, demo_completions = demonstrations(load_table(args.sft_dataset_name, args.dataset_split), args.sft_dataset_name)
-        else:
-            demo_prompts, demo_completions = pref_train[0], pref_train[1]
-        response_length = args.response_length or 128
-    model, tokenizer = load_policy(model_path, device)
-    if args.reward_model_path is not None:  # a reward model must read the policy's tokens as the same words
-        from transformers import AutoTokenizer
 
-        try:
-            rm_vocab = AutoTokenizer.from_pretrained(args.reward_model_path).get_vocab()
-        except (OSError, ValueError) as e:
-            fail(f"could not load the tokenizer of --reward_model_path {args.reward_model_path!r} ({str(e).splitlines()[0]})")
-        if rm_vocab != tokenizer.get_vocab():
-            fail(f"the tokenizer of --reward_model_path {args.reward_model_path!r} differs from the policy's ({model_path!r}); "
-                 "use a reward model trained on the policy's tokenizer")
-    train_pairs = tokenize_examples(tokenizer, pref_train[0], pref_train[1:], args, "preference pairs")
-    eval_pairs = tokenize_examples(tokenizer, pref_eval[0], pref_eval[1:], args, "held-out pairs") if pref_eval[0] else []
-    sft_examples = tokenize_examples(tokenizer, demo_prompts, [demo_completions], args, "demonstrations") if args.sft_epochs else []
-    # PPO prompts: the prompts of the demonstrations and of the training pairs (each once), short enough.
-    unique_prompts = list(dict.fromkeys(list(demo_prompts) + list(pref_train[0])))
-    ppo_prompts = [p for p in tokenizer(unique_prompts, add_special_tokens=True)["input_ids"] if 0 < len(p) <= args.max_prompt_length]
-    micro = args.batch_size // args.gradient_accumulation_steps
-    for name, examples, epochs in (("preference pairs", train_pairs, args.rm_epochs), ("demonstrations", sft_examples, args.sft_epochs)):
-        if epochs and len(examples) < args.batch_size:
-            fail(f"only {len(examples)} {name} for --batch_size {args.batch_size}; lower --batch_size or add data")
-    if args.total_episodes and len(ppo_prompts) < args.rollout_batch_size:
-        fail(f"only {len(ppo_prompts)} PPO prompts for --rollout_batch_size {args.rollout_batch_size}; lower it or add data")
-    context_limit = getattr(model.config, "max_position_embeddings", None)
-    longest = max(len(p) for p in ppo_prompts) if ppo_prompts else 0
-    if context_limit and longest + response_length > context_limit:
-        fail(f"prompts of up to {longest} tokens + --response_length {response_length} exceed the model's context "
-             f"({context_limit}); lower --response_length or --max_prompt_length")
+def new_optimizer(parameters, lr, steps, args, state=None):
+    """AdamW with linear warm-up then linear decay to 0 over `steps`; restored from `state` on a resume."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=args.weight_decay)
+    warmup = max(1, int(steps * args.warmup_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+    if state is not None and state["step"]:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+    return optimizer, scheduler
 
-    # ---- run directory, logging ----
+
+def optimizer_step(parameters, optimizer, scheduler, args, state):
+    """Clip, step, advance the schedule and the run's step counters; returns the pre-clip gradient norm."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state["step"], state["global_step"] = state["step"] + 1, state["global_step"] + 1
+    return grad_norm
+
+
+def progress_bar(total: int, desc: str, initial: int = 0):
+    """A tqdm bar (set_postfix shows the running loss) when stderr is a terminal; in logs and tests a silent
+    stand-in, and the plain status lines carry the progress. tqdm comes with transformers and datasets."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
+
+
+# ---- run directory and checkpoints ----
+def open_run(args, model, first_stage):
+    """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model."""
     if args.resume:
-        run_dir = args.resume
-        state = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+        state = torch.load(os.path.join(args.resume, "checkpoint.pt"), weights_only=False)
         model.load_state_dict(state["model"])
-    else:
-        run_dir = os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
-        os.makedirs(run_dir, exist_ok=True)
-        write_json(asdict(args), os.path.join(run_dir, "config.json"))
-        state = {"stage": "sft" if args.sft_epochs else "rm", "step": 0, "metrics": {}, "global_step": 0}
-    from torch.utils.tensorboard import SummaryWriter
+        return args.resume, state
+    run_dir = os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    os.makedirs(run_dir, exist_ok=True)
+    write_json(asdict(args), os.path.join(run_dir, "config.json"))
+    return run_dir, {"stage": first_stage, "step": 0, "metrics": {}, "global_step": 0}
 
-    writer = SummaryWriter(run_dir)
-    metrics = state["metrics"]
-    head_weight = model.get_output_embeddings().weight
-    sft_path = os.path.join(run_dir, "sft_model") if args.sft_epochs else model_path
-    rm_path = os.path.join(run_dir, "reward_model")
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(train_pairs)} pairs, {len(eval_pairs)} held-out pairs, "
-          f"{len(ppo_prompts)} PPO prompts, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
-          f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
 
-    def evaluate_gold(suffix):
-        """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task)."""
-        if task is None:
-            return {}
-        was_training = model.training
-        model.eval()
-        result = task.evaluate(model, tokenizer, seed=args.seed)
-        model.train(was_training)
-        print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
-        return {f"{k}{suffix}": v for k, v in result.items()}
+def save_checkpoint(run_dir, state, model, optimizer, scheduler, **extra):
+    """The run's state, model, optimizer, schedule and RNG (+ extra models), written atomically."""
+    atomic_save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
+                os.path.join(run_dir, "checkpoint.pt"))
 
-    def checkpoint(optimizer, scheduler, extra=None):
-        atomic_save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **(extra or {})},
-                    os.path.join(run_dir, "checkpoint.pt"))
 
-    if "gold_reward_init" not in metrics:
-        metrics.update(evaluate_gold("_init"))
-
-    def optimizer_step(parameters, optimizer, scheduler, step):
-        """Clip, step, advance the schedule and the step counters; returns the pre-clip gradient norm."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"], state["global_step"] = step + 1, state["global_step"] + 1
-        return grad_norm
-
-    def new_optimizer(parameters, lr, steps):
-        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=args.weight_decay)
-        return optimizer, linear_schedule(optimizer, steps, args.warmup_ratio)
-
-    def sample_prompts(n, seed):
-        """n training prompts, left-padded: a deterministic draw per seed, so --resume repeats it exactly."""
-        order = torch.randperm(len(ppo_prompts), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-        return (t.to(device) for t in left_pad([ppo_prompts[i] for i in order], pad_id))
-
-    # ---- stage 1: SFT on demonstrations: -mean log pi(y_t | x, y_<t) over response tokens ----
-    if state["stage"] == "sft":
-        steps = batch_order(len(sft_examples), args.batch_size, args.sft_epochs, args.seed)
-        optimizer, scheduler = new_optimizer(model.parameters(), args.sft_learning_rate, len(steps))
-        if state["step"]:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng"])
-        model.train()
-        for step in range(state["step"], len(steps)):
-            total_loss = torch.zeros((), device=device)
-            for m in range(args.gradient_accumulation_steps):
-                ids, mask, targets = (t.to(device) for t in sft_batch([sft_examples[i] for i in steps[step][m * micro : (m + 1) * micro]], pad_id))
-                num_tokens = (targets != -100).sum()
-                with autocast:
-                    hidden, flat_targets, _ = scored_tokens(model, ids, mask, targets)
-                # Each token is its own "row": cross-entropy is linear in the log-probs, so any chunking is exact.
-                scale = 1.0 / (num_tokens * args.gradient_accumulation_steps)
-                loss, _ = FusedLinearLoss.apply(hidden, head_weight, flat_targets, torch.arange(len(flat_targets), device=device),
-                                                len(flat_targets), 1, args.logprob_chunk_size, lambda lp, a, b: -lp.sum() * scale)
-                loss.backward()
-                total_loss += loss.detach()
-            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, step)
-            if step % 20 == 0 or step + 1 == len(steps):
-                writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
-                writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
-                print(f"[sft] step {step + 1}/{len(steps)} loss {total_loss.item():.4f}")
-            if args.save_every and (step + 1) % args.save_every == 0:
-                checkpoint(optimizer, scheduler)
-        model.save_pretrained(sft_path)
-        tokenizer.save_pretrained(sft_path)
-        metrics.update(evaluate_gold("_sft"))
-        state.update(stage="rm", step=0)
-        checkpoint(optimizer, scheduler)
-
-    # ---- stage 2: reward model, -log sigmoid(r(x, y_w) - r(x, y_l)), read at the EOS token ----
-    if state["stage"] == "rm":
-        reward_model, _ = load_reward_model(args.reward_model_path or sft_path, device)
-        if state["step"]:
-            reward_model.load_state_dict(state["reward_model"])
-        eval_batches = [pair_batch(eval_pairs[i : i + micro], pad_id) for i in range(0, len(eval_pairs), micro)]
-
-        @torch.no_grad()
-        def rm_accuracy():
-            """Held-out pairs where the reward model ranks chosen above rejected."""
-            if not eval_batches:
-                return {}
-            reward_model.eval()
-            rewards = []
-            for ids, mask, _ in eval_batches:
-                with autocast:
-                    rewards.append(sequence_rewards(reward_model, ids.to(device), mask.to(device)))
-            rewards = torch.cat(rewards).view(-1, 2)
-            return {"eval/accuracy": (rewards[:, 0] > rewards[:, 1]).float().mean().item(),
-                    "eval/margin": (rewards[:, 0] - rewards[:, 1]).mean().item()}
-
-        steps = batch_order(len(train_pairs), args.batch_size, args.rm_epochs, args.seed + 1)
-        optimizer, scheduler = new_optimizer(reward_model.parameters(), args.rm_learning_rate, max(1, len(steps)))
-        if state["step"]:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng"])
-        reward_model.eval()  # no dropout (also in the value model and policy below)
-        for step in range(state["step"], len(steps)):
-            stats = torch.zeros(3, device=device)
-            for m in range(args.gradient_accumulation_steps):
-                ids, mask, _ = (t.to(device) for t in pair_batch([train_pairs[i] for i in steps[step][m * micro : (m + 1) * micro]], pad_id))
-                with autocast:
-                    rewards = sequence_rewards(reward_model, ids, mask)  # rows [c0, r0, c1, r1, ...]
-                chosen, rejected = rewards[0::2], rewards[1::2]
-                loss = reward_rm_loss(chosen, rejected, args.reward_center_coef).sum() / args.batch_size
-                loss.backward()
-                stats += torch.stack([loss.detach(), (chosen > rejected).float().sum() / args.batch_size,
-                                      (chosen - rejected).detach().sum() / args.batch_size])
-            grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, step)
-            if step % 10 == 0 or step + 1 == len(steps):
-                loss_v, acc, margin = stats.tolist()
-                for k, v in {"rm/loss": loss_v, "rm/accuracy": acc, "rm/margin": margin, "rm/grad_norm": grad_norm.item()}.items():
-                    writer.add_scalar(k, v, state["global_step"])
-                print(f"[rm] step {step + 1}/{len(steps)} loss {loss_v:.4f} acc {acc:.2f} margin {margin:.3f}")
-            if args.eval_every and (step + 1) % (args.eval_every * 4) == 0:
-                for k, v in rm_accuracy().items():
-                    writer.add_scalar(f"rm/{k}", v, state["global_step"])
-            if args.save_every and (step + 1) % args.save_every == 0:
-                checkpoint(optimizer, scheduler, {"reward_model": reward_model.state_dict()})
-        final = rm_accuracy()
-        if final:
-            metrics["rm_accuracy"], metrics["rm_eval_margin"] = final["eval/accuracy"], final["eval/margin"]
-            print(f"[rm] held-out preference accuracy {final['eval/accuracy']:.3f}")
-        # N+: normalise the reward so that SFT samples score 0 on average (the scale PPO's hyper-parameters assume).
-        reward_model.config.reward_bias = 0.0
-        model.eval()
-        queries, query_mask = sample_prompts(min(args.num_reward_norm_samples, len(ppo_prompts)), args.seed * 7919 + 1)
-        torch.manual_seed(args.seed * 7919 + 1)
-        responses = generate(model, queries, query_mask, response_length, args.temperature, pad_id, eos_id, args.forward_batch_size)
-        responses, response_mask, _ = truncate_after_eos(responses, eos_id, pad_id)
-        raw = []
-        with torch.no_grad(), autocast:
-            for s in range(0, len(queries), args.forward_batch_size):
-                ids = torch.cat([queries, responses], 1)[s : s + args.forward_batch_size]
-                mask = torch.cat([query_mask, response_mask.long()], 1)[s : s + args.forward_batch_size]
-                raw.append(sequence_rewards(reward_model, ids, mask))
-        raw = torch.cat(raw)
-        reward_model.config.reward_bias = raw.mean().item()
-        metrics["reward_bias"] = reward_model.config.reward_bias
-        print(f"[rm] reward on {len(raw)} SFT samples: mean {raw.mean().item():.3f} std {raw.std().item():.3f} -> bias subtracted")
-        reward_model.save_pretrained(rm_path)
-        tokenizer.save_pretrained(rm_path)
-        del reward_model, optimizer
-        state.update(stage="ppo", step=0)
-        atomic_save({**state, "model": model.state_dict()}, os.path.join(run_dir, "checkpoint.pt"))
-
-    # ---- stage 3: PPO against the reward model, with a per-token KL penalty to the SFT policy ----
-    if state["stage"] == "ppo":
-        ref_policy, _ = load_policy(sft_path, device)  # frozen pi_sft (the KL reference)
-        reward_model, _ = load_reward_model(rm_path, device)
-        value_model, _ = load_reward_model(rm_path, device)  # N+: the value model starts as the reward model
-        for frozen in (ref_policy, reward_model):
-            frozen.requires_grad_(False)
-        if "value_model" in state:
-            value_model.load_state_dict(state["value_model"])
-        # N+: no dropout anywhere, so the ratio pi / pi_old is exactly 1 on the first minibatch; eval() mode throughout.
-        for m in (model, ref_policy, reward_model, value_model):
-            m.eval()
-        num_iterations = args.total_episodes // args.rollout_batch_size
-        optimizer, scheduler = new_optimizer(list(model.parameters()) + list(value_model.parameters()), args.learning_rate,
-                                             max(1, num_iterations))  # N+: learning rate annealed linearly
-        if state["step"]:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        ppo_started = time.time()
-        for update in range(state["step"], num_iterations):
-            timings = {}
-            # 1. roll out: prompts -> responses sampled at the temperature, with the KV cache
-            t0 = time.time()
-            queries, query_mask = sample_prompts(args.rollout_batch_size, args.seed * 1_000_003 + update)
-            torch.manual_seed(args.seed * 1_000_003 + update)  # the sampling of iteration `update`, also after --resume
-            responses = generate(model, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
-                                 args.forward_batch_size)
-            timings["time/generate"] = time.time() - t0
-            # 2. score: log-probs, values, rewards, KL shaping, GAE, whitening (no grad)
-            t0 = time.time()
-            batch = score_rollouts(model, ref_policy, reward_model, value_model, queries, query_mask, responses, args,
-                                   pad_id, eos_id, autocast)
-            timings["time/score"] = time.time() - t0
-            # 3. learn: PPO epochs over minibatches of this batch
-            t0 = time.time()
-            stats = ppo_update(model, value_model, optimizer, batch, args, autocast, seed=args.seed * 1_000_003 + update)
-            scheduler.step()
-            timings["time/train"] = time.time() - t0
-            state["step"], state["global_step"] = update + 1, state["global_step"] + 1
-            mean_kl, scores = batch["kl"].mean().item(), batch["scores"].mean().item()
-            # objective/entropy is the exact entropy summed over the response (TRL logs the sampled -log pi instead)
-            logs = {"objective/kl": mean_kl, "objective/kl_k3": batch["kl_k3"].mean().item(),
-                    "objective/entropy": batch["entropy"].mean().item(),
-                    "objective/non_score_reward": batch["non_score_reward"].mean().item(),
-                    "objective/rlhf_reward": scores + batch["non_score_reward"].mean().item(), "objective/scores": scores,
-                    "val/num_eos_tokens": batch["has_eos"].sum().item(),
-                    "val/response_length": batch["response_mask"].sum(1).float().mean().item(),
-                    "lr": scheduler.get_last_lr()[0], "episode": (update + 1) * args.rollout_batch_size, **stats, **timings}
-            if task is not None:  # the gold reward of the training samples themselves (the task's "human")
-                text = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
-                prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
-                logs["objective/gold_reward"] = task.gold_reward(prompts, [" " + r.strip() for r in text]).mean().item()
-            for k, v in logs.items():
-                writer.add_scalar(k, v, state["global_step"])
-            metrics.update(kl=mean_kl, scores=scores)
-            if update % 10 == 0 or update + 1 == num_iterations:
-                print(f"[ppo] iteration {update + 1}/{num_iterations} score {scores:.3f} kl {mean_kl:.3f} "
-                      f"entropy {logs['objective/entropy']:.2f} approxkl {stats['policy/approxkl_avg']:.4f} "
-                      f"clipfrac {stats['policy/clipfrac_avg']:.3f}"
-                      + (f" gold {logs['objective/gold_reward']:.3f}" if task is not None else "")
-                      + f" ({time.time() - ppo_started:.0f}s)", flush=True)
-            if args.eval_every and (update + 1) % args.eval_every == 0 and update + 1 < num_iterations:
-                for k, v in evaluate_gold("_ppo").items():
-                    writer.add_scalar(f"eval/{k}", v, state["global_step"])
-            if args.save_every and (update + 1) % args.save_every == 0:
-                checkpoint(optimizer, scheduler, {"value_model": value_model.state_dict()})
-                print(f"[ppo] checkpoint at iteration {update + 1}", flush=True)
-        value_model.save_pretrained(os.path.join(run_dir, "value_model"))
-        state.update(stage="done")
-        checkpoint(optimizer, scheduler, {"value_model": value_model.state_dict()})
-
-    # ---- final evaluation, model, metrics ----
-    metrics.update(evaluate_gold(""))
+def finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, metrics):
+    """The final model, metrics.json (the contract: algo, task, seed, steps, wall_s + the final evaluation)."""
     for k, v in metrics.items():
         writer.add_scalar(f"final/{k}", v, state["global_step"])
     model.save_pretrained(os.path.join(run_dir, "model"))
     tokenizer.save_pretrained(os.path.join(run_dir, "model"))
-    result = {"algo": "rlhf", "task": "sort" if embedded else args.dataset_name, "seed": args.seed,
+    result = {"algo": algo, "task": "sort" if args.dataset_name is None else args.dataset_name, "seed": args.seed,
               "steps": state["global_step"], "wall_s": round(time.time() - started, 1), **metrics}
     write_json(result, os.path.join(run_dir, "metrics.json"))
     writer.close()
     print(json.dumps(result))
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file, then rename: a killed run never leaves a truncated checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path: str):
+    """json.dump with the same write-then-rename as atomic_save."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ---- input validation: one line naming the problem and the fix, before anything is built or written ----
+def parse_args():
+    """The flags, or on --resume the run's own config.json, validated."""
+    args = tyro.cli(Args, use_underscores=True)
+    if args.resume is not None:
+        if not os.path.exists(os.path.join(args.resume, "checkpoint.pt")):
+            fail(f"--resume {args.resume!r} holds no checkpoint.pt; point it at a run directory written by this script")
+        with open(os.path.join(args.resume, "config.json")) as f:
+            saved = json.load(f)
+        task = SortTaskConfig(**saved.pop("task"))
+        args = Args(**{**saved, "task": task, "resume": args.resume})
+    validate_args(args)
+    return args
+
+
+def validate_args(args: Args):
+    check_ranges(args, RANGES)
+    embedded = args.dataset_name is None
+    minibatch_size = args.rollout_batch_size // args.num_mini_batches
+    checks = [
+        (args.batch_size % args.gradient_accumulation_steps == 0,
+         f"--batch_size {args.batch_size} is not divisible by --gradient_accumulation_steps {args.gradient_accumulation_steps}; "
+         "make it a multiple"),
+        (args.rollout_batch_size % args.num_mini_batches == 0 and minibatch_size % args.gradient_accumulation_steps == 0,
+         f"--rollout_batch_size {args.rollout_batch_size} must split into --num_mini_batches {args.num_mini_batches} minibatches "
+         f"of a multiple of --gradient_accumulation_steps {args.gradient_accumulation_steps}"),
+        (args.max_prompt_length < args.max_length, "--max_prompt_length must be < --max_length (room for a response)"),
+        (args.logprob_kernel != "triton" or triton is not None,
+         "--logprob_kernel triton needs the triton package (it comes with CUDA builds of torch); use auto or torch"),
+        (args.logprob_kernel != "triton" or args.device != "cpu" and torch.cuda.is_available()
+         or os.environ.get("TRITON_INTERPRET") == "1",
+         "--logprob_kernel triton needs a CUDA device (or TRITON_INTERPRET=1: Triton's interpreter, slow); use auto or torch"),
+        (not embedded or args.model_name_or_path is None,
+         "--model_name_or_path needs --dataset_name (the embedded task comes with its own base model)"),
+        (args.rm_epochs > 0 or args.reward_model_path is not None,
+         "--rm_epochs 0 needs --reward_model_path (a trained reward model); otherwise the reward head is untrained"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    if embedded:
+        check_embedded_task(args)
+        check_batches_fit([("preference pairs (--task.num_prefs)", args.task.num_prefs, args.rm_epochs, args.batch_size, "--batch_size"),
+                           ("demonstrations (--task.num_demos)", args.task.num_demos, args.sft_epochs, args.batch_size, "--batch_size"),
+                           ("PPO prompts (--task.num_demos + --task.num_prefs, at most)", args.task.num_demos + args.task.num_prefs,
+                            args.total_episodes, args.rollout_batch_size, "--rollout_batch_size")])
+
+
+def check_same_tokenizer(reward_model_path, tokenizer, model_path):
+    """A reward model must read the policy's tokens as the same words."""
+    if reward_model_path is None:
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        rm_vocab = AutoTokenizer.from_pretrained(reward_model_path).get_vocab()
+    except (OSError, ValueError) as e:
+        fail(f"could not load the tokenizer of --reward_model_path {reward_model_path!r} ({str(e).splitlines()[0]})")
+    if rm_vocab != tokenizer.get_vocab():
+        fail(f"the tokenizer of --reward_model_path {reward_model_path!r} differs from the policy's ({model_path!r}); "
+             "use a reward model trained on the policy's tokenizer")
+
+
+def check_context(model, prompts, response_length):
+    """The longest prompt plus a full response fit the model's context."""
+    context_limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts) if prompts else 0
+    if context_limit and longest + response_length > context_limit:
+        fail(f"prompts of up to {longest} tokens + --response_length {response_length} exceed the model's context "
+             f"({context_limit}); lower --response_length or --max_prompt_length")
+
+
+def check_embedded_task(args):
+    """The embedded task's own checks (sort_task.validate), before it is built."""
+    try:
+        import_embedded_task().validate(args.task)
+    except ValueError as e:
+        fail(str(e))
+
+
+def import_embedded_task():
+    try:
+        import sort_task
+    except ImportError:
+        fail("the embedded task needs sort_task.py beside this script (copy it too), "
+             "or give your data with --dataset_name and --model_name_or_path")
+    return sort_task
+
+
+def load_embedded_task(args):
+    return import_embedded_task().SortTask(args.task)
+
+
+def check_batches_fit(needs):
+    """Each stage that runs gets at least one full batch. needs: [(what, how many, the stage runs, batch size, its flag)]."""
+    for what, available, runs, batch_size, flag in needs:
+        if runs and available < batch_size:
+            fail(f"only {available} {what} for {flag} {batch_size}; lower {flag} or add data")
+
+
+def check_ranges(config, ranges: dict, prefix: str = "--"):
+    """fail() unless each numeric flag lies in its interval, written like "(0, inf)" or "[0, 1)": a round bracket
+    excludes its end. NaN lies in no interval; None passes (an Optional flag left unset)."""
+    for name, interval in ranges.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        low, high = (float(end) for end in interval[1:-1].split(","))
+        above = low <= value if interval[0] == "[" else low < value
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):
+            fail(f"{prefix}{name} must be in {interval} (got {value})")
+
+
+def fail(message: str):
+    """Bad input: one line on stderr that names the problem and the fix; exit code 2, as for tyro's own errors."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,22 @@ def run_script(script, *flags, cwd=None, check=True, timeout=600):
     return proc
 
 
+def fails_in_one_line(fn, out_dir=None):
+    """Call fn (a script's main or validate_args) expecting the bad-input contract: SystemExit with code 2 and one
+    line on stderr that starts with "error:", and nothing written under out_dir. Returns that line."""
+    import contextlib
+    import io
+
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(stderr):
+        fn()
+    message = stderr.getvalue().strip()
+    assert e.value.code == 2, (e.value.code, message)
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert out_dir is None or not os.path.exists(out_dir)
+    return message
+
+
 @pytest.fixture(scope="session")
 def task_cache():
     os.makedirs(TASK_CACHE, exist_ok=True)

@@ -1,11 +1,11 @@
-"""The Triton kernels of the fused log-prob losses (dpo_llm.py, rlhf_llm.py: --logprob_kernel triton) against the
-torch chunk path, their oracle: log-probs, entropies, losses and gradients, fp32 and bf16.
+"""The Triton kernels of the fused log-prob losses (every LLM script: --logprob_kernel triton) against the torch
+chunk path, their oracle: log-probs, entropies, losses and gradients, fp32 and bf16.
 
 They are GPU kernels; on the CPU they run through Triton's interpreter (TRITON_INTERPRET=1, which must be set
 before the kernels are defined, hence the subprocess), and compiled on a CUDA GPU where there is one. Skipped where
 Triton is not installed (the CPU torch wheel of .ci/run does not bring it; `pip install triton` runs these).
-Seen on the GPU machine's image (Triton 3.6.0, numpy 2.5.2): the compiled run passed, but the interpreter run failed
-inside Triton (`int()` of a one-element array, at the kernels' loop bound); here, with Triton 3.9, both pass."""
+With Triton 3.6.0 and numpy 2.5.2 the compiled run passes but the interpreter run fails inside Triton (`int()` of a
+one-element array, at the kernels' loop bound); with Triton 3.9 both pass."""
 
 import importlib.util
 import os
@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 CHECK = r"""
 import sys, torch
+from functools import partial
 import dpo_llm, rlhf_llm
 
 device = sys.argv[1]
@@ -40,11 +41,9 @@ for dtype, tol in ((torch.float32, 5e-5), (torch.bfloat16, 2e-2)):  # fp32: entr
     targets = torch.randint(0, v, (n,))
     targets[[3, 17]] = -100  # ignore_index rows score 0 and get no gradient
     upstream, upstream_h = torch.randn(n), torch.randn(n)
-    rows = torch.arange(n) // 5  # 10 rows of 5 tokens: 5 DPO pairs
+    seq_ids = torch.arange(n) // 5  # 10 sequences of 5 tokens: 5 DPO pairs
     ref = torch.randn(10) - 20
-
-    def pair_loss(x, a, b):
-        return dpo_llm.dpo_losses(x[0::2], x[1::2], ref[a:b:2], ref[a + 1:b:2], 0.1, "sigmoid", 0.0)[0].sum()
+    pair_loss = partial(dpo_llm.dpo_loss, beta=0.1)
 
     def leaves():
         return h0.to(dtype, copy=True).requires_grad_(), w0.to(dtype, copy=True).requires_grad_()  # fresh leaves, fresh .grad
@@ -57,9 +56,10 @@ for dtype, tol in ((torch.float32, 5e-5), (torch.bfloat16, 2e-2)):  # fp32: entr
 
     def fused(m):
         h, w = leaves()
-        loss, row_logps = m.FusedLinearLoss.apply(h, w, targets.clamp(min=0), rows, 10, 2, chunk, pair_loss)
+        loss, _, seq_logps = m.fused_linear_loss(pair_loss, h, w, targets.clamp(min=0), seq_ids, ref, group_size=2,
+                                                 chunk_size=chunk)
         loss.backward()
-        return [loss.detach(), row_logps, h.grad.float(), w.grad.float()]
+        return [loss.detach(), seq_logps, h.grad.float(), w.grad.float()]
 
     def entropy(use_logps, use_entropy):
         def run(m):

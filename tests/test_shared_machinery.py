@@ -1,0 +1,173 @@
+"""What every top-level script shares: identical copies of the shared helpers, the fused LM-head losses of each
+script against the naive path, and the promise that one script copied alone into another project still works."""
+
+import ast
+import glob
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from functools import partial
+from importlib import import_module
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+
+SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py")) if not p.endswith("sort_task.py"))
+LLM_SCRIPTS = [s for s in SCRIPTS if s.endswith("_llm.py")]
+# Defined in every script on purpose, each its own: the knobs, their ranges, the loop and its checks.
+PER_SCRIPT = {"Args", "RANGES", "main", "validate_args"}
+# Same name, another job on purpose: a MuJoCo run holds an agent, a replay buffer and the env's RNG instead of a
+# language model, so its run-directory and checkpoint helpers are its own. The LLM scripts' copies are still
+# compared with each other.
+OWN_COPY = {("aihf_mujoco.py", "open_run"), ("aihf_mujoco.py", "save_checkpoint")}
+
+
+def top_level_definitions(path):
+    """name -> AST dump of each module-level function, class and constant (inside module-level if/try too)."""
+    found = {}
+
+    def visit(body):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                found[node.name] = ast.dump(node)
+            elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                found[node.targets[0].id] = ast.dump(node)
+            elif isinstance(node, ast.If):
+                visit(node.body + node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body + [n for h in node.handlers for n in h.body])
+
+    visit(ast.parse(open(path).read()).body)
+    return found
+
+
+def test_scripts_found():
+    assert {"dpo_llm.py", "rlhf_llm.py", "aihf_mujoco.py"} <= set(SCRIPTS)
+
+
+def test_shared_helpers_are_identical_copies():
+    """A helper defined in several scripts is the same code in each (a fix in one is carried to all)."""
+    definitions = {s: top_level_definitions(os.path.join(ROOT, s)) for s in SCRIPTS}
+    differing = []
+    names = {n for d in definitions.values() for n in d} - PER_SCRIPT
+    for name in sorted(names):
+        holders = [s for s in SCRIPTS if name in definitions[s] and (s, name) not in OWN_COPY]
+        if len({definitions[s][name] for s in holders}) > 1:
+            differing.append(f"{name} differs between {holders}")
+    assert not differing, "\n".join(differing)
+
+
+def test_copy_check_bites(tmp_path):
+    """The comparison above sees a one-token change in a copy."""
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("def f(x):\n    return x + 1\n")
+    b.write_text("def f(x):\n    return x - 1\n")
+    assert top_level_definitions(a)["f"] != top_level_definitions(b)["f"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused LM-head losses of every script that carries them, against the naive full-logits path
+# ---------------------------------------------------------------------------------------------------------------
+FUSED = [s[:-3] for s in LLM_SCRIPTS if "fused_linear_loss" in top_level_definitions(os.path.join(ROOT, s))]
+
+
+def naive_logps(hidden, weight, targets):
+    return torch.log_softmax(hidden.float() @ weight.float().t(), -1).gather(1, targets[:, None]).squeeze(1)
+
+
+def random_problem(n, d, v, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g).requires_grad_()
+    weight = (torch.randn(v, d, generator=g) / math.sqrt(d)).requires_grad_()
+    return hidden, weight, torch.randint(0, v, (n,), generator=g)
+
+
+def hand_dpo(policy, ref, beta, loss_type, eps):
+    """The DPO family written out again, independently of the scripts' dpo_loss."""
+    h = beta * ((policy[0::2] - ref[0::2]) - (policy[1::2] - ref[1::2]))
+    if loss_type == "ipo":
+        return (h / beta - 1 / (2 * beta)) ** 2
+    return -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)
+
+
+@pytest.mark.parametrize("module", FUSED)
+@pytest.mark.parametrize("chunk", [1, 9, 25, 4096])
+@pytest.mark.parametrize("loss_type,eps,beta", [("sigmoid", 0.0, 0.5), ("sigmoid", 0.2, 0.1), ("ipo", 0.0, 0.5)])
+def test_fused_pair_loss_matches_naive(module, chunk, loss_type, eps, beta):
+    """The fused loss over whole pairs: loss, gradients, sequence log-probs and the returned statistics."""
+    m = import_module(module)
+    if not hasattr(m, "dpo_loss"):
+        pytest.skip(f"{module} has no pair loss")
+    lengths = torch.tensor([3, 7, 1, 4, 6, 2, 5, 5, 8, 1])  # 5 pairs, sequences [c0, r0, c1, r1, ...] of uneven lengths
+    seq_ids = torch.repeat_interleave(torch.arange(10), lengths)
+    hidden, weight, targets = random_problem(len(seq_ids), 16, 40, seed=1)
+    ref = torch.randn(10)
+    loss, (chosen_r, rejected_r), logps = m.fused_linear_loss(
+        partial(m.dpo_loss, beta=beta, loss_type=loss_type, label_smoothing=eps), hidden, weight, targets, seq_ids, ref,
+        group_size=2, scale=1 / 5, chunk_size=chunk)
+    grads = torch.autograd.grad(loss * 3.0, [hidden, weight])  # an upstream scale reaches both gradients
+    naive_seq = torch.zeros(10).index_add(0, seq_ids, naive_logps(hidden, weight, targets))
+    naive_loss = hand_dpo(naive_seq, ref, beta, loss_type, eps).sum() / 5
+    naive_grads = torch.autograd.grad(naive_loss * 3.0, [hidden, weight])
+    torch.testing.assert_close(loss, naive_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logps, naive_seq.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chosen_r, beta * (naive_seq - ref)[0::2].detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rejected_r, beta * (naive_seq - ref)[1::2].detach(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, naive_grads):  # IPO's gradients are large (1/beta^2): fp32 noise ~1e-5 absolute
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("module", FUSED)
+def test_fused_cross_entropy_matches_torch(module):
+    m = import_module(module)
+    hidden, weight, targets = random_problem(77, 12, 31, seed=2)
+    loss, stats, _ = m.fused_linear_loss(m.sft_loss, hidden, weight, targets, torch.arange(77), scale=1 / 77, chunk_size=10)
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    ref = F.cross_entropy(hidden @ weight.t(), targets)
+    ref_grads = torch.autograd.grad(ref, [hidden, weight])
+    assert stats == ()
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Copy one file into another project: it runs alone on local data, and says what it misses for the embedded task
+# ---------------------------------------------------------------------------------------------------------------
+def tiny_local_run(script, hh):
+    """Flags for a tiny run of each LLM script on the local HH-format files and tiny model (conftest.tiny_hh)."""
+    common = ["--model_name_or_path", hh["model"], "--dataset_name", hh["train"], "--max_length", 200,
+              "--max_prompt_length", 160, "--batch_size", 8, "--num_threads", 1]
+    return {
+        "dpo_llm.py": [*common, "--sft_epochs", 1, "--num_epochs", 1],
+        "rlhf_llm.py": [*common, "--reward_model_path", hh["model"], "--sft_epochs", 1, "--rm_epochs", 1,
+                        "--response_length", 6, "--total_episodes", 8, "--rollout_batch_size", 4, "--num_reward_norm_samples", 4],
+    }[script]
+
+
+def run_alone(folder, script, *flags):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, script, *map(str, flags)], cwd=folder, capture_output=True, text=True,
+                          env={**env, "TOKENIZERS_PARALLELISM": "false"}, timeout=600)
+
+
+@pytest.mark.parametrize("script", LLM_SCRIPTS)
+def test_copied_script_runs_alone(script, tmp_path, tiny_hh):
+    shutil.copy(os.path.join(ROOT, script), tmp_path / script)
+    assert os.listdir(tmp_path) == [script]
+    proc = run_alone(tmp_path, script, "--help")
+    assert proc.returncode == 0 and "dataset_name" in proc.stdout.replace("-", "_"), proc.stderr[-2000:]
+    proc = run_alone(tmp_path, script)  # the embedded task is the default: it needs sort_task.py
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().startswith("error:") and "sort_task.py" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+    proc = run_alone(tmp_path, script, *tiny_local_run(script, tiny_hh), "--run_name", "alone")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "runs" / "alone" / "metrics.json").read_text())
+    assert metrics["task"] == tiny_hh["train"] and metrics["steps"] > 0
