@@ -371,8 +371,10 @@ def sequence_rewards(reward_model, ids, mask):
 
 
 def token_values(value_model, ids, mask):
-    """V(s_t) at every position: the value model's scalar head on each hidden state, (B, T)."""
-    return value_model.score(hidden_states(value_model, ids, mask)).squeeze(-1).float()
+    """V(s_t) at every position, (B, T): the value model's scalar head on each hidden state, minus the reward
+    model's normalising bias that it inherits (N+), so that at initialisation V at the EOS token is the
+    normalised reward r(x, y), the score PPO is given."""
+    return value_model.score(hidden_states(value_model, ids, mask)).squeeze(-1).float() - value_model.config.reward_bias
 
 
 def load_ppo_models(sft_path, rm_path, device):

@@ -66,21 +66,25 @@ class SortTaskConfig:
     """where the built base model is cached (keyed by the knobs that shape it)"""
 
 
+# The valid interval of every numeric knob ("(" excludes the end); checked before anything is built.
+RANGES = {
+    "seed": "[0, inf)", "num_demos": "[0, 1e6]", "num_prefs": "[0, 1e6]", "demo_noise": "[0, 1]", "demo_flaw": "[0, 1]",
+    "pref_temperature": "[0, 1e3]", "num_eval_prompts": "[1, 1e5]", "num_eval_prefs": "[0, 1e5]", "min_digits": "[1, 32]",
+    "max_digits": "[1, 32]", "num_symbols": "[1, 10]", "base_model_steps": "[0, 1e6]",
+}
+
+
 def validate(cfg: SortTaskConfig) -> None:
-    """One-line errors for impossible task settings (raised before anything is built)."""
-    checks = [
-        (1 <= cfg.num_symbols <= 10, f"--task.num_symbols={cfg.num_symbols} must be in 1..10"),
-        (1 <= cfg.min_digits <= cfg.max_digits, "--task.min_digits must be >= 1 and <= --task.max_digits"),
-        (cfg.max_digits <= 32, f"--task.max_digits={cfg.max_digits} is too long for the base model; use <= 32"),
-        (cfg.num_demos >= 0 and cfg.num_prefs >= 0, "--task.num_demos and --task.num_prefs must be >= 0"),
-        (cfg.num_eval_prompts > 0, "--task.num_eval_prompts must be > 0"),
-        (0 <= cfg.demo_noise <= 1 and 0 <= cfg.demo_flaw <= 1, "--task.demo_noise/demo_flaw are shares in [0, 1]"),
-        (cfg.demo_noise + cfg.demo_flaw <= 1, "--task.demo_noise + --task.demo_flaw must be <= 1"),
-        (cfg.pref_temperature >= 0, "--task.pref_temperature must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+    """One-line errors (ValueError) for impossible task settings, raised before anything is built."""
+    for name, interval in RANGES.items():
+        value = getattr(cfg, name)
+        low, high = (float(end) for end in interval[1:-1].split(","))
+        if not ((low <= value if interval[0] == "[" else low < value) and (value <= high if interval[-1] == "]" else value < high)):
+            raise ValueError(f"--task.{name} must be in {interval} (got {value})")  # NaN fails too
+    if cfg.min_digits > cfg.max_digits:
+        raise ValueError(f"--task.min_digits {cfg.min_digits} must be <= --task.max_digits {cfg.max_digits}")
+    if cfg.demo_noise + cfg.demo_flaw > 1:
+        raise ValueError("--task.demo_noise + --task.demo_flaw must be <= 1 (they are shares of the demonstrations)")
 
 
 # ----------------------------------------------------------------------------------------------------------

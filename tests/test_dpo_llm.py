@@ -17,8 +17,9 @@ import dpo_llm
 from conftest import ROOT, fails_in_one_line, run_script
 from dpo_llm import ChunkedLogprobs, dpo_loss
 
-TINY = ["--task.num_demos", 256, "--task.num_prefs", 64, "--task.num_eval_prompts", 64, "--task.num_eval_prefs", 32,
-        "--sft_epochs", 2, "--num_epochs", 2, "--batch_size", 16, "--sft_learning_rate", 1e-3]
+# Small, yet DPO moves the policy measurably beyond SFT (so a run that learns the wrong way fails the smoke test).
+TINY = ["--task.num_demos", 256, "--task.num_prefs", 256, "--task.num_eval_prompts", 64, "--task.num_eval_prefs", 64,
+        "--sft_epochs", 2, "--num_epochs", 2, "--batch_size", 16, "--sft_learning_rate", 1e-3, "--learning_rate", 2e-4]
 
 
 def naive_logps(hidden, weight, targets, ignore_index=-100):
@@ -130,6 +131,44 @@ def test_shared_prompt_forward_matches_concatenated(lengths):
     torch.testing.assert_close(shared[0], (plain * (targets != -100)).sum(1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("loss_type,beta,eps", [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.0), ("sigmoid", 0.3, 0.2),
+                                               ("ipo", 0.4, 0.0)])
+def test_training_loss_is_dpo_of_the_flags(loss_type, beta, eps):
+    """The loss the DPO loop trains on (dpo_batch_loss) is the DPO family of --beta, --label_smoothing and
+    --loss_type, against the plain model's full logits and a hand-written formula: value and every gradient."""
+    from types import SimpleNamespace
+
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64)
+    model = GPTNeoXForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(2)
+    examples = [tuple(torch.randint(2, 40, (n,), generator=g).tolist() for n in triple) for triple in [(5, 3, 6), (2, 4, 1), (7, 7, 2)]]
+    ref = torch.randn(6, generator=g) - 10
+    args = SimpleNamespace(beta=beta, loss_type=loss_type, label_smoothing=eps, batch_size=4, logprob_chunk_size=7)
+    loss, chosen_r, rejected_r, _ = dpo_llm.dpo_batch_loss(model, dpo_llm.pair_batch(examples, pad_id=0), ref, args,
+                                                          torch.autocast("cpu", enabled=False))
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    sequences = [p + r for p, c, rj in examples for r in (c, rj)]
+    ids, mask, targets = dpo_llm.collate(sequences, [len(p) for p, _, _ in examples for _ in range(2)], pad_id=0)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    logps = (torch.log_softmax(logits, -1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2) * (targets != -100)).sum(1)
+    h = beta * ((logps[0::2] - ref[0::2]) - (logps[1::2] - ref[1::2]))
+    if loss_type == "ipo":
+        per_pair = (h / beta - 1 / (2 * beta)) ** 2
+    else:
+        per_pair = -(1 - eps) * torch.log(torch.sigmoid(h)) - eps * torch.log(torch.sigmoid(-h))
+    expected = per_pair.sum() / args.batch_size
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chosen_r - rejected_r, h.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------------------
@@ -143,9 +182,11 @@ def test_smoke_embedded(tmp_path, task_cache):
     run = tmp_path / "smoke"
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"algo", "task", "seed", "steps", "wall_s"} <= metrics.keys()
-    assert metrics["algo"] == "dpo" and metrics["steps"] == 2 * 16 + 2 * 4
-    assert metrics["gold_reward"] > metrics["gold_reward_init"] + 0.05
-    assert 0 <= metrics["pref_accuracy"] <= 1
+    assert metrics["algo"] == "dpo" and metrics["steps"] == 2 * 16 + 2 * 16
+    assert metrics["gold_reward_sft"] > metrics["gold_reward_init"] + 0.05  # SFT learned from the demonstrations
+    # DPO learned the preferences: its implicit reward ranks held-out pairs, and the policy beats SFT's gold reward
+    assert metrics["pref_accuracy"] > 0.55 and metrics["eval_reward_margin"] > 0.05
+    assert metrics["gold_reward"] > metrics["gold_reward_sft"] + 0.015
     assert (run / "model" / "config.json").exists() and (run / "sft_model" / "config.json").exists()
     assert json.loads((run / "config.json").read_text())["beta"] == 0.1
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run))
@@ -189,6 +230,8 @@ def _fails(monkeypatch, tmp_path, *flags):
     (["--loss_type", "ipo", "--label_smoothing", 0.1], "sigmoid only"),
     (["--max_prompt_length", 64, "--max_length", 64], "--max_prompt_length"),
     (["--task.min_digits", 9, "--task.max_digits", 3], "--task.min_digits"),
+    (["--learning_rate", -1], "--learning_rate must be in (0,"),
+    (["--task.num_prefs", 0], "only 0 preference pairs (--task.num_prefs) for --batch_size 32"),
     (["--logprob_kernel", "triton", "--device", "cpu"], "--logprob_kernel triton needs"),  # no triton, or no GPU
 ])
 def test_bad_arguments(monkeypatch, tmp_path, flags, needle):
@@ -203,6 +246,10 @@ def test_bad_data(monkeypatch, tmp_path, tiny_hh):
     wrong.write_text('{"question": "q", "answer": "a"}\n')
     message = _fails(monkeypatch, tmp_path, *model, "--dataset_name", wrong)
     assert "lacks the columns" in message and "['answer', 'question']" in message
+    null = tmp_path / "null.jsonl"
+    null.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a", "rejected": null}\n')
+    message = _fails(monkeypatch, tmp_path, *model, "--dataset_name", null)
+    assert "column 'rejected' holds None at row 1" in message
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert "empty" in _fails(monkeypatch, tmp_path, *model, "--dataset_name", empty)

@@ -18,8 +18,11 @@ sys.path.insert(0, ROOT)
 import rlhf_llm as R  # noqa: E402
 
 # Tiny but complete: all three stages train (SFT and RM steps > 0, several PPO iterations with 2 minibatches).
-TINY = ["--task.num_demos", "96", "--task.num_prefs", "64", "--task.num_eval_prompts", "32", "--task.num_eval_prefs", "32",
-        "--sft_epochs", "1", "--rm_epochs", "1", "--batch_size", "16", "--total_episodes", "96", "--rollout_batch_size", "16",
+# The reward model gets enough pairs to rank held-out ones, and PPO raises the learned score: a run that learns the
+# wrong way fails the smoke test.
+TINY = ["--task.num_demos", "96", "--task.num_prefs", "256", "--task.num_eval_prompts", "32", "--task.num_eval_prefs", "64",
+        "--sft_epochs", "1", "--rm_epochs", "2", "--rm_learning_rate", "3e-4", "--batch_size", "16", "--total_episodes", "96",
+        "--rollout_batch_size", "16",
         "--num_mini_batches", "2", "--num_ppo_epochs", "2", "--num_reward_norm_samples", "32", "--eval_every", "0",
         "--num_threads", "1"]
 
@@ -104,6 +107,110 @@ def test_reward_is_read_at_last_real_token_left_and_right_padding():
     assert abs(expected - other) > 1e-4  # the position matters, so the test can fail
 
 
+@pytest.fixture(scope="module")
+def ppo_models(tmp_path_factory):
+    """A tiny policy (also pi_ref) and a tiny reward model with a normalising bias of 3.0, saved like a run's
+    sft_model/ and reward_model/, loaded the way PPO loads them."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification
+
+    root = tmp_path_factory.mktemp("ppo_models")
+    config = dict(vocab_size=12, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                  max_position_embeddings=32, pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(GPTNeoXConfig(**config)).save_pretrained(root / "sft")
+    reward_model = GPTNeoXForSequenceClassification(GPTNeoXConfig(**config, num_labels=1))
+    reward_model.config.reward_bias = 3.0
+    reward_model.save_pretrained(root / "rm")
+    policy = GPTNeoXForCausalLM.from_pretrained(root / "sft").eval()
+    ref_policy, rm, value_model = R.load_ppo_models(str(root / "sft"), str(root / "rm"), "cpu")
+    for m in (ref_policy, rm, value_model):
+        m.eval()
+    return policy, ref_policy, rm, value_model
+
+
+def _ppo_args(**overrides):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{**dict(forward_batch_size=3, temperature=0.7, logprob_chunk_size=5, missing_eos_penalty=1.5,
+                                     kl_coef=0.05, gamma=1.0, lam=0.95), **overrides})
+
+
+def _by_hand_rewards(reward_model, sequences, lengths):
+    """r(x, y) of each sequence read at its last real token, minus the bias, computed one sequence at a time."""
+    with torch.no_grad():
+        return torch.stack([reward_model.score(reward_model.base_model(torch.tensor([s[:n]])).last_hidden_state[0, -1])[0]
+                            - reward_model.config.reward_bias for s, n in zip(sequences, lengths)])
+
+
+def test_score_rollouts_scores_values_and_advantages(ppo_models):
+    policy, ref_policy, reward_model, value_model = ppo_models
+    eos, pad = 1, 0
+    queries = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 0, 4]])  # left-padded prompts
+    query_mask = (queries != 0).long()
+    responses = torch.tensor([[3, 4, eos, 5, 6], [3, 3, 3, 3, 3], [eos, 9, 9, 9, 9]])  # EOS at 3, none, EOS at 1
+    args = _ppo_args()
+    batch = R.score_rollouts(policy, ref_policy, reward_model, value_model, queries, query_mask, responses, args, pad, eos,
+                             torch.autocast("cpu", enabled=False))
+    lengths = [3, 5, 1]
+    assert batch["response_mask"].sum(1).tolist() == lengths and batch["has_eos"].tolist() == [True, False, True]
+    real = [[t for t, m in zip(q, qm) if m] + r[:n] for q, qm, r, n in
+            zip(queries.tolist(), query_mask.tolist(), responses.tolist(), lengths)]
+    raw = _by_hand_rewards(reward_model, real, [len(s) for s in real])
+    # the score is read at the EOS token (after truncation), and the missing-EOS penalty lowers it
+    torch.testing.assert_close(batch["scores"], raw - torch.tensor([0.0, 1.5, 0.0]), rtol=1e-5, atol=1e-5)
+    # at initialisation the value model is the reward model: V at the EOS token is the normalised reward, bias included
+    with torch.no_grad():
+        values = R.token_values(value_model, batch["sequences"], batch["attention"])
+    eos_position = R.last_token_index(batch["attention"])
+    torch.testing.assert_close(values[torch.arange(3), eos_position], raw, rtol=1e-5, atol=1e-5)
+    # and PPO's values are V of the states that emit each response token (context - 1 .. end - 1)
+    context = queries.shape[1]
+    torch.testing.assert_close(batch["values"], values[:, context - 1 : -1] * batch["response_mask"])
+    # policy == reference here: no KL, so the advantages come from the scores alone, then whitened over real tokens
+    mask = batch["response_mask"]
+    assert batch["kl"].abs().max() < 1e-5
+    advantages = batch["advantages"][mask]
+    assert advantages.mean().abs() < 1e-5 and (advantages.std() - 1).abs() < 1e-4
+    assert (batch["advantages"][~mask] == 0).all()
+    rewards, _, _ = R.kl_shaped_rewards(batch["scores"], batch["logprobs"], batch["logprobs"], mask, args.kl_coef)
+    unwhitened, returns = R.gae(rewards, batch["values"], mask, args.gamma, args.lam)
+    torch.testing.assert_close(batch["advantages"], R.masked_whiten(unwhitened, mask))
+    torch.testing.assert_close(batch["returns"], returns)
+
+
+def test_missing_eos_penalty_lowers_the_score(ppo_models):
+    policy, ref_policy, reward_model, value_model = ppo_models
+    queries, responses = torch.tensor([[5, 6], [5, 6]]), torch.tensor([[3, 1, 4], [3, 4, 4]])
+    scores = {}
+    for penalty in (0.0, 2.0):
+        batch = R.score_rollouts(policy, ref_policy, reward_model, value_model, queries, torch.ones_like(queries), responses,
+                                 _ppo_args(missing_eos_penalty=penalty), 0, 1, torch.autocast("cpu", enabled=False))
+        scores[penalty] = batch["scores"]
+    assert scores[2.0][0] == scores[0.0][0]  # has an EOS: untouched
+    assert scores[2.0][1] == pytest.approx(scores[0.0][1].item() - 2.0, abs=1e-6)
+
+
+def test_reward_normalised_to_mean_zero_on_policy_samples(ppo_models):
+    policy, _, reward_model, _ = ppo_models
+    queries = torch.tensor([[5, 6, 7]] * 8)
+    query_mask = torch.ones_like(queries)
+    args = _ppo_args()
+    saved_bias = reward_model.config.reward_bias
+    try:
+        torch.manual_seed(3)
+        raw = R.normalize_reward(reward_model, policy, queries, query_mask, 4, args, 0, 1, torch.autocast("cpu", enabled=False))
+        assert reward_model.config.reward_bias == pytest.approx(raw.mean().item())
+        torch.manual_seed(3)  # the same samples again, now scored by the normalised reward model
+        responses = R.generate(policy, queries, query_mask, 4, args.temperature, 0, 1, args.forward_batch_size)
+        responses, response_mask, _ = R.truncate_after_eos(responses, 1, 0)
+        with torch.no_grad():
+            normalised = R.sequence_rewards(reward_model, torch.cat([queries, responses], 1),
+                                            torch.cat([query_mask, response_mask.long()], 1))
+        assert normalised.mean().abs() < 1e-5 and normalised.std() > 1e-3
+    finally:
+        reward_model.config.reward_bias = saved_bias
+
+
 def test_rm_loss_matches_formula():
     chosen, rejected = torch.tensor([1.0, -0.5]), torch.tensor([0.0, 0.5])
     nll = [math.log1p(math.exp(-1.0)), math.log1p(math.exp(1.0))]  # -log sigmoid(m) = log(1 + e^-m)
@@ -173,14 +280,15 @@ def smoke_run(task_cache, tmp_path_factory):
 def test_smoke_embedded_task_metrics(smoke_run):
     metrics = json.loads((smoke_run / "metrics.json").read_text())
     assert metrics["algo"] == "rlhf" and metrics["task"] == "sort" and metrics["seed"] == 1
-    # 6 SFT steps (96 / 16) + 4 RM steps (64 / 16) + 6 PPO iterations (96 / 16)
-    assert metrics["steps"] == 6 + 4 + 6
+    # 6 SFT steps (96 / 16) + 32 RM steps (2 x 256 / 16) + 6 PPO iterations (96 / 16)
+    assert metrics["steps"] == 6 + 32 + 6
     for stage in ("_init", "_sft", ""):
         for key in ("gold_reward", "gold_reward_greedy"):
             assert 0.0 <= metrics[key + stage] <= 1.0
-    assert 0.0 <= metrics["rm_accuracy"] <= 1.0
-    assert metrics["kl"] > 0  # the policy left the SFT model
-    assert metrics["gold_reward_sft"] != metrics["gold_reward"]
+    assert metrics["gold_reward_sft"] > metrics["gold_reward_init"] + 0.05  # SFT learned from the demonstrations
+    assert metrics["rm_accuracy"] > 0.6  # the reward model ranks held-out pairs
+    # PPO raised the learned score above the SFT samples' (0 after normalisation) and left the SFT model
+    assert metrics["scores"] > 0.05 and metrics["kl"] > 0
     for name in ("sft_model", "reward_model", "value_model", "model"):
         assert (smoke_run / name / "config.json").exists(), name
     rm_config = json.loads((smoke_run / "reward_model" / "config.json").read_text())
@@ -193,8 +301,10 @@ def test_smoke_embedded_task_metrics(smoke_run):
     for tag in ("objective/kl", "objective/scores", "objective/rlhf_reward", "objective/entropy", "policy/approxkl_avg",
                 "policy/clipfrac_avg", "val/ratio", "val/ratio_var", "loss/policy_avg", "loss/value_avg", "sft/loss", "rm/loss"):
         assert tag in tags, tag
-    # N+ detail: no dropout and exact re-scoring -> the first minibatch of the first iteration has ratio 1
-    assert events.Scalars("objective/kl")[0].value == pytest.approx(0.0, abs=1e-5)
+    # The first iteration samples the SFT policy itself, which is also the reference: with no dropout (N+) and the same
+    # scoring path for both, its KL penalty is exactly 0, and the later iterations move away from it.
+    kl = [e.value for e in events.Scalars("objective/kl")]
+    assert kl[0] == pytest.approx(0.0, abs=1e-5) and kl[-1] > 1e-3
 
 
 def test_resume_reproduces_uninterrupted_run(smoke_run, task_cache, tmp_path):
@@ -241,6 +351,8 @@ def test_hh_format_data_and_local_models(tiny_hh, tmp_path):
     (["--response_length", "0"], "--response_length must be in [1,"),
     (["--rollout_batch_size", "10", "--num_mini_batches", "4"], "--rollout_batch_size 10 must split"),
     (["--dataset_name", "/no/such/file.jsonl"], "dataset path not found"),
+    (["--learning_rate", "-1"], "--learning_rate must be in (0,"),
+    (["--task.num_demos", "0"], "only 0 demonstrations (--task.num_demos) for --batch_size 16"),
     (["--reward_model_path", "TINY_HH"], "differs from the policy's"),
     (["--logprob_kernel", "triton", "--device", "cpu"], "--logprob_kernel triton needs"),  # no triton, or no GPU
 ])

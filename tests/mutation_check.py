@@ -1,0 +1,154 @@
+"""Mutation check: break a script on purpose, one known bug at a time, and see that the tests catch it.
+
+Each mutant replaces one exact piece of code (it must occur exactly once) in a copy of the repository, then runs
+the few tests that should catch it there; a mutant that every one of those tests lets through is a missing test.
+The working tree is never touched, so this can run beside anything else.
+
+    python tests/mutation_check.py                  # every mutant (CPU minutes: each runs its own few tests)
+    python tests/mutation_check.py --only dpo       # the mutants whose name contains "dpo"
+    python tests/mutation_check.py --list
+
+The table of the last full run is tests/mutation_results.md.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (name, script, exact code, its mutant, tests that must fail: pytest node ids or -k expressions after "::-k ")
+MUTANTS = [
+    # dpo_llm.py
+    ("dpo: the training loss ignores --beta", "dpo_llm.py",
+     "partial(dpo_loss, beta=args.beta,", "partial(dpo_loss, beta=0.1,", ["tests/test_dpo_llm.py::-k training_loss"]),
+    ("dpo: the training loss ignores --label_smoothing", "dpo_llm.py",
+     "label_smoothing=args.label_smoothing),\n        hidden,", "label_smoothing=0.0),\n        hidden,",
+     ["tests/test_dpo_llm.py::-k training_loss"]),
+    ("dpo: the DPO margin's sign flipped", "dpo_llm.py",
+     "    margin = chosen_rewards - rejected_rewards\n", "    margin = rejected_rewards - chosen_rewards\n",
+     ["tests/test_dpo_llm.py::-k formulas", "tests/test_shared_machinery.py::-k pair_loss"]),
+    ("dpo: the loop ascends the DPO loss", "dpo_llm.py",
+     "                model, batch, ref_logps[index].reshape(-1).to(device), args, autocast)\n            loss.backward()",
+     "                model, batch, ref_logps[index].reshape(-1).to(device), args, autocast)\n            (-loss).backward()",
+     ["tests/test_dpo_llm.py::-k smoke_embedded"]),
+    ("dpo: the reference log-probs of chosen and rejected swapped", "dpo_llm.py",
+     "ref_logps[index].reshape(-1)", "ref_logps[index].flip(1).reshape(-1)", ["tests/test_dpo_llm.py::-k smoke_embedded"]),
+    ("dpo: SFT loss sign flipped", "dpo_llm.py",
+     "    return -token_logps\n", "    return token_logps\n", ["tests/test_shared_machinery.py::-k cross_entropy"]),
+    # rlhf_llm.py
+    ("rlhf: advantage whitening removed", "rlhf_llm.py",
+     "    advantages = masked_whiten(advantages, response_mask)", "    advantages = advantages",
+     ["tests/test_rlhf_llm.py::-k score_rollouts"]),
+    ("rlhf: missing-EOS penalty's sign flipped", "rlhf_llm.py",
+     "scores = scores - args.missing_eos_penalty", "scores = scores + args.missing_eos_penalty",
+     ["tests/test_rlhf_llm.py::-k 'score_rollouts or missing_eos'"]),
+    ("rlhf: reward normalisation removed", "rlhf_llm.py",
+     "    reward_model.config.reward_bias = raw.mean().item()\n", "    reward_model.config.reward_bias = 0.0\n",
+     ["tests/test_rlhf_llm.py::-k normalised"]),
+    ("rlhf: value model not initialised from the reward model", "rlhf_llm.py",
+     "    value_model, _ = load_reward_model(rm_path, device)", "    value_model, _ = load_reward_model(sft_path, device)",
+     ["tests/test_rlhf_llm.py::-k score_rollouts"]),
+    ("rlhf: value model without the reward's normalising bias", "rlhf_llm.py",
+     ".squeeze(-1).float() - value_model.config.reward_bias", ".squeeze(-1).float()",
+     ["tests/test_rlhf_llm.py::-k score_rollouts"]),
+    ("rlhf: its own copy of the fused SFT gradient broken", "rlhf_llm.py",
+     "    grad = probs.mul_(-grad_logp[:, None])", "    grad = probs.mul_(grad_logp[:, None])",
+     ["tests/test_shared_machinery.py::-k 'cross_entropy or identical'"]),
+    ("rlhf: reward model trained with chosen and rejected swapped", "rlhf_llm.py",
+     "                chosen, rejected = rewards[0::2], rewards[1::2]", "                rejected, chosen = rewards[0::2], rewards[1::2]",
+     ["tests/test_rlhf_llm.py::-k smoke_embedded_task_metrics"]),
+    ("rlhf: per-token KL penalty's sign flipped", "rlhf_llm.py",
+     "    rewards = -kl_coef * k1\n", "    rewards = kl_coef * k1\n", ["tests/test_rlhf_llm.py::-k kl_shaped"]),
+    ("rlhf: GAE without lambda", "rlhf_llm.py",
+     "        last_gae = delta + gamma * lam * last_gae", "        last_gae = delta + gamma * last_gae",
+     ["tests/test_rlhf_llm.py::-k gae"]),
+    ("rlhf: unclipped policy loss", "rlhf_llm.py",
+     "    pg_loss = torch.max(pg_losses, pg_losses_clipped).mean()", "    pg_loss = pg_losses.mean()",
+     ["tests/test_rlhf_llm.py::-k ppo_clipped"]),
+    ("rlhf: score read at the first token", "rlhf_llm.py",
+     "    last = hidden[torch.arange(ids.shape[0], device=ids.device), last_token_index(mask)]",
+     "    last = hidden[:, 0]", ["tests/test_rlhf_llm.py::-k last_real_token"]),
+    ("rlhf: the loop ascends the PPO loss", "rlhf_llm.py",
+     "                loss = (pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps",
+     "                loss = (-pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps",
+     ["tests/test_rlhf_llm.py::-k smoke_embedded_task_metrics"]),
+]
+
+
+def copy_repository(dest):
+    """Tracked and untracked (not ignored) files of the working tree, as they are now."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split("\n")
+    for f in filter(None, files):
+        if os.path.isfile(os.path.join(ROOT, f)):
+            os.makedirs(os.path.dirname(os.path.join(dest, f)) or dest, exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, f), os.path.join(dest, f))
+
+
+def pytest_args(test):
+    path, _, select = test.partition("::-k ")
+    return [path, "-k", select.strip("'")] if select else [test]
+
+
+def run_mutant(name, script, old, new, tests):
+    with tempfile.TemporaryDirectory(prefix="mutant_") as copy:
+        copy_repository(copy)
+        path = os.path.join(copy, script)
+        source = open(path).read()
+        if source.count(old) != 1:
+            return "stale", f"the code to mutate occurs {source.count(old)} times in {script}", 0.0
+        open(path, "w").write(source.replace(old, new))
+        started = time.time()
+        killed_by = run_tests(copy, tests)
+        return ("killed" if killed_by else "SURVIVED"), ", ".join(killed_by), time.time() - started
+
+
+def run_tests(folder, tests):
+    """The tests (of `tests`) that fail when run in `folder`."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    failed = []
+    for test in tests:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *pytest_args(test)],
+                              cwd=folder, env=env, capture_output=True, text=True)
+        if proc.returncode not in (0, 1):
+            raise RuntimeError(f"{test}: pytest exit {proc.returncode} in {folder}: {proc.stdout[-500:]}")
+        if proc.returncode == 1:
+            failed.append(test)
+    return failed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="run the mutants whose name contains this")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--out", default=os.path.join(ROOT, "tests", "mutation_results.md"))
+    args = parser.parse_args()
+    selected = [m for m in MUTANTS if args.only in m[0]]
+    if args.list:
+        for m in selected:
+            print(f"{m[0]}  ({m[1]}; tests: {', '.join(m[4])})")
+        return
+    baseline_failures = [t for t in sorted({t for m in selected for t in m[4]}) if run_tests(ROOT, [t])]
+    if baseline_failures:  # a mutant "caught" by a test that fails anyway proves nothing
+        sys.exit(f"these tests fail without any mutant; fix them first: {baseline_failures}")
+    rows = []
+    for name, script, old, new, tests in selected:
+        outcome, detail, seconds = run_mutant(name, script, old, new, tests)
+        rows.append((name, outcome, detail, seconds))
+        print(f"{outcome:9s} {seconds:6.1f}s  {name}  [{detail}]", flush=True)
+    if not args.only:
+        lines = ["# Mutation check", "", f"`python tests/mutation_check.py` ({len(rows)} mutants; each runs only the tests "
+                 "listed for it, in a copy of the repository).", "", "| mutant | outcome | caught by |", "|---|---|---|"]
+        lines += [f"| {n} | {o} | {d} |" for n, o, d, _ in rows]
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    sys.exit(1 if any(o != "killed" for _, o, _, _ in rows) else 0)
+
+
+if __name__ == "__main__":
+    main()
