@@ -145,6 +145,7 @@ def tiny_local_run(script, hh):
     common = ["--model_name_or_path", hh["model"], "--dataset_name", hh["train"], "--max_length", 200,
               "--max_prompt_length", 160, "--batch_size", 8, "--num_threads", 1]
     return {
+        "afd_llm.py": [*common, "--sft_epochs", 1, "--rm_epochs", 1, "--response_length", 6, "--max_n", 2],
         "dpo_llm.py": [*common, "--sft_epochs", 1, "--num_epochs", 1],
         "rlhf_llm.py": [*common, "--reward_model_path", hh["model"], "--sft_epochs", 1, "--rm_epochs", 1,
                         "--response_length", 6, "--total_episodes", 8, "--rollout_batch_size", 4, "--num_reward_norm_samples", 4],

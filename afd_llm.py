@@ -1,0 +1,1624 @@
+"""AfD, Alignment from Demonstrations ("Inverse-RLignment"): SFT, a discriminator reward model, Best-of-N, in one file.
+
+Sun & van der Schaar (2024, arXiv 2405.15624) treat alignment as imitation of the demonstrator in the token MDP and
+match trajectory distributions rho (the distribution of whole responses y given the prompt x):
+(1) SFT = the forward KL, min KL(rho_demo || rho_pi) (mass covering):  -mean_t log pi(y_t | x, y_<t), prompt masked.
+(2) The reverse KL, min KL(rho_pi || rho_demo) (mode seeking), is adversarial imitation: a discriminator
+    D(x, y) = sigmoid(z(x, y)) is trained with the logistic loss  -[l log D + (1 - l) log(1 - D)]  to tell positive
+    (l = 1) from negative (l = 0) responses, and the reward is  r = log D - log(1 - D),  the logit z itself.
+    --rm_data picks what D compares, on the same prompts: init_sft (the paper's recommendation: samples of the SFT
+    model vs samples of the initial model pi_0), init_demo (demonstrations vs pi_0's samples) or sft_demo
+    (demonstrations vs the SFT model's samples). Demonstrations differ from any model's samples in features a
+    discriminator can latch onto without them being what makes a response good; two models' samples differ only
+    in what SFT learned, so the Init-SFT reward extrapolates the direction pi_0 -> pi_SFT.
+(3) Policy improvement with r: Best-of-N (the paper's evaluation; here over samples of the SFT model), N = 1 ..
+    --max_n, the samples drawn once and reused for every N; or PPO on r with a KL penalty to the SFT model
+    (--policy_opt ppo, the same PPO as rlhf_llm.py).
+The reward-hacking curve, the gold reward of the Best-of-N choice against N, lands in metrics.json (gold_reward_bon_N)
+and in TensorBoard (bon/gold_reward); all candidates with their rewards in bon_samples.jsonl.
+
+    python afd_llm.py                                   # embedded digit-sorting task, offline, CPU, about a minute
+    huggingface-cli download Anthropic/hh-rlhf --repo-type dataset --include "harmless-base/*" --local-dir hh
+    python afd_llm.py --model_name_or_path gpt2 --dataset_name hh/harmless-base --max_length 512 \
+        --max_prompt_length 384 --response_length 64 --sft_epochs 1 --sft_learning_rate 1e-5 --rm_epochs 1 \
+        --rm_learning_rate 1e-5 --num_rm_samples 8192 --max_n 32 --forward_batch_size 64 --bf16   # HH Harmless, GPU
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+import tyro
+
+try:  # GPU kernels for the log-prob chunks; triton comes with CUDA builds of torch (CPU: the torch path)
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+try:  # the embedded task is the one module the LLM scripts share; a copied script runs without it on real data
+    from sort_task import SortTaskConfig
+except ImportError:  # pragma: no cover
+
+    @dataclass
+    class SortTaskConfig:
+        pass
+
+
+@dataclass
+class Args:
+    exp_name: str = "afd_llm"
+    """name of the experiment (prefix of the run directory)"""
+    seed: int = 1
+    """seed of the run (data order, sampling)"""
+    run_name: Optional[str] = None
+    """run directory name under --output_dir (default: {exp_name}__{seed}__{unix time})"""
+    output_dir: str = "runs"
+    """where run directories are written"""
+    resume: Optional[str] = None
+    """a run directory to continue: its config.json replaces the other flags"""
+
+    # Model and data
+    model_name_or_path: Optional[str] = None
+    """the initial policy pi_0 (hub id or local dir); default: the embedded task's base model"""
+    reward_model_path: Optional[str] = None
+    """discriminator backbone: a causal LM (new scalar head) or a sequence-classification checkpoint; default: the SFT model"""
+    dataset_name: Optional[str] = None
+    """demonstrations = the chosen responses of preference data: hub id (e.g. Anthropic/hh-rlhf) or local dir/.jsonl/.json/.parquet; default: embedded task"""
+    dataset_split: str = "train"
+    """split used for training"""
+    eval_split: str = "test"
+    """split of the held-out pairs (their prompts serve Best-of-N); if missing, the last --num_eval_prefs training pairs are held out"""
+    sft_dataset_name: Optional[str] = None
+    """demonstrations (prompt/completion) instead of the chosen responses of --dataset_name"""
+    num_eval_prefs: int = 512
+    """held-out pairs (real data): the discriminator's preference accuracy, and the prompts of Best-of-N"""
+    max_length: int = 64
+    """longest prompt + response in tokens (SFT and discriminator); responses are truncated to fit"""
+    max_prompt_length: int = 32
+    """examples whose prompt is longer than this are dropped (counted and reported)"""
+
+    # Stage 1: SFT
+    sft_epochs: int = 3
+    """epochs of SFT on the demonstrations (0 = the given model is the SFT model; not with --rm_data init_sft)"""
+    sft_learning_rate: float = 3e-4
+    """AdamW learning rate of SFT (embedded task; 1e-5 suits GPT-2 or Pythia on HH)"""
+
+    # Stage 2: the discriminator reward model
+    rm_data: Literal["init_sft", "init_demo", "sft_demo"] = "init_sft"
+    """positives vs negatives of the discriminator: SFT samples vs pi_0 samples (paper's choice), demos vs pi_0 samples, demos vs SFT samples"""
+    num_rm_samples: Optional[int] = None
+    """demonstration prompts that make the discriminator's data, one positive and one negative response each (None = all)"""
+    rm_eval_fraction: float = 0.1
+    """share of those prompts held out for the discriminator's accuracy"""
+    rm_epochs: int = 2
+    """epochs of discriminator training (0 = use --reward_model_path as it is)"""
+    rm_learning_rate: float = 1e-4
+    """AdamW learning rate of the discriminator (embedded task)"""
+    temperature: float = 1.0
+    """sampling temperature of every sample: the discriminator's data, the Best-of-N candidates, PPO (1 = the models as they are)"""
+    response_length: Optional[int] = None
+    """most tokens generated per response (None: the task's max_response_tokens; 128 on real data)"""
+
+    # Stage 3: policy improvement with the learned reward
+    policy_opt: Literal["bon", "ppo"] = "bon"
+    """bon: Best-of-N over SFT samples (the paper); ppo: PPO on the learned reward from the SFT model (after Best-of-N)"""
+    max_n: int = 32
+    """Best-of-N: samples per held-out prompt; BoN is evaluated at every N = 1 .. max_n (paper: up to about 50)"""
+    num_bon_prompts: int = 256
+    """held-out prompts of Best-of-N on real data (the embedded task uses its --task.num_eval_prompts)"""
+    forward_batch_size: int = 256
+    """sequences per no-grad forward when generating and scoring (lower it for large models)"""
+
+    # PPO (--policy_opt ppo), as in rlhf_llm.py
+    num_reward_norm_samples: int = 256
+    """SFT samples on training prompts whose mean reward is subtracted, so the reward has mean 0 before PPO"""
+    total_episodes: int = 2048
+    """prompts (episodes) PPO samples in total"""
+    rollout_batch_size: int = 64
+    """prompts sampled per PPO iteration"""
+    num_mini_batches: int = 2
+    """minibatches (optimizer steps) per PPO epoch"""
+    num_ppo_epochs: int = 4
+    """epochs over each rollout batch"""
+    learning_rate: float = 3e-5
+    """AdamW learning rate of PPO, policy and value model, linearly annealed (embedded task; N+ uses 3e-6)"""
+    missing_eos_penalty: float = 1.0
+    """subtracted from the score of a response that did not end with EOS within --response_length"""
+    kl_coef: float = 0.05
+    """weight of the per-token KL penalty to the SFT policy"""
+    gamma: float = 1.0
+    """discount of GAE"""
+    lam: float = 0.95
+    """lambda of GAE"""
+    cliprange: float = 0.2
+    """clip range of the policy ratio"""
+    cliprange_value: float = 0.2
+    """clip range of the value prediction around its rollout-time value"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    target_kl: Optional[float] = None
+    """early stop: skip the rest of an iteration's PPO epochs once a minibatch's approx KL exceeds this (None = off)"""
+
+    # Optimisation shared by the stages
+    batch_size: int = 32
+    """examples per optimizer step: demonstrations in SFT, prompts (one positive + one negative) in discriminator training"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step (batch_size and the PPO minibatch must be divisible by it)"""
+    warmup_ratio: float = 0.1
+    """share of each stage's steps with a linear learning-rate warm-up (then linear decay to 0)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    logprob_chunk_size: int = 1024
+    """tokens per chunk of the fused LM-head paths: memory ~ chunk x vocab instead of tokens x vocab (GPU: 2048-4096)"""
+    logprob_kernel: Literal["auto", "torch", "triton"] = "auto"
+    """per-chunk softmax work: triton (GPU kernels), torch, or auto (triton for CUDA tensors when installed)"""
+
+    # Evaluation, logging, checkpoints, hardware
+    eval_every: int = 25
+    """evaluate the gold reward (embedded task) every this many PPO iterations (0 = only at the end)"""
+    save_every: int = 100
+    """write a checkpoint every this many optimizer steps (SFT, discriminator) or PPO iterations (0 = only at stage ends)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """cpu, cuda or auto"""
+    bf16: bool = False
+    """bfloat16 autocast (GPU); master weights stay fp32"""
+    num_threads: int = 1
+    """torch CPU threads (0 = torch's default, for large models on a CPU; the embedded task's tiny model runs fastest on 1)"""
+    task: SortTaskConfig = field(default_factory=SortTaskConfig)
+    """the embedded task (used when --dataset_name is not given)"""
+
+
+# The valid interval of every numeric flag, checked before anything is built or written ("(" excludes the end).
+RANGES = {
+    "seed": "[0, inf)", "num_eval_prefs": "[1, inf)", "max_length": "[2, 1e6]", "max_prompt_length": "[1, 1e6]",
+    "sft_epochs": "[0, 1e4]", "sft_learning_rate": "(0, 1]", "num_rm_samples": "[2, 1e9]", "rm_eval_fraction": "(0, 0.5]",
+    "rm_epochs": "[0, 1e4]", "rm_learning_rate": "(0, 1]", "temperature": "(0, 1e3]", "response_length": "[1, 1e6]",
+    "max_n": "[1, 1e5]", "num_bon_prompts": "[1, 1e7]", "forward_batch_size": "[1, 1e6]", "num_reward_norm_samples": "[1, 1e7]",
+    "total_episodes": "[0, 1e9]", "rollout_batch_size": "[1, 1e6]", "num_mini_batches": "[1, 1e6]", "num_ppo_epochs": "[1, 1e3]",
+    "learning_rate": "(0, 1]", "missing_eos_penalty": "[0, 1e6]", "kl_coef": "[0, 1e3]", "gamma": "(0, 1]", "lam": "[0, 1]",
+    "cliprange": "(0, 1e3]", "cliprange_value": "(0, 1e6]", "vf_coef": "[0, 1e3]", "target_kl": "(0, inf)",
+    "batch_size": "[1, 1e6]", "gradient_accumulation_steps": "[1, 1e6]", "warmup_ratio": "[0, 1]", "weight_decay": "[0, 1e3]",
+    "max_grad_norm": "(0, inf)", "logprob_chunk_size": "[1, 1e8]", "eval_every": "[0, inf)", "save_every": "[0, inf)",
+    "num_threads": "[0, 1024]",
+}
+
+
+# ==========================================================================================================
+# The algorithm: SFT, the discriminator and its reward, Best-of-N (PPO's pieces as in rlhf_llm.py)
+# ==========================================================================================================
+def sft_loss(token_logps):
+    """SFT, per response token: -log pi(y_t | x, y_<t) (the caller averages over the batch's tokens)."""
+    return -token_logps
+
+
+# What the discriminator compares, per --rm_data: (positives, l = 1; negatives, l = 0), all on the same prompts.
+# "demo": the demonstrations; "init": samples of the initial model pi_0; "sft": samples of the SFT model.
+RM_DATA = {"init_sft": ("sft", "init"), "init_demo": ("demo", "init"), "sft_demo": ("demo", "sft")}
+
+
+def discriminator_pairs(rm_data, responses):
+    """The discriminator's examples for one --rm_data choice: (positive responses, negative responses), one of each
+    per prompt, in the prompts' order. responses: {"demo": [...], "init": [...], "sft": [...]} (those rm_data needs).
+        init_sft:   l = 1 for y ~ pi_SFT(. | x),   l = 0 for y ~ pi_0(. | x)      (the paper's Init-SFT reward model)
+        init_demo:  l = 1 for the demonstration,   l = 0 for y ~ pi_0(. | x)
+        sft_demo:   l = 1 for the demonstration,   l = 0 for y ~ pi_SFT(. | x)"""
+    positive, negative = RM_DATA[rm_data]
+    return responses[positive], responses[negative]
+
+
+def discriminator_labels(num_prompts):
+    """Labels l of the rows of a discriminator batch, laid out [positive_0, negative_0, positive_1, negative_1, ...]."""
+    return torch.tensor([1.0, 0.0]).repeat(num_prompts)
+
+
+def discriminator_loss(logits, labels):
+    """Logistic loss of D = sigmoid(z) per response: -[l log D + (1 - l) log(1 - D)], with log(1 - D) = log sigmoid(-z)."""
+    return -(labels * F.logsigmoid(logits) + (1 - labels) * F.logsigmoid(-logits))
+
+
+def afd_reward(logits):
+    """The reward of a response: r = log D - log(1 - D) with D = sigmoid(z), which is the logit z itself (written out
+    to show the identity; in log-sigmoid form it stays exact where D rounds to 0 or 1)."""
+    return F.logsigmoid(logits) - F.logsigmoid(-logits)
+
+
+def best_of_n(rewards, n):
+    """Best-of-N: per prompt (row of rewards (P, max_n)), the index of the highest reward among its first n samples.
+    Ties go to the earliest sample (argmax returns the first maximum), so the choice is deterministic."""
+    return rewards[:, :n].argmax(1)
+
+
+def best_of_n_curve(rewards, gold, max_n):
+    """For N = 1 .. max_n: (N, mean learned reward, mean gold reward) of the Best-of-N choices; gold (P, max_n) is None on
+    real data. Every N reuses the same samples: N looks at the first N of each prompt's max_n."""
+    curve = []
+    for n in range(1, max_n + 1):
+        choice = best_of_n(rewards, n)[:, None]
+        curve.append((n, rewards.gather(1, choice).mean().item(), gold.gather(1, choice).mean().item() if gold is not None else None))
+    return curve
+
+
+def truncate_after_eos(responses, eos_id, pad_id):
+    """N+: a response ends at its first EOS; every later token becomes padding.
+
+    Returns the responses, the (B, L) mask of real tokens (the EOS included: the policy must learn to stop) and
+    whether each response has an EOS. Positions, not token values, define the mask, so pad == EOS (Pythia) is safe."""
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(1)
+    length = torch.where(has_eos, is_eos.int().argmax(1) + 1, responses.shape[1])
+    mask = torch.arange(responses.shape[1], device=responses.device)[None, :] < length[:, None]
+    return responses.masked_fill(~mask, pad_id), mask, has_eos
+
+
+def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """Per-token rewards: -kl_coef * k1 at every response token (N+: per-token KL penalty, k1 = log pi - log pi_ref)
+    and the score added at the last real token (N+: the reward model's score lands at the EOS token).
+    Also returns k1 and k3 = (r - 1) - log r, r = pi_ref / pi (unbiased, always >= 0; reported only)."""
+    log_ratio = (logprobs - ref_logprobs) * mask
+    k1 = log_ratio
+    k3 = ((-log_ratio).exp() - 1 + log_ratio) * mask
+    rewards = -kl_coef * k1
+    last = mask.sum(1) - 1
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return rewards, k1, k3
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over response tokens (right-padded; values and rewards beyond the mask are 0,
+    so the state after the last token is terminal). Returns advantages and returns = advantages + values.
+        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam A_{t+1},   R_t = A_t + V_t"""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    return advantages, advantages + values
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the real tokens (unbiased variance), 0 at padding (N+: advantage whitening)."""
+    mask = mask.to(x.dtype)
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, cliprange, cliprange_value):
+    """Clipped surrogate and clipped value losses over flat (real) tokens, with their diagnostics.
+
+    pg  = mean max(-A r, -A clip(r, 1 - eps, 1 + eps)),     r = pi / pi_old
+    vf  = 0.5 mean max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)"""
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
+    pg_loss = torch.max(pg_losses, pg_losses_clipped).mean()
+    values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    vf_losses = (values - returns) ** 2
+    vf_losses_clipped = (values_clipped - returns) ** 2
+    vf_loss = 0.5 * torch.max(vf_losses, vf_losses_clipped).mean()
+    with torch.no_grad():
+        stats = {"policy/approxkl": 0.5 * (log_ratio**2).mean(), "policy/clipfrac": (pg_losses_clipped > pg_losses).float().mean(),
+                 "val/clipfrac": (vf_losses_clipped > vf_losses).float().mean(), "val/ratio": ratio.mean(),
+                 "val/ratio_var": ratio.var() if ratio.numel() > 1 else torch.zeros(())}
+    return pg_loss, vf_loss, stats
+
+
+# ==========================================================================================================
+# Models: the policy, the discriminator (a reward model), generation and scoring, the PPO update
+# ==========================================================================================================
+def load_policy(path: str, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
+        fail(f"model path not found: {path!r}; give a saved model directory or a hub id like EleutherAI/pythia-160m")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        fail(f"could not load the tokenizer of {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
+    if tokenizer.eos_token_id is None:
+        fail(f"tokenizer of {path!r} has no EOS token; set one (tokenizer.eos_token) and save it")
+    if tokenizer.pad_token_id is None:  # e.g. Pythia; padding is masked by attention masks and -100 targets
+        tokenizer.pad_token = tokenizer.eos_token
+        print(f"[model] tokenizer has no pad token: using EOS {tokenizer.eos_token!r} for padding (masked out)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    except (OSError, ValueError) as e:
+        fail(f"could not load model {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        fail(f"{path!r} has an LM head with a bias, which the fused log-prob path does not handle")
+    return model, tokenizer
+
+
+def to_autocast_dtype(hidden):
+    """Under autocast (--bf16), hidden states in its dtype. The final layer norm hands back fp32, but the LM head is a
+    linear layer, which autocast runs in bf16; so are the fused losses' chunk matmuls (their softmax math is fp32)."""
+    device = hidden.device.type
+    return hidden.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else hidden
+
+
+def hidden_states(model, ids, mask):
+    """Last hidden states (B, T, D) of the backbone, without the LM head (the fused losses apply it)."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # correct for left or right padding
+    return to_autocast_dtype(model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                              use_cache=False).last_hidden_state)
+
+
+def scored_tokens(model, ids, mask, targets):
+    """Hidden states, targets and sequence index of the positions that carry a target (prompt/padding skipped)."""
+    hidden = hidden_states(model, ids, mask)
+    keep = targets != -100
+    seq_ids = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(targets)[keep]
+    return hidden[keep], targets[keep], seq_ids
+
+
+def sft_batch_loss(model, batch, args, autocast):
+    """The SFT loss of one micro-batch (ids, mask, targets): mean over its response tokens, divided by the
+    micro-batches per optimizer step. The LM head and the loss run fused, chunk by chunk (machinery)."""
+    ids, mask, targets = batch
+    scale = 1.0 / ((targets != -100).sum() * args.gradient_accumulation_steps)
+    with autocast:
+        hidden, targets, _ = scored_tokens(model, ids, mask, targets)
+    token_ids = torch.arange(len(targets), device=targets.device)  # each token its own sequence: any chunking is exact
+    loss, _, _ = fused_linear_loss(sft_loss, hidden, model.get_output_embeddings().weight, targets, token_ids,
+                                   scale=scale, chunk_size=args.logprob_chunk_size)
+    return loss
+
+
+def policy_logprobs_entropy(hidden, weight, targets, temperature, chunk_size):
+    """Per-token log pi(y_t) and entropy of the policy at `temperature`: logits / T as (hidden / T) @ W^T (N+)."""
+    return ChunkedLogprobsEntropy.apply(hidden / temperature, weight, targets, chunk_size)
+
+
+def load_reward_model(path: str, device):
+    """A causal-LM backbone with a scalar head `score` (AutoModelForSequenceClassification, num_labels=1).
+
+    From a causal LM the head is new: N+ initialises it N(0, 1/(D+1)) so the initial rewards have unit scale.
+    We never call HF's own forward: it finds the last token by pad_token_id, wrong when pad == EOS (Pythia)."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+                                                                        output_loading_info=True)
+    except (OSError, ValueError) as e:
+        fail(f"could not load reward model {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear):
+        fail(f"reward model {path!r} has no linear `score` head; use a decoder-only architecture (GPTNeoX, Llama, GPT-2 ...)")
+    trained_head = not any(k.startswith("score.") for k in info["missing_keys"])
+    if not trained_head:
+        with torch.no_grad():
+            head.weight.normal_(0, 1 / math.sqrt(head.in_features + 1))
+            if head.bias is not None:
+                head.bias.zero_()
+    if not hasattr(model.config, "reward_bias"):
+        model.config.reward_bias = 0.0
+    return model.to(device), trained_head
+
+
+def last_token_index(mask):
+    """Index of the last non-pad position of each row of a (B, T) attention mask; left or right padding."""
+    return mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
+
+
+def sequence_rewards(reward_model, ids, mask):
+    """r(x, y): the scalar head on the hidden state of the last non-pad token (EOS), minus the normalising bias."""
+    hidden = hidden_states(reward_model, ids, mask)
+    last = hidden[torch.arange(ids.shape[0], device=ids.device), last_token_index(mask)]
+    return reward_model.score(last).squeeze(-1).float() - reward_model.config.reward_bias
+
+
+def token_values(value_model, ids, mask):
+    """V(s_t) at every position, (B, T): the value model's scalar head on each hidden state, minus the reward
+    model's normalising bias that it inherits (N+), so that at initialisation V at the EOS token is the
+    normalised reward r(x, y), the score PPO is given."""
+    return value_model.score(hidden_states(value_model, ids, mask)).squeeze(-1).float() - value_model.config.reward_bias
+
+
+def load_ppo_models(sft_path, rm_path, device):
+    """The frozen reference pi_sft (the KL anchor), the frozen reward model and the value model, which N+ starts
+    as a copy of the reward model (so V at the EOS token is the normalised reward at the first iteration)."""
+    ref_policy, _ = load_policy(sft_path, device)
+    reward_model, _ = load_reward_model(rm_path, device)
+    value_model, _ = load_reward_model(rm_path, device)
+    for frozen in (ref_policy, reward_model):
+        frozen.requires_grad_(False)
+    return ref_policy, reward_model, value_model
+
+
+@torch.no_grad()
+def generate(policy, queries, query_mask, response_length, temperature, pad_id, eos_id, forward_batch_size):
+    """Responses (B, response_length) sampled with the KV cache (HF generate), right-padded with pad_id.
+
+    N+: plain temperature sampling: top_k 0 and top_p 1 switch off HF's defaults, no min length."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                              pad_token_id=pad_id, eos_token_id=eos_id)
+    out = torch.full((queries.shape[0], response_length), pad_id, dtype=torch.long, device=queries.device)
+    for s in range(0, queries.shape[0], forward_batch_size):
+        q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
+        generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config)[:, q.shape[1] :]
+        out[s : s + len(q), : generated.shape[1]] = generated
+    return out
+
+
+def decode_responses(tokenizer, responses, eos_id, pad_id):
+    """Sampled token ids -> response texts cut at the first EOS, written like the demonstrations (one leading space),
+    so that samples and demonstrations reach the discriminator through the same tokenization."""
+    responses, _, _ = truncate_after_eos(responses, eos_id, pad_id)
+    return [" " + text.strip() for text in tokenizer.batch_decode(responses, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def sample_candidates(policy, queries, query_mask, max_n, response_length, args, pad_id, eos_id, seed):
+    """max_n responses to each prompt, (P, max_n, response_length). Round j samples one response for every prompt under
+    the seed seed + j, so a prompt's first N samples are the same whatever max_n is: Best-of-N at every N reuses them."""
+    policy.eval()
+    rounds = []
+    bar = progress_bar(max_n, "best-of-n samples")
+    for j in range(max_n):
+        torch.manual_seed(seed + j)
+        rounds.append(generate(policy, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
+                               args.forward_batch_size))
+        bar.update()
+    bar.close()
+    return torch.stack(rounds, 1)
+
+
+def pair_accuracy(first, second):
+    """Share of pairs whose first response scores above the second; a tie counts one half (identical responses)."""
+    return ((first > second).float() + 0.5 * (first == second).float()).mean().item()
+
+
+@torch.no_grad()
+def response_logits(reward_model, examples, pad_id, batch_size, device, autocast):
+    """The discriminator's logit z(x, y) of each tokenized (prompt, response) example, in batches, on the CPU."""
+    out = []
+    for s in range(0, len(examples), batch_size):
+        ids, mask = pad_right([prompt + response for prompt, response in examples[s : s + batch_size]], pad_id)
+        with autocast:
+            out.append(sequence_rewards(reward_model, ids.to(device), mask.to(device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def normalize_reward(reward_model, policy, queries, query_mask, response_length, args, pad_id, eos_id, autocast):
+    """N+: shift the reward so that the policy's samples (here: the SFT model's) score 0 on average, the scale PPO's
+    hyper-parameters assume. Sets reward_model.config.reward_bias; returns the raw rewards of the samples."""
+    reward_model.config.reward_bias = 0.0
+    policy.eval()
+    responses = generate(policy, queries, query_mask, response_length, args.temperature, pad_id, eos_id, args.forward_batch_size)
+    responses, response_mask, _ = truncate_after_eos(responses, eos_id, pad_id)
+    raw = []
+    with autocast:
+        for s in range(0, len(queries), args.forward_batch_size):
+            ids = torch.cat([queries, responses], 1)[s : s + args.forward_batch_size]
+            mask = torch.cat([query_mask, response_mask.long()], 1)[s : s + args.forward_batch_size]
+            raw.append(sequence_rewards(reward_model, ids, mask))
+    raw = torch.cat(raw)
+    reward_model.config.reward_bias = raw.mean().item()
+    return raw
+
+
+@torch.no_grad()
+def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query_mask, responses, args, pad_id, eos_id, autocast):
+    """Everything PPO needs about a batch of rollouts, computed once with no grad: old log-probs and values,
+    reference log-probs, scores, KL-shaped rewards, advantages and returns."""
+    responses, response_mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)  # N+: truncate after EOS
+    sequences = torch.cat([queries, responses], 1)
+    attention = torch.cat([query_mask, response_mask.long()], 1)
+    context = queries.shape[1]
+    B, L = responses.shape
+    logprobs, ref_logprobs, entropy, values = (torch.zeros(B, L, device=queries.device) for _ in range(4))
+    scores = torch.zeros(B, device=queries.device)
+    for s in range(0, B, args.forward_batch_size):
+        ids, mask, resp = sequences[s : s + args.forward_batch_size], attention[s : s + args.forward_batch_size], \
+            response_mask[s : s + args.forward_batch_size]
+        targets = responses[s : s + args.forward_batch_size][resp]
+        with autocast:
+            # hidden state t emits token t + 1: the states at context-1 .. T-2 emit the response tokens
+            for model, out_logprobs, out_entropy in ((policy, logprobs, entropy), (ref_policy, ref_logprobs, None)):
+                hidden = hidden_states(model, ids, mask)[:, context - 1 : -1][resp]
+                lp, ent = policy_logprobs_entropy(hidden, model.get_output_embeddings().weight, targets, args.temperature,
+                                                  args.logprob_chunk_size)  # N+: logits / temperature for pi and pi_ref
+                out_logprobs[s : s + len(ids)][resp] = lp
+                if out_entropy is not None:
+                    out_entropy[s : s + len(ids)][resp] = ent
+            values[s : s + len(ids)] = token_values(value_model, ids, mask)[:, context - 1 : -1] * resp
+            scores[s : s + len(ids)] = sequence_rewards(reward_model, ids, mask)  # N+: score at the EOS token
+    scores = scores - args.missing_eos_penalty * (~has_eos).float()  # N+: penalise responses without EOS
+    rewards, k1, k3 = kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask, args.kl_coef)
+    advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
+    advantages = masked_whiten(advantages, response_mask)  # N+: whiten advantages over the batch's tokens
+    return {"sequences": sequences, "attention": attention, "responses": responses, "response_mask": response_mask,
+            "logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns, "scores": scores,
+            "has_eos": has_eos, "kl": k1.sum(1), "kl_k3": k3.sum(1), "entropy": (entropy * response_mask).sum(1),
+            "non_score_reward": (-args.kl_coef * k1).sum(1)}
+
+
+def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
+    """num_ppo_epochs epochs over the rollout batch in shuffled minibatches; returns the averaged diagnostics."""
+    B, context = batch["sequences"].shape[0], batch["sequences"].shape[1] - batch["responses"].shape[1]
+    minibatch_size = B // args.num_mini_batches
+    micro = minibatch_size // args.gradient_accumulation_steps
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    head_weight = policy.get_output_embeddings().weight
+    totals, count = {}, 0
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(args.num_ppo_epochs):
+        order = torch.randperm(B, generator=generator).to(batch["sequences"].device)
+        stop = False
+        for m0 in range(0, B, minibatch_size):
+            step_stats = {}
+            for u0 in range(m0, m0 + minibatch_size, micro):
+                idx = order[u0 : u0 + micro]
+                ids, mask, resp = batch["sequences"][idx], batch["attention"][idx], batch["response_mask"][idx]
+                with autocast:
+                    hidden = hidden_states(policy, ids, mask)[:, context - 1 : -1][resp]
+                    vpred = token_values(value_model, ids, mask)[:, context - 1 : -1][resp]
+                logprobs, entropy = policy_logprobs_entropy(hidden, head_weight, batch["responses"][idx][resp],
+                                                            args.temperature, args.logprob_chunk_size)
+                pg_loss, vf_loss, stats = ppo_losses(logprobs, batch["logprobs"][idx][resp], batch["advantages"][idx][resp],
+                                                     vpred, batch["values"][idx][resp], batch["returns"][idx][resp],
+                                                     args.cliprange, args.cliprange_value)
+                loss = (pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps
+                loss.backward()
+                stats.update({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": entropy.detach().mean()})
+                for k, v in stats.items():
+                    step_stats[k] = step_stats.get(k, 0) + v / args.gradient_accumulation_steps
+            torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for k, v in step_stats.items():
+                totals[k] = totals.get(k, 0) + v
+            count += 1
+            # Early stop (optional): the policy moved too far from the one that sampled the batch.
+            if args.target_kl is not None and step_stats["policy/approxkl"] > args.target_kl:
+                stop = True
+                break
+        if stop:
+            break
+    # TRL's names: averages over minibatches get "_avg", except val/ratio and val/ratio_var
+    return {(k if k.startswith("val/ratio") else f"{k}_avg"): (v / count).item() for k, v in totals.items()} | {"policy/epochs": epoch + 1}
+
+
+def evaluate_gold(task, model, tokenizer, seed, suffix):
+    """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only)."""
+    if task is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    result = task.evaluate(model, tokenizer, seed=seed)
+    model.train(was_training)
+    print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
+    return {f"{k}{suffix}": v for k, v in result.items()}
+
+
+# ==========================================================================================================
+# Data: the embedded task or a dataset (hub id or local files), tokenized and batched
+# ==========================================================================================================
+def load_data(args):
+    """(task or None, the policy to start from, training pairs, held-out pairs, demonstrations), each a tuple of
+    text columns: pairs (prompts, chosen, rejected), demonstrations (prompts, completions)."""
+    if args.dataset_name is None:
+        task = load_embedded_task(args)
+        return (task, task.model_path, preference_pairs(task.prefs, "embedded task"),
+                preference_pairs(task.eval_prefs, "embedded task"), demonstrations(task.demos, "embedded task"))
+    train_table = load_table(args.dataset_name, args.dataset_split)
+    if len(train_table) == 0:
+        fail(f"dataset {args.dataset_name!r} split {args.dataset_split!r} is empty; check the path or split")
+    pref_train = preference_pairs(train_table, args.dataset_name)
+    eval_table = load_table(args.dataset_name, args.eval_split, required=False)
+    if eval_table is not None and args.eval_split != args.dataset_split:
+        pref_eval = tuple(c[: args.num_eval_prefs] for c in preference_pairs(eval_table, args.dataset_name))
+    else:  # hold out the tail of the training pairs
+        held = min(args.num_eval_prefs, len(pref_train[0]) // 5)
+        pref_eval = tuple(c[len(c) - held :] for c in pref_train)
+        pref_train = tuple(c[: len(c) - held] for c in pref_train)
+        print(f"[data] no {args.eval_split!r} split: holding out the last {held} training pairs for evaluation")
+    if args.sft_dataset_name:
+        demos = demonstrations(load_table(args.sft_dataset_name, args.dataset_split), args.sft_dataset_name)
+    else:
+        demos = pref_train[:2]
+    return None, args.model_name_or_path or "EleutherAI/pythia-160m", pref_train, pref_eval, demos
+
+
+DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_table(name: str, split: str, required: bool = True):
+    """A datasets.Dataset from a local saved dataset / data file / folder, or from the hub."""
+    import datasets
+
+    path = os.path.expanduser(name)
+    saved_markers = ("dataset_info.json", "dataset_dict.json", "state.json")
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in saved_markers):
+        table = datasets.load_from_disk(path)
+    elif os.path.isfile(path):
+        kind = DATA_FILE_TYPES.get(os.path.splitext(path)[1])
+        if kind is None:
+            fail(f"unknown data file type {path!r}; use .jsonl, .json, .parquet or .csv")
+        if not required:  # one file is one split: it has no separate held-out split
+            return None
+        if os.path.getsize(path) == 0:
+            fail(f"dataset file {path!r} is empty; give a file with preference pairs")
+        try:
+            table = datasets.load_dataset(kind, data_files={split: path})
+        except Exception as e:  # malformed json/parquet/csv
+            fail(f"could not read {path!r} as {kind} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); fix the file")
+    elif os.path.isdir(path):
+        table = datasets.load_dataset(path)
+    elif name.startswith((".", "/", "~")) or os.path.splitext(name)[1] in DATA_FILE_TYPES:
+        fail(f"dataset path not found: {name!r}; give an existing file or folder, or a hub id like Anthropic/hh-rlhf")
+    else:
+        try:
+            table = datasets.load_dataset(name)
+        except Exception as e:  # offline, unknown id, gated ...
+            fail(f"could not load dataset {name!r} from the hub ({type(e).__name__}); check the id or pass a local path")
+    if isinstance(table, datasets.DatasetDict):
+        if split not in table:
+            if required:
+                fail(f"dataset {name!r} has no split {split!r} (it has {list(table)}); pick one with --dataset_split")
+            return None
+        table = table[split]
+    return table
+
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def split_hh(transcript: str):
+    """Anthropic-HH transcript -> (prompt up to and including the last '\\n\\nAssistant:', response)."""
+    cut = transcript.rfind(HH_ASSISTANT)
+    if cut < 0:
+        return None, None
+    cut += len(HH_ASSISTANT)
+    return transcript[:cut], transcript[cut:]
+
+
+def text_column(table, column: str, name: str):
+    """A column as a list of strings; a null or non-text value fails like a missing column."""
+    values = list(table[column])
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        fail(f"dataset {name!r} column {column!r} holds {values[bad]!r} at row {bad}, not text; "
+             "fix or drop the rows with empty fields")
+    return values
+
+
+def preference_pairs(table, name: str):
+    """prompt/chosen/rejected lists from a table with those columns, or HH-style chosen/rejected transcripts."""
+    columns = set(table.column_names)
+    if {"prompt", "chosen", "rejected"} <= columns:
+        return tuple(text_column(table, c, name) for c in ("prompt", "chosen", "rejected"))
+    if {"chosen", "rejected"} <= columns:  # Anthropic-HH: the prompt is the shared transcript prefix
+        prompts, chosen, rejected, unmatched = [], [], [], 0
+        for c, r in zip(text_column(table, "chosen", name), text_column(table, "rejected", name)):
+            prompt, c_response = split_hh(c)
+            if prompt is None or not r.startswith(prompt):
+                unmatched += 1
+                continue
+            prompts.append(prompt)
+            chosen.append(c_response)
+            rejected.append(r[len(prompt):])
+        if unmatched:
+            print(f"[data] {name}: skipped {unmatched} HH pairs whose chosen/rejected do not share the prompt")
+        return prompts, chosen, rejected
+    fail(f"dataset {name!r} lacks the columns prompt/chosen/rejected (or HH-style chosen/rejected); "
+         f"found {sorted(columns)}")
+
+
+def demonstrations(table, name: str):
+    """prompt/completion lists, or the chosen responses of preference data."""
+    columns = set(table.column_names)
+    if {"prompt", "completion"} <= columns:
+        return text_column(table, "prompt", name), text_column(table, "completion", name)
+    if "chosen" in columns:  # preference data reused as demonstrations: the chosen responses
+        return preference_pairs(table, name)[:2]
+    fail(f"SFT dataset {name!r} lacks the columns prompt/completion; found {sorted(columns)}")
+
+
+def tokenize_examples(tokenizer, prompts, responses_per_prompt, args, what: str):
+    """Token ids of each prompt and its responses (+EOS). Drops over-long prompts, truncates responses."""
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"] if len(prompts) else []
+    responses = [tokenizer(list(r), add_special_tokens=False)["input_ids"] for r in responses_per_prompt] if len(prompts) else []
+    kept, dropped, truncated = [], 0, 0
+    for i, p in enumerate(prompt_ids):
+        if not 0 < len(p) <= args.max_prompt_length:  # an empty prompt leaves no position to predict from
+            dropped += 1
+            continue
+        budget = args.max_length - len(p) - 1  # room left for the response and its EOS
+        row = []
+        for rs in responses:
+            truncated += len(rs[i]) > budget
+            row.append(rs[i][:budget] + [tokenizer.eos_token_id])
+        kept.append((p, *row))
+    if dropped or truncated:
+        print(f"[data] {what}: dropped {dropped} of {len(prompt_ids)} examples whose prompt is empty or exceeds "
+              f"--max_prompt_length={args.max_prompt_length}; truncated {truncated} responses to fit --max_length={args.max_length}")
+    if not kept:
+        fail(f"{what}: no examples left (all {len(prompt_ids)} prompts exceed --max_prompt_length="
+             f"{args.max_prompt_length}, or the data is empty); raise --max_prompt_length or check the data")
+    return kept
+
+
+def pad_right(sequences, pad_id):
+    """(ids, mask) of right-padded sequences."""
+    ids = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def collate(sequences, loss_starts, pad_id):
+    """Right-padded batch: input ids, attention mask and the targets of each position (-100 = no loss).
+
+    Targets are shifted here, once: targets[:, t] is the token at t+1, so hidden state t predicts it."""
+    ids, mask = pad_right(sequences, pad_id)
+    targets = torch.full_like(ids, -100)
+    for i, (s, start) in enumerate(zip(sequences, loss_starts)):
+        targets[i, start - 1 : len(s) - 1] = torch.tensor(s[start:])
+    return ids, mask, targets
+
+
+def pair_rows_batch(examples, pad_id):
+    """Chosen and rejected of each pair as adjacent right-padded sequences [p+c0, p+r0, p+c1, p+r1, ...] and their
+    attention mask: one reward-model forward for both responses."""
+    return pad_right([prompt + response for prompt, chosen, rejected in examples for response in (chosen, rejected)], pad_id)
+
+
+def sft_batch(examples, pad_id):
+    return collate([p + c for p, c in examples], [len(p) for p, _ in examples], pad_id)
+
+
+def batch_order(num_examples, batch_size, epochs, seed):
+    """Index lists of every optimizer step, reshuffled each epoch, deterministic (resume skips a prefix)."""
+    steps = []
+    for epoch in range(epochs):
+        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        steps += [order[i : i + batch_size].tolist() for i in range(0, num_examples - batch_size + 1, batch_size)]
+    return steps
+
+
+def left_pad(sequences, pad_id):
+    """Left-padded prompts (B, P) and their attention mask, the layout generation continues from."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def sample_prompts(prompts, n, seed, pad_id, device):
+    """n of the tokenized prompts, left-padded: a deterministic draw per seed, so --resume repeats it exactly."""
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return (t.to(device) for t in left_pad([prompts[i] for i in order], pad_id))
+
+
+def fitting_prompts(tokenizer, prompts, max_prompt_length):
+    """Indices and token ids of the prompts that are non-empty and at most max_prompt_length tokens long."""
+    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"] if len(prompts) else []
+    keep = [i for i, p in enumerate(ids) if 0 < len(p) <= max_prompt_length]
+    return keep, [ids[i] for i in keep]
+
+
+# ==========================================================================================================
+# Main: SFT, the discriminator's data, the discriminator, Best-of-N (and PPO)
+# ==========================================================================================================
+def main():
+    args = parse_args()
+    device, autocast = setup_torch(args)
+    started = time.time()
+
+    # ---- data and models: everything that can fail on bad input happens before the run directory exists ----
+    task, model_path, _, pref_eval, (demo_prompts, demo_completions) = load_data(args)
+    model, tokenizer = load_policy(model_path, device)
+    check_same_tokenizer(args.reward_model_path, tokenizer, model_path)
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    response_length = args.response_length or (task.max_response_tokens if task is not None else 128)
+    sft_examples = tokenize_examples(tokenizer, demo_prompts, [demo_completions], args, "demonstrations") if args.sft_epochs else []
+    eval_pairs = tokenize_examples(tokenizer, pref_eval[0], pref_eval[1:], args, "held-out pairs") if pref_eval[0] else []
+    # The discriminator's prompts: the first --num_rm_samples demonstrations whose prompt fits; the last
+    # --rm_eval_fraction of them are held out to measure its accuracy.
+    rm_index, rm_prompt_ids = fitting_prompts(tokenizer, demo_prompts, args.max_prompt_length)
+    if args.num_rm_samples is not None and args.num_rm_samples > len(rm_index):
+        fail(f"--num_rm_samples {args.num_rm_samples} exceeds the {len(rm_index)} demonstrations whose prompt fits "
+             f"--max_prompt_length {args.max_prompt_length}; lower it or leave it unset (all of them)")
+    rm_index, rm_prompt_ids = rm_index[: args.num_rm_samples], rm_prompt_ids[: args.num_rm_samples]
+    num_rm_eval = max(1, round(len(rm_index) * args.rm_eval_fraction))
+    # Best-of-N runs on held-out prompts: the embedded task's evaluation prompts, or those of the held-out pairs.
+    bon_prompts = task.eval_prompts if task is not None else list(dict.fromkeys(pref_eval[0]))[: args.num_bon_prompts]
+    bon_index, bon_prompt_ids = fitting_prompts(tokenizer, bon_prompts, args.max_prompt_length)
+    bon_prompts = [bon_prompts[i] for i in bon_index]
+    # PPO prompts (--policy_opt ppo): the demonstrations' prompts, each once.
+    _, ppo_prompts = fitting_prompts(tokenizer, list(dict.fromkeys(demo_prompts)), args.max_prompt_length)
+    micro = args.batch_size // args.gradient_accumulation_steps
+    ppo = args.policy_opt == "ppo"
+    check_batches_fit([("demonstrations", len(sft_examples), args.sft_epochs, args.batch_size, "--batch_size"),
+                       (f"discriminator training prompts ({len(rm_index)} sampled (--num_rm_samples) minus {num_rm_eval} held out "
+                        "(--rm_eval_fraction))", len(rm_index) - num_rm_eval, args.rm_epochs, args.batch_size, "--batch_size"),
+                       ("PPO prompts", len(ppo_prompts), ppo and args.total_episodes, args.rollout_batch_size, "--rollout_batch_size")])
+    if not bon_prompts:
+        fail(f"no held-out prompts for Best-of-N (none fits --max_prompt_length {args.max_prompt_length}, or the held-out "
+             f"split --eval_split {args.eval_split!r} is empty); raise --max_prompt_length or give held-out pairs")
+    check_context(model, rm_prompt_ids + bon_prompt_ids + ppo_prompts, response_length)
+
+    run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "rm_data")
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(run_dir)
+    metrics = state["metrics"]
+    sft_path = os.path.join(run_dir, "sft_model") if args.sft_epochs else model_path
+    rm_path = os.path.join(run_dir, "reward_model")
+    print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(rm_index)} discriminator prompts ({num_rm_eval} held out), "
+          f"{len(bon_prompts)} Best-of-N prompts x {args.max_n} samples, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters, device {device}, log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
+    if "gold_reward_init" not in metrics:
+        metrics.update(evaluate_gold(task, model, tokenizer, args.seed, "_init"))
+
+    # ---- stage 1: SFT on the demonstrations, -mean log pi(y_t | x, y_<t) over response tokens (the forward KL) ----
+    if state["stage"] == "sft":
+        steps = batch_order(len(sft_examples), args.batch_size, args.sft_epochs, args.seed)
+        optimizer, scheduler = new_optimizer(model.parameters(), args.sft_learning_rate, len(steps), args, state)
+        model.train()
+        bar = progress_bar(len(steps), "sft", state["step"])
+        for step in range(state["step"], len(steps)):
+            total_loss = torch.zeros((), device=device)
+            for m in range(args.gradient_accumulation_steps):
+                batch = sft_batch([sft_examples[i] for i in steps[step][m * micro : (m + 1) * micro]], pad_id)
+                loss = sft_batch_loss(model, [t.to(device) for t in batch], args, autocast)
+                loss.backward()
+                total_loss += loss.detach()
+            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
+            bar.update()
+            if step % 20 == 0 or step + 1 == len(steps):
+                writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
+                writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
+                bar.set_postfix(loss=f"{total_loss.item():.4f}")
+                bar.write(f"[sft] step {step + 1}/{len(steps)} loss {total_loss.item():.4f}")
+            if args.save_every and (step + 1) % args.save_every == 0:
+                save_checkpoint(run_dir, state, model, optimizer, scheduler)
+        bar.close()
+        model.save_pretrained(sft_path)
+        tokenizer.save_pretrained(sft_path)
+        metrics.update(evaluate_gold(task, model, tokenizer, args.seed, "_sft"))
+        state.update(stage="rm_data", step=0)
+        save_checkpoint(run_dir, state, model, optimizer, scheduler)
+
+    # ---- stage 2: the discriminator's data: demonstrations and one sample of pi_0 and/or pi_SFT per prompt ----
+    if state["stage"] == "rm_data":
+        prompts = [demo_prompts[i] for i in rm_index]
+        responses = {"demo": [demo_completions[i] for i in rm_index]}
+        queries, query_mask = (t.to(device) for t in left_pad(rm_prompt_ids, pad_id))
+        for source in [s for s in ("init", "sft") if s in RM_DATA[args.rm_data]]:
+            policy = load_policy(model_path, device)[0] if source == "init" else model  # pi_0, or the SFT model
+            policy.eval()
+            torch.manual_seed(args.seed * 7919 + (2 if source == "init" else 3))
+            sampled = generate(policy, queries, query_mask, response_length, args.temperature, pad_id, eos_id, args.forward_batch_size)
+            responses[source] = decode_responses(tokenizer, sampled, eos_id, pad_id)
+            del policy
+        positives, negatives = discriminator_pairs(args.rm_data, responses)
+        state["rm_data"] = {"prompts": prompts, "positives": positives, "negatives": negatives}
+        print(f"[rm data] {args.rm_data}: {len(prompts)} prompts; e.g. {prompts[0][-60:]!r} -> positive {positives[0][:60]!r}, "
+              f"negative {negatives[0][:60]!r}")
+        if task is not None:  # how good the two sides are, by the gold reward the discriminator never sees
+            metrics["rm_gold_positive"] = task.gold_reward(prompts, positives).mean().item()
+            metrics["rm_gold_negative"] = task.gold_reward(prompts, negatives).mean().item()
+            print(f"[rm data] gold reward of the positives {metrics['rm_gold_positive']:.3f}, "
+                  f"of the negatives {metrics['rm_gold_negative']:.3f}")
+        state.update(stage="rm", step=0)
+        atomic_save({**state, "model": model.state_dict()}, os.path.join(run_dir, "checkpoint.pt"))
+
+    # ---- stage 3: the discriminator D = sigmoid(z), logistic loss, z read at the EOS token; reward r = z ----
+    if state["stage"] == "rm":
+        data = state["rm_data"]
+        examples = tokenize_examples(tokenizer, data["prompts"], [data["positives"], data["negatives"]], args, "discriminator data")
+        train_examples, heldout_examples = examples[:-num_rm_eval], examples[-num_rm_eval:]
+        reward_model, _ = load_reward_model(args.reward_model_path or sft_path, device)
+        if state["step"]:
+            reward_model.load_state_dict(state["reward_model"])
+
+        def discriminator_accuracy():
+            """On the held-out prompts: positives with D > 1/2 and negatives with D < 1/2 (accuracy), positive above
+            negative on the same prompt (pair accuracy), mean D of each side."""
+            z = response_logits(reward_model, [(p, r) for p, pos, neg in heldout_examples for r in (pos, neg)], pad_id,
+                                args.forward_batch_size, device, autocast)
+            labels = discriminator_labels(len(heldout_examples))
+            return {"rm_accuracy": ((z > 0).float() == labels).float().mean().item(),
+                    "rm_pair_accuracy": pair_accuracy(z[0::2], z[1::2]),
+                    "rm_d_positive": torch.sigmoid(z[0::2]).mean().item(), "rm_d_negative": torch.sigmoid(z[1::2]).mean().item()}
+
+        steps = batch_order(len(train_examples), args.batch_size, args.rm_epochs, args.seed + 1)
+        optimizer, scheduler = new_optimizer(reward_model.parameters(), args.rm_learning_rate, max(1, len(steps)), args, state)
+        reward_model.eval()  # no dropout (also in the value model and policy below)
+        bar = progress_bar(len(steps), "discriminator", state["step"])
+        for step in range(state["step"], len(steps)):
+            stats = torch.zeros(4, device=device)
+            for m in range(args.gradient_accumulation_steps):
+                rows = pair_rows_batch([train_examples[i] for i in steps[step][m * micro : (m + 1) * micro]], pad_id)
+                ids, mask = (t.to(device) for t in rows)  # rows [positive_0, negative_0, positive_1, negative_1, ...]
+                labels = discriminator_labels(len(ids) // 2).to(device)
+                with autocast:
+                    logits = sequence_rewards(reward_model, ids, mask)  # z(x, y), D = sigmoid(z)
+                loss = discriminator_loss(logits, labels).sum() / (2 * args.batch_size)
+                loss.backward()
+                d = torch.sigmoid(logits.detach())
+                stats += torch.stack([loss.detach(), ((d > 0.5).float() == labels).float().sum() / (2 * args.batch_size),
+                                      d[0::2].sum() / args.batch_size, d[1::2].sum() / args.batch_size])
+            grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, args, state)
+            bar.update()
+            if step % 10 == 0 or step + 1 == len(steps):
+                loss_v, acc, d_pos, d_neg = stats.tolist()
+                for k, v in {"rm/loss": loss_v, "rm/accuracy": acc, "rm/d_positive": d_pos, "rm/d_negative": d_neg,
+                             "rm/grad_norm": grad_norm.item()}.items():
+                    writer.add_scalar(k, v, state["global_step"])
+                bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc:.2f}")
+                bar.write(f"[rm] step {step + 1}/{len(steps)} loss {loss_v:.4f} acc {acc:.2f} D(positive) {d_pos:.3f} "
+                          f"D(negative) {d_neg:.3f}")
+            if args.save_every and (step + 1) % args.save_every == 0:
+                save_checkpoint(run_dir, state, model, optimizer, scheduler, reward_model=reward_model.state_dict())
+                bar.write(f"[rm] checkpoint at step {step + 1}")
+        bar.close()
+        metrics.update(discriminator_accuracy())
+        print(f"[rm] held-out: accuracy {metrics['rm_accuracy']:.3f}, pair accuracy {metrics['rm_pair_accuracy']:.3f}, "
+              f"D(positive) {metrics['rm_d_positive']:.3f}, D(negative) {metrics['rm_d_negative']:.3f}")
+        if eval_pairs:  # does the reward learned from demonstrations alone rank held-out human preferences right?
+            z = response_logits(reward_model, [(p, r) for p, chosen, rejected in eval_pairs for r in (chosen, rejected)],
+                                pad_id, args.forward_batch_size, device, autocast)
+            metrics["rm_pref_accuracy"] = pair_accuracy(z[0::2], z[1::2])
+            print(f"[rm] held-out preference pairs ranked right: {metrics['rm_pref_accuracy']:.3f}")
+        if ppo:  # N+: PPO's hyper-parameters assume a reward with mean 0 on the SFT model's samples
+            queries, query_mask = sample_prompts(ppo_prompts, min(args.num_reward_norm_samples, len(ppo_prompts)),
+                                                 args.seed * 7919 + 1, pad_id, device)
+            torch.manual_seed(args.seed * 7919 + 1)
+            raw = normalize_reward(reward_model, model, queries, query_mask, response_length, args, pad_id, eos_id, autocast)
+            metrics["reward_bias"] = reward_model.config.reward_bias
+            print(f"[rm] reward on {len(raw)} SFT samples: mean {raw.mean().item():.3f} std {raw.std().item():.3f} -> bias subtracted")
+        reward_model.save_pretrained(rm_path)
+        tokenizer.save_pretrained(rm_path)
+        del reward_model, optimizer
+        state.update(stage="bon", step=0)
+        atomic_save({**state, "model": model.state_dict()}, os.path.join(run_dir, "checkpoint.pt"))
+
+    # ---- stage 4: Best-of-N with r: --max_n samples of the SFT model per held-out prompt, drawn once, for every N ----
+    if state["stage"] == "bon":
+        reward_model, _ = load_reward_model(rm_path, device)
+        reward_model.eval()
+        queries, query_mask = (t.to(device) for t in left_pad(bon_prompt_ids, pad_id))
+        sampled = sample_candidates(model, queries, query_mask, args.max_n, response_length, args, pad_id, eos_id,
+                                    seed=(args.seed * 7919 + 4) * 100_003)
+        texts = decode_responses(tokenizer, sampled.flatten(0, 1), eos_id, pad_id)  # prompt-major: prompt i, samples 0 .. max_n-1
+        repeated = [p for p in bon_prompts for _ in range(args.max_n)]
+        examples = tokenize_examples(tokenizer, repeated, [texts], args, "Best-of-N candidates")
+        rewards = afd_reward(response_logits(reward_model, examples, pad_id, args.forward_batch_size, device, autocast))
+        rewards = rewards.view(len(bon_prompts), args.max_n)
+        gold = task.gold_reward(repeated, texts).view(len(bon_prompts), args.max_n) if task is not None else None
+        for n, reward, gold_reward in best_of_n_curve(rewards, gold, args.max_n):
+            metrics[f"reward_bon_{n}"] = reward
+            writer.add_scalar("bon/reward", reward, n)
+            if gold is not None:
+                metrics[f"gold_reward_bon_{n}"] = gold_reward
+                writer.add_scalar("bon/gold_reward", gold_reward, n)
+            if n & (n - 1) == 0 or n == args.max_n:
+                print(f"[bon] N = {n}: learned reward {reward:.3f}" + (f", gold reward {gold_reward:.3f}" if gold is not None else ""))
+        if gold is not None:  # the ceiling: a Best-of-N that could read the gold reward
+            metrics["gold_reward_bon_oracle"] = gold.max(1).values.mean().item()
+            print(f"[bon] N = {args.max_n} choosing by the gold reward itself: {metrics['gold_reward_bon_oracle']:.3f}")
+        with open(os.path.join(run_dir, "bon_samples.jsonl"), "w") as f:
+            for i, prompt in enumerate(bon_prompts):
+                row = {"prompt": prompt, "responses": texts[i * args.max_n : (i + 1) * args.max_n], "rewards": rewards[i].tolist()}
+                f.write(json.dumps({**row, "gold_rewards": gold[i].tolist()} if gold is not None else row) + "\n")
+        del reward_model
+        state.update(stage="ppo" if ppo else "done", step=0)
+        atomic_save({**state, "model": model.state_dict()}, os.path.join(run_dir, "checkpoint.pt"))
+
+    # ---- stage 5 (--policy_opt ppo): PPO on r with a per-token KL penalty to the SFT policy, as in rlhf_llm.py ----
+    if state["stage"] == "ppo":
+        ref_policy, reward_model, value_model = load_ppo_models(sft_path, rm_path, device)
+        if "value_model" in state:
+            value_model.load_state_dict(state["value_model"])
+        # N+: no dropout anywhere, so the ratio pi / pi_old is exactly 1 on the first minibatch; eval() mode throughout.
+        for m in (model, ref_policy, reward_model, value_model):
+            m.eval()
+        num_iterations = args.total_episodes // args.rollout_batch_size
+        optimizer, scheduler = new_optimizer(list(model.parameters()) + list(value_model.parameters()), args.learning_rate,
+                                             max(1, num_iterations), args)  # N+: learning rate annealed linearly
+        if state["step"]:  # (PPO draws its own seeds per iteration: no RNG state to restore)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        ppo_started = time.time()
+        bar = progress_bar(num_iterations, "ppo", state["step"])
+        for update in range(state["step"], num_iterations):
+            # 1. roll out: prompts -> responses sampled at the temperature, with the KV cache
+            queries, query_mask = sample_prompts(ppo_prompts, args.rollout_batch_size, args.seed * 1_000_003 + update, pad_id, device)
+            torch.manual_seed(args.seed * 1_000_003 + update)  # the sampling of iteration `update`, also after --resume
+            responses = generate(model, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
+                                 args.forward_batch_size)
+            # 2. score: log-probs, values, the discriminator's reward r = z (sequence_rewards, minus the normalising
+            #    bias), KL shaping, GAE, whitening (no grad)
+            batch = score_rollouts(model, ref_policy, reward_model, value_model, queries, query_mask, responses, args,
+                                   pad_id, eos_id, autocast)
+            # 3. learn: PPO epochs over minibatches of this batch
+            stats = ppo_update(model, value_model, optimizer, batch, args, autocast, seed=args.seed * 1_000_003 + update)
+            scheduler.step()
+            state["step"], state["global_step"] = update + 1, state["global_step"] + 1
+            bar.update()
+            mean_kl, scores = batch["kl"].mean().item(), batch["scores"].mean().item()
+            logs = {"objective/kl": mean_kl, "objective/kl_k3": batch["kl_k3"].mean().item(),
+                    "objective/entropy": batch["entropy"].mean().item(),
+                    "objective/non_score_reward": batch["non_score_reward"].mean().item(),
+                    "objective/rlhf_reward": scores + batch["non_score_reward"].mean().item(), "objective/scores": scores,
+                    "val/num_eos_tokens": batch["has_eos"].sum().item(),
+                    "val/response_length": batch["response_mask"].sum(1).float().mean().item(),
+                    "lr": scheduler.get_last_lr()[0], "episode": (update + 1) * args.rollout_batch_size, **stats}
+            if task is not None:  # the gold reward of the training samples themselves
+                text = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
+                prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+                logs["objective/gold_reward"] = task.gold_reward(prompts, [" " + r.strip() for r in text]).mean().item()
+            for k, v in logs.items():
+                writer.add_scalar(k, v, state["global_step"])
+            metrics.update(kl=mean_kl, scores=scores)
+            bar.set_postfix(score=f"{scores:.3f}", kl=f"{mean_kl:.3f}")
+            if update % 10 == 0 or update + 1 == num_iterations:
+                bar.write(f"[ppo] iteration {update + 1}/{num_iterations} score {scores:.3f} kl {mean_kl:.3f} "
+                          f"entropy {logs['objective/entropy']:.2f} approxkl {stats['policy/approxkl_avg']:.4f}"
+                          + (f" gold {logs['objective/gold_reward']:.3f}" if task is not None else "")
+                          + f" ({time.time() - ppo_started:.0f}s)")
+            if args.eval_every and (update + 1) % args.eval_every == 0 and update + 1 < num_iterations:
+                for k, v in evaluate_gold(task, model, tokenizer, args.seed, "_ppo").items():
+                    writer.add_scalar(f"eval/{k}", v, state["global_step"])
+            if args.save_every and (update + 1) % args.save_every == 0:
+                save_checkpoint(run_dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
+                bar.write(f"[ppo] checkpoint at iteration {update + 1}")
+        bar.close()
+        value_model.save_pretrained(os.path.join(run_dir, "value_model"))
+        state.update(stage="done")
+        save_checkpoint(run_dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
+
+    # ---- final evaluation, model, metrics ----
+    if ppo:
+        metrics.update(evaluate_gold(task, model, tokenizer, args.seed, ""))
+    elif task is not None:  # the final policy is Best-of-N at --max_n over the SFT model, the model saved below
+        metrics["gold_reward"] = metrics[f"gold_reward_bon_{args.max_n}"]
+        metrics["gold_reward_greedy"] = metrics.get("gold_reward_greedy_sft", metrics["gold_reward_greedy_init"])
+        print(f"[eval] Best-of-{args.max_n} (final): gold reward {metrics['gold_reward']:.3f}; "
+              f"the saved SFT model's greedy response {metrics['gold_reward_greedy']:.3f}")
+    finish_run(run_dir, writer, model, tokenizer, args, state, started, "afd", metrics)
+
+
+# ==========================================================================================================
+# Machinery: the fused chunked LM-head losses, training plumbing, checkpoints, input validation
+# ==========================================================================================================
+# Naively, log p(y_t) needs logits = hidden @ W^T for all N tokens: an (N, V) tensor, plus its log-softmax,
+# plus their gradients: 4 x N x V floats (N = 4096 tokens, V = 50304: 3.3 GB in fp32). Here the tokens are
+# cut into chunks of C: each chunk's (C, V) logits are made, used and freed, so memory is ~ C x V.
+#
+# Where the loss is a function of per-sequence sums of log-probs whose gradient is known once the chunk is
+# scored (SFT cross-entropy; DPO over whole pairs with precomputed reference log-probs), the gradients w.r.t.
+# hidden states and LM-head weight are computed *inside the forward*, chunk by chunk (fused_linear_loss), so the
+# logits are never recomputed. Where the gradient is not known in the forward (per-token log-probs for any later
+# use, as in PPO's ratio), a chunked Function keeps only the log-sum-exp per token and recomputes each chunk's
+# logits in the backward (ChunkedLogprobs; ChunkedLogprobsEntropy also returns the entropy).
+#
+# For log p(y) = z_y - logsumexp(z):  d log p(y) / dz = onehot(y) - softmax(z).
+def fused_linear_loss(loss_fn, hidden, weight, targets, seq_ids, *seq_inputs, group_size=1, scale=1.0, chunk_size):
+    """scale * sum(loss_fn(log p of each sequence, *seq_inputs)), from hidden (N, D), LM-head weight (V, D) and
+    targets (N,), without ever holding the (N, V) logits.
+
+    seq_ids (N,): the sequence each token belongs to, non-decreasing. loss_fn gets the summed log-probs of a block
+    of whole groups of `group_size` consecutive sequences (2 for a DPO pair) and the matching rows of each of
+    seq_inputs; it returns the per-group losses, or a tuple (per-group losses, *per-group statistics).
+    Returns (loss, statistics concatenated over the batch, log p of each sequence). The loss's gradients are
+    computed in the forward (backward only scales them)."""
+    statistics = []
+    loss, seq_logps = FusedLinearLoss.apply(hidden, weight, targets, seq_ids, loss_fn, seq_inputs, group_size, scale,
+                                            chunk_size, statistics)
+    return loss, tuple(torch.cat(column) for column in zip(*statistics)), seq_logps
+
+
+def _chunk_logits(hidden, weight, start, end, buffer):
+    """Logits of one chunk in the hidden states' dtype (bf16 inputs: bf16 matmul; the softmax math is fp32 on both
+    paths). Written into one reused (chunk, V) buffer: a fresh 100+ MB allocation per chunk costs page faults."""
+    return torch.mm(hidden[start:end], weight.t(), out=buffer[: end - start])
+
+
+def _logits_buffer(hidden, weight, chunk_size):
+    return torch.empty(min(chunk_size, hidden.shape[0]), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+
+
+def _chunk_forward(logits, targets):
+    """Per token of one chunk of logits (in the matmul's dtype): log p(target) and the log-sum-exp, both fp32, and
+    what the gradient step reuses. The torch path turns an fp32 copy into softmax probabilities in place and hands
+    them on; the Triton path (GPU) reads the logits once and keeps nothing: its gradient kernel recomputes
+    exp(z - lse) in the same pass that writes the gradient."""
+    if _use_triton(logits):
+        lse, target_logits, _ = _triton_lse(logits, targets)
+        return target_logits - lse, lse, None
+    probs = logits.float()  # bf16: an fp32 copy; fp32: the buffer itself
+    target_logits = probs.gather(1, targets[:, None]).squeeze(1)
+    lse = _lse_then_softmax_(probs)
+    return target_logits - lse, lse, probs
+
+
+def _chunk_grad_(logits, targets, lse, grad_logp, probs=None):
+    """dL/dz of one chunk in the logits' dtype (in place on the buffer where the path allows), for dL/dlog p(target)
+    = grad_logp per token. probs: _chunk_forward's, or None (a backward that kept only the log-sum-exp)."""
+    if _use_triton(logits):
+        return _triton_grad_(logits, targets, lse, grad_logp)
+    if probs is None:
+        probs = logits.float().sub_(lse[:, None]).exp_()
+    return _grad_logits_(probs, targets, grad_logp).to(logits.dtype)
+
+
+def _lse_then_softmax_(logits):
+    """Returns the log-sum-exp of each row, and turns the logits into softmax probabilities in place on the way.
+    (logsumexp() would allocate a second (chunk, V) temporary, and the gradient would need another exp pass.)"""
+    peak = logits.amax(-1)
+    total = logits.sub_(peak[:, None]).exp_().sum(-1)
+    logits.div_(total[:, None])
+    return peak + total.log()
+
+
+def _grad_logits_(probs, targets, grad_logp):
+    """In place on the softmax `probs`: dL/dz = g * (onehot(y) - softmax(z)), for dL/dlog p(y) = g per row."""
+    grad = probs.mul_(-grad_logp[:, None])
+    grad[torch.arange(len(targets), device=grad.device), targets] += grad_logp
+    return grad
+
+
+# ---- the same per-chunk work as two Triton kernels (GPU) ----
+# On a GPU the chunk's matmuls are fast and the torch ops above are ~10 passes over the (chunk, V) block (an fp32
+# copy, max, sub, exp, sum, div, gather, mul, scatter, a bf16 copy): they dominate. Two kernels do it in one read
+# (log-sum-exp, online) plus one read-and-write (the gradient, over the block in place, in its own dtype), with fp32
+# math; one program per token row, BLOCK columns at a time. The entropy terms serve PPO's loss (the kernels are the
+# same in every script). `--logprob_kernel auto` uses them for CUDA tensors when triton is installed; the tests run
+# them on the CPU through Triton's interpreter. Measurements: benchmarks/README.md.
+LOGPROB_KERNEL = "auto"  # auto | torch | triton; setup_torch() sets it from --logprob_kernel
+TRITON_BLOCK_V = 2048  # columns per step of a row (at most; fewer for a small vocabulary)
+
+
+def _use_triton(logits):
+    return LOGPROB_KERNEL == "triton" or (LOGPROB_KERNEL == "auto" and logits.is_cuda and triton is not None)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _lse_kernel(logits_ptr, stride, targets_ptr, lse_ptr, target_logit_ptr, entropy_ptr, V,
+                    BLOCK: tl.constexpr, ENTROPY: tl.constexpr):
+        row = tl.program_id(0)
+        base = logits_ptr + row.to(tl.int64) * stride
+        peak = tl.full((), float("-inf"), tl.float32)
+        total = tl.zeros((), tl.float32)  # sum of exp(z - peak)
+        weighted = tl.zeros((), tl.float32)  # sum of exp(z - peak) * z, for the entropy lse - E_p[z]
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            new_peak = tl.maximum(peak, tl.max(z, 0))
+            rescale = tl.exp(peak - new_peak)  # the running sums were taken against the old peak
+            e = tl.exp(z - new_peak)  # 0 past the vocabulary's end
+            total = total * rescale + tl.sum(e, 0)
+            if ENTROPY:
+                weighted = weighted * rescale + tl.sum(e * tl.where(cols < V, z, 0.0), 0)  # (0 * -inf would be nan)
+            peak = new_peak
+        lse = peak + tl.log(total)
+        tl.store(lse_ptr + row, lse)
+        tl.store(target_logit_ptr + row, tl.load(base + tl.load(targets_ptr + row)).to(tl.float32))
+        if ENTROPY:
+            tl.store(entropy_ptr + row, lse - weighted / total)
+
+    @triton.jit
+    def _grad_kernel(logits_ptr, stride, targets_ptr, lse_ptr, g_ptr, entropy_ptr, g_entropy_ptr, V,
+                     BLOCK: tl.constexpr, ENTROPY: tl.constexpr):
+        # dL/dz = g (onehot(y) - p) - g_H p (log p + H), with p = exp(z - lse)
+        row = tl.program_id(0)
+        base = logits_ptr + row.to(tl.int64) * stride
+        lse, g, target = tl.load(lse_ptr + row), tl.load(g_ptr + row), tl.load(targets_ptr + row)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            log_p = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) - lse
+            p = tl.exp(log_p)
+            grad = tl.where(cols == target, g, 0.0) - g * p
+            if ENTROPY:
+                grad -= tl.load(g_entropy_ptr + row) * p * (log_p + tl.load(entropy_ptr + row))
+            tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _triton_lse(logits, targets, entropy=False):
+    """Per row of a (chunk, V) block: log-sum-exp, the target's logit and (entropy=True) the entropy, fp32."""
+    rows, vocab = logits.shape
+    lse, target_logits = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(2))
+    entropies = torch.empty_like(lse) if entropy else lse  # (unused by the kernel when entropy=False)
+    _lse_kernel[(rows,)](logits, logits.stride(0), targets, lse, target_logits, entropies, vocab,
+                         BLOCK=min(TRITON_BLOCK_V, triton.next_power_of_2(vocab)), ENTROPY=entropy)
+    return lse, target_logits, entropies if entropy else None
+
+
+def _triton_grad_(logits, targets, lse, grad_logp, entropy=None, grad_entropy=None):
+    """In place: the block's logits -> dL/dz for dL/dlog p(target) = grad_logp and dL/dH = grad_entropy per row."""
+    rows, vocab = logits.shape
+    with_entropy = grad_entropy is not None
+    g = grad_logp.float().contiguous()
+    _grad_kernel[(rows,)](logits, logits.stride(0), targets, lse.contiguous(), g,
+                          entropy.contiguous() if with_entropy else g, grad_entropy.float().contiguous() if with_entropy else g,
+                          vocab, BLOCK=min(TRITON_BLOCK_V, triton.next_power_of_2(vocab)), ENTROPY=with_entropy)
+    return logits
+
+
+def _accumulate_(grad_weight, grad_logits, hidden):
+    """grad_weight (fp32) += grad_logits^T @ hidden; in place when dtypes allow (no (V, D) temporary)."""
+    if grad_logits.dtype == grad_weight.dtype:
+        grad_weight.addmm_(grad_logits.t(), hidden)
+    else:  # bf16 matmul per chunk, summed over chunks in fp32
+        grad_weight += (grad_logits.t() @ hidden).float()
+
+
+def _chunk_plan(seq_ids, group_size: int, chunk_size: int):
+    """[(start, end, first_seq, end_seq)] per chunk: about chunk_size tokens each, never splitting a group of
+    group_size consecutive sequences. Boundaries: the first token of each group, grouped by chunk_size bucket."""
+    group = seq_ids // group_size
+    group_starts = torch.cat([group.new_zeros(1), torch.nonzero(group[1:] != group[:-1]).squeeze(1) + 1])
+    bucket = group_starts // chunk_size
+    starts = group_starts[torch.cat([bucket.new_ones(1, dtype=torch.bool), bucket[1:] != bucket[:-1]])]
+    ends = torch.cat([starts[1:], starts.new_full((1,), len(seq_ids))])
+    first_seqs = seq_ids[starts] // group_size * group_size
+    return torch.stack([starts, ends, first_seqs, seq_ids[ends - 1] + 1]).t().tolist()  # the one host sync
+
+
+class FusedLinearLoss(torch.autograd.Function):
+    """The autograd Function behind fused_linear_loss: one pass over chunks of whole groups of sequences computes
+    the loss, its gradients w.r.t. hidden states and LM-head weight, the statistics and the sequence log-probs."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, seq_ids, loss_fn, seq_inputs, group_size: int, scale, chunk_size: int,
+                statistics: list):
+        cast_weight = weight.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        plan = _chunk_plan(seq_ids, group_size, chunk_size)
+        seq_logps = torch.zeros(plan[-1][3], dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        buffer = _logits_buffer(hidden, weight, max(end - start for start, end, _, _ in plan))
+        for start, end, first_seq, end_seq in plan:
+            local_ids = seq_ids[start:end] - first_seq
+            logits = _chunk_logits(hidden, cast_weight, start, end, buffer)
+            token_logps, lse, probs = _chunk_forward(logits, targets[start:end])
+            chunk_logps = torch.zeros(end_seq - first_seq, dtype=torch.float32, device=hidden.device).index_add_(0, local_ids, token_logps)
+            seq_logps[first_seq:end_seq] = chunk_logps
+            # The loss on this chunk's whole groups, and d loss / d sequence log-prob, by autograd on a tiny tensor.
+            with torch.enable_grad():
+                x = chunk_logps.detach().requires_grad_()
+                out = loss_fn(x, *(s[first_seq:end_seq] for s in seq_inputs))
+                losses, chunk_statistics = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+                chunk_loss = losses.sum() * scale
+                (grad_seqs,) = torch.autograd.grad(chunk_loss, x)
+            loss += chunk_loss.detach()
+            statistics.append([s.detach() for s in chunk_statistics])
+            grad_logits = _chunk_grad_(logits, targets[start:end], lse, grad_seqs[local_ids], probs)
+            torch.mm(grad_logits, cast_weight, out=grad_hidden[start:end])
+            _accumulate_(grad_weight, grad_logits, hidden[start:end])
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(seq_logps)
+        return loss, seq_logps
+
+    @staticmethod
+    def backward(ctx, grad_loss, _unused):
+        grad_hidden, grad_weight = ctx.saved_tensors  # in place: no second (V, D) tensor
+        return (grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss),
+                None, None, None, None, None, None, None, None)
+
+
+class ChunkedLogprobsEntropy(torch.autograd.Function):
+    """Per-token log p(target) and entropy H = logsumexp(z) - sum_v p_v z_v from hidden (N, D) and LM-head weight
+    (V, D), chunk by chunk: the PPO policy path. Keeps the per-token logsumexp and entropy; each chunk's logits are
+    recomputed in the backward. Gradients, with log p = z - lse:
+        d log p(y) / dz = onehot(y) - p,        d H / dz = -p * (log p + H).
+    Temperature: pass hidden / T (then z = hidden W^T / T exactly)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int):
+        ctx.set_materialize_grads(False)  # an unused output (entropy, when only logged) costs nothing in backward
+        weight = weight.to(hidden.dtype)
+        logps = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse, entropy = torch.zeros_like(logps), torch.zeros_like(logps)
+        buffer = _logits_buffer(hidden, weight, chunk_size)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            logits = _chunk_logits(hidden, weight, start, end, buffer)
+            if _use_triton(logits):
+                lse[start:end], target_logits, entropy[start:end] = _triton_lse(logits, targets[start:end], entropy=True)
+            else:
+                logits = logits.float()
+                lse[start:end] = logits.logsumexp(-1)
+                target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
+                entropy[start:end] = lse[start:end] - torch.softmax(logits, -1).mul_(logits).sum(-1)
+            logps[start:end] = target_logits - lse[start:end]
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.chunk_size = chunk_size
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        if grad_logps is None and grad_entropy is None:
+            return None, None, None, None
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        buffer = _logits_buffer(hidden, weight, ctx.chunk_size)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            logits = _chunk_logits(hidden, weight, start, end, buffer)  # recomputed: nothing (N, V) was kept
+            if _use_triton(logits):
+                g = grad_logps[start:end] if grad_logps is not None else lse.new_zeros(end - start)
+                g_entropy = grad_entropy[start:end] if grad_entropy is not None else None
+                grad_logits = _triton_grad_(logits, targets[start:end], lse[start:end], g, entropy[start:end], g_entropy)
+            else:
+                log_probs = logits.float().sub_(lse[start:end, None])  # in place (fp32 logits): log-softmax
+                # dL/dz = p * (-g_logp - g_H * (log p + H)) + g_logp * onehot(y)
+                if grad_entropy is not None:
+                    factor = (log_probs + entropy[start:end, None]).mul_(-grad_entropy[start:end, None].float())
+                else:
+                    factor = torch.zeros_like(log_probs)
+                if grad_logps is not None:
+                    g = grad_logps[start:end].float()
+                    factor.sub_(g[:, None])
+                grad_logits = factor.mul_(log_probs.exp_())
+                if grad_logps is not None:
+                    grad_logits[torch.arange(end - start, device=grad_logits.device), targets[start:end]] += g
+                grad_logits = grad_logits.to(hidden.dtype)
+            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+            _accumulate_(grad_weight, grad_logits, hidden[start:end])
+        return grad_hidden, grad_weight, None, None
+
+
+# ---- training plumbing ----
+def setup_torch(args):
+    """Threads, device, the log-prob kernel, bf16 autocast and the seeds; quiet library logging."""
+    global LOGPROB_KERNEL
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    LOGPROB_KERNEL = args.logprob_kernel
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    return device, torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+
+def new_optimizer(parameters, lr, steps, args, state=None):
+    """AdamW with linear warm-up then linear decay to 0 over `steps`; restored from `state` on a resume."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=args.weight_decay)
+    warmup = max(1, int(steps * args.warmup_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+    if state is not None and state["step"]:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+    return optimizer, scheduler
+
+
+def optimizer_step(parameters, optimizer, scheduler, args, state):
+    """Clip, step, advance the schedule and the run's step counters; returns the pre-clip gradient norm."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state["step"], state["global_step"] = state["step"] + 1, state["global_step"] + 1
+    return grad_norm
+
+
+def progress_bar(total: int, desc: str, initial: int = 0):
+    """A tqdm bar (set_postfix shows the running loss) when stderr is a terminal; in logs and tests a silent
+    stand-in, and the plain status lines carry the progress. tqdm comes with transformers and datasets."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
+
+
+# ---- run directory and checkpoints ----
+def open_run(args, model, first_stage):
+    """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model."""
+    if args.resume:
+        state = torch.load(os.path.join(args.resume, "checkpoint.pt"), weights_only=False)
+        model.load_state_dict(state["model"])
+        return args.resume, state
+    run_dir = os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    os.makedirs(run_dir, exist_ok=True)
+    write_json(asdict(args), os.path.join(run_dir, "config.json"))
+    return run_dir, {"stage": first_stage, "step": 0, "metrics": {}, "global_step": 0}
+
+
+def save_checkpoint(run_dir, state, model, optimizer, scheduler, **extra):
+    """The run's state, model, optimizer, schedule and RNG (+ extra models), written atomically."""
+    atomic_save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
+                os.path.join(run_dir, "checkpoint.pt"))
+
+
+def finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, metrics):
+    """The final model, metrics.json (the contract: algo, task, seed, steps, wall_s + the final evaluation)."""
+    for k, v in metrics.items():
+        writer.add_scalar(f"final/{k}", v, state["global_step"])
+    model.save_pretrained(os.path.join(run_dir, "model"))
+    tokenizer.save_pretrained(os.path.join(run_dir, "model"))
+    result = {"algo": algo, "task": "sort" if args.dataset_name is None else args.dataset_name, "seed": args.seed,
+              "steps": state["global_step"], "wall_s": round(time.time() - started, 1), **metrics}
+    write_json(result, os.path.join(run_dir, "metrics.json"))
+    writer.close()
+    print(json.dumps(result))
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file, then rename: a killed run never leaves a truncated checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path: str):
+    """json.dump with the same write-then-rename as atomic_save."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ---- input validation: one line naming the problem and the fix, before anything is built or written ----
+def parse_args():
+    """The flags, or on --resume the run's own config.json, validated."""
+    args = tyro.cli(Args, use_underscores=True)
+    if args.resume is not None:
+        if not os.path.exists(os.path.join(args.resume, "checkpoint.pt")):
+            fail(f"--resume {args.resume!r} holds no checkpoint.pt; point it at a run directory written by this script")
+        with open(os.path.join(args.resume, "config.json")) as f:
+            saved = json.load(f)
+        task = SortTaskConfig(**saved.pop("task"))
+        args = Args(**{**saved, "task": task, "resume": args.resume})
+    validate_args(args)
+    return args
+
+
+def validate_args(args: Args):
+    check_ranges(args, RANGES)
+    embedded = args.dataset_name is None
+    minibatch_size = args.rollout_batch_size // args.num_mini_batches
+    checks = [
+        (args.batch_size % args.gradient_accumulation_steps == 0,
+         f"--batch_size {args.batch_size} is not divisible by --gradient_accumulation_steps {args.gradient_accumulation_steps}; "
+         "make it a multiple"),
+        (args.policy_opt != "ppo" or args.rollout_batch_size % args.num_mini_batches == 0
+         and minibatch_size % args.gradient_accumulation_steps == 0,
+         f"--rollout_batch_size {args.rollout_batch_size} must split into --num_mini_batches {args.num_mini_batches} minibatches "
+         f"of a multiple of --gradient_accumulation_steps {args.gradient_accumulation_steps}"),
+        (args.max_prompt_length < args.max_length, "--max_prompt_length must be < --max_length (room for a response)"),
+        (args.logprob_kernel != "triton" or triton is not None,
+         "--logprob_kernel triton needs the triton package (it comes with CUDA builds of torch); use auto or torch"),
+        (args.logprob_kernel != "triton" or args.device != "cpu" and torch.cuda.is_available()
+         or os.environ.get("TRITON_INTERPRET") == "1",
+         "--logprob_kernel triton needs a CUDA device (or TRITON_INTERPRET=1: Triton's interpreter, slow); use auto or torch"),
+        (not embedded or args.model_name_or_path is None,
+         "--model_name_or_path needs --dataset_name (the embedded task comes with its own base model)"),
+        (args.rm_epochs > 0 or args.reward_model_path is not None,
+         "--rm_epochs 0 needs --reward_model_path (a trained reward model); otherwise the discriminator is untrained"),
+        (args.sft_epochs > 0 or args.rm_data != "init_sft",
+         "--rm_data init_sft compares the SFT model's samples with the initial model's: it needs --sft_epochs > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    if embedded:
+        check_embedded_task(args)
+        available = args.task.num_demos if args.num_rm_samples is None else min(args.num_rm_samples, args.task.num_demos)
+        if args.num_rm_samples is not None and args.num_rm_samples > args.task.num_demos:
+            fail(f"--num_rm_samples {args.num_rm_samples} exceeds the {args.task.num_demos} demonstrations (--task.num_demos); "
+                 "lower it or leave it unset (all of them)")
+        held_out = max(1, round(available * args.rm_eval_fraction))
+        check_batches_fit([("demonstrations (--task.num_demos)", args.task.num_demos, args.sft_epochs, args.batch_size, "--batch_size"),
+                           (f"discriminator training prompts ({available} demonstrations (--task.num_demos, --num_rm_samples) "
+                            f"minus {held_out} held out (--rm_eval_fraction))", available - held_out, args.rm_epochs, args.batch_size,
+                            "--batch_size"),
+                           ("PPO prompts (--task.num_demos, at most)", args.task.num_demos,
+                            args.policy_opt == "ppo" and args.total_episodes, args.rollout_batch_size, "--rollout_batch_size")])
+
+
+def check_same_tokenizer(reward_model_path, tokenizer, model_path):
+    """A reward model must read the policy's tokens as the same words."""
+    if reward_model_path is None:
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        rm_vocab = AutoTokenizer.from_pretrained(reward_model_path).get_vocab()
+    except (OSError, ValueError) as e:
+        fail(f"could not load the tokenizer of --reward_model_path {reward_model_path!r} ({str(e).splitlines()[0]})")
+    if rm_vocab != tokenizer.get_vocab():
+        fail(f"the tokenizer of --reward_model_path {reward_model_path!r} differs from the policy's ({model_path!r}); "
+             "use a reward model trained on the policy's tokenizer")
+
+
+def check_context(model, prompts, response_length):
+    """The longest prompt plus a full response fit the model's context."""
+    context_limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts) if prompts else 0
+    if context_limit and longest + response_length > context_limit:
+        fail(f"prompts of up to {longest} tokens + --response_length {response_length} exceed the model's context "
+             f"({context_limit}); lower --response_length or --max_prompt_length")
+
+
+def check_embedded_task(args):
+    """The embedded task's own checks (sort_task.validate), before it is built."""
+    try:
+        import_embedded_task().validate(args.task)
+    except ValueError as e:
+        fail(str(e))
+
+
+def import_embedded_task():
+    try:
+        import sort_task
+    except ImportError:
+        fail("the embedded task needs sort_task.py beside this script (copy it too), "
+             "or give your data with --dataset_name and --model_name_or_path")
+    return sort_task
+
+
+def load_embedded_task(args):
+    return import_embedded_task().SortTask(args.task)
+
+
+def check_batches_fit(needs):
+    """Each stage that runs gets at least one full batch. needs: [(what, how many, the stage runs, batch size, its flag)]."""
+    for what, available, runs, batch_size, flag in needs:
+        if runs and available < batch_size:
+            fail(f"only {available} {what} for {flag} {batch_size}; lower {flag} or add data")
+
+
+def check_ranges(config, ranges: dict, prefix: str = "--"):
+    """fail() unless each numeric flag lies in its interval, written like "(0, inf)" or "[0, 1)": a round bracket
+    excludes its end. NaN lies in no interval; None passes (an Optional flag left unset)."""
+    for name, interval in ranges.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        low, high = (float(end) for end in interval[1:-1].split(","))
+        above = low <= value if interval[0] == "[" else low < value
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):
+            fail(f"{prefix}{name} must be in {interval} (got {value})")
+
+
+def fail(message: str):
+    """Bad input: one line on stderr that names the problem and the fix; exit code 2, as for tyro's own errors."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
