@@ -157,8 +157,8 @@ class Args:
     """cpu, cuda or auto"""
     bf16: bool = False
     """bfloat16 autocast (GPU); master weights stay fp32"""
-    num_threads: int = 0
-    """torch CPU threads (0 = torch's default)"""
+    num_threads: int = 1
+    """torch CPU threads (0 = torch's default, for large models on a CPU; the embedded task's tiny model runs fastest on 1)"""
     task: SortTaskConfig = field(default_factory=SortTaskConfig)
     """the embedded task (used when --dataset_name is not given)"""
 

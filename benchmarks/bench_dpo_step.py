@@ -2,8 +2,8 @@
 
   naive  - the LM head as a linear layer under autocast, then log_softmax over all (tokens, V) logits in fp32
            and a gather (what TRL and a plain PyTorch loop do);
-  torch  - dpo_llm.FusedLinearLoss with the torch chunk path (--logprob_kernel torch);
-  triton - dpo_llm.FusedLinearLoss with the Triton kernels (--logprob_kernel triton; auto picks them on a GPU).
+  torch  - dpo_llm.fused_linear_loss with the torch chunk path (--logprob_kernel torch);
+  triton - dpo_llm.fused_linear_loss with the Triton kernels (--logprob_kernel triton; auto picks them on a GPU).
 
 Everything else is dpo_llm.py's own step: random-init GPTNeoX models with Pythia-160m/410m shapes and vocabulary,
 bf16 autocast with fp32 master weights, the shared-prompt forward (pair_scored_tokens), the DPO loss, backward and
@@ -12,7 +12,7 @@ over rounds, each measured after a warm-up step: time = median seconds per step,
 torch.cuda.max_memory_allocated over a step (activations, logits, gradients; the weights and AdamW's state excluded).
 
     python benchmarks/bench_dpo_step.py                               # a CUDA GPU, both shapes
-    python benchmarks/bench_dpo_step.py --device cpu --shapes tiny --pairs 2 --steps 1 --rounds 1   # smoke run
+    python benchmarks/bench_dpo_step.py --device cpu --shapes tiny --pairs 2 --steps 1 --rounds 1 --paths naive torch  # smoke
 """
 
 import argparse
@@ -21,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -59,22 +60,18 @@ def batches(a, count, device):
 def step(model, optimizer, batch, path, a, autocast):
     weight = model.get_output_embeddings().weight
     ref = torch.zeros(2 * a.pairs, device=weight.device)  # precomputed reference log-probs: values do not change the cost
-
-    def pair_loss(row_logps, first, end):
-        losses, _, _ = dpo_llm.dpo_losses(row_logps[0::2], row_logps[1::2], ref[first:end:2], ref[first + 1:end:2],
-                                          BETA, "sigmoid", 0.0)
-        return losses.sum() / a.pairs
-
     with autocast:
         hidden, targets, rows = dpo_llm.pair_scored_tokens(model, *batch)
         if path == "naive":
             logits = model.get_output_embeddings()(hidden)
     if path == "naive":
         token_logps = torch.log_softmax(logits.float(), -1).gather(1, targets[:, None]).squeeze(1)
-        loss = pair_loss(torch.zeros(2 * a.pairs, device=hidden.device).index_add(0, rows, token_logps), 0, 2 * a.pairs)
+        logps = torch.zeros(2 * a.pairs, device=hidden.device).index_add(0, rows, token_logps)
+        loss = dpo_llm.dpo_loss(logps, ref, BETA)[0].sum() / a.pairs
     else:
         dpo_llm.LOGPROB_KERNEL = path
-        loss, _ = dpo_llm.FusedLinearLoss.apply(hidden, weight, targets, rows, 2 * a.pairs, 2, a.chunk, pair_loss)
+        loss, _, _ = dpo_llm.fused_linear_loss(partial(dpo_llm.dpo_loss, beta=BETA), hidden, weight, targets, rows, ref,
+                                               group_size=2, scale=1 / a.pairs, chunk_size=a.chunk)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

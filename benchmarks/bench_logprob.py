@@ -3,8 +3,8 @@
 The naive path materialises logits (N, V), their log-softmax and both gradients; ours (dpo_llm.py, rlhf_llm.py)
 keeps one (chunk, V) block alive. Four comparisons, each ours vs its naive twin on the same inputs:
   dpo   - DPO loss over 16 pairs (32 rows x 128 response tokens) with precomputed reference log-probs:
-          naive log_softmax+gather vs FusedLinearLoss (gradients computed inside the forward);
-  sft   - token-mean cross-entropy: F.cross_entropy on full logits vs FusedLinearLoss;
+          naive log_softmax+gather vs fused_linear_loss (gradients computed inside the forward);
+  sft   - token-mean cross-entropy: F.cross_entropy on full logits vs fused_linear_loss;
   token - per-token log-probs with an arbitrary upstream gradient: naive vs ChunkedLogprobs (logits recomputed
           chunk by chunk in the backward);
   entropy - per-token log-probs and entropies, arbitrary upstream gradients on both (PPO's policy loss):
@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dpo_llm  # noqa: E402
 import rlhf_llm  # noqa: E402
-from dpo_llm import ChunkedLogprobs, FusedLinearLoss, dpo_losses  # noqa: E402
+from dpo_llm import ChunkedLogprobs, dpo_loss, fused_linear_loss, sft_loss  # noqa: E402
 from rlhf_llm import ChunkedLogprobsEntropy  # noqa: E402
 
 PAIRS, ROW_TOKENS, BETA = 16, 128, 0.1
@@ -73,20 +74,17 @@ def run_variant(name, chunk, hidden, weight, targets, rows, ref, upstream):
     name = {"triton-dpo": "fused-dpo", "triton-sft": "fused-sft", "triton-token": "chunked-token",
             "triton-entropy": "chunked-entropy"}.get(name, name)
 
-    def pair_loss(row_logps, first, end):
-        losses, _, _ = dpo_losses(row_logps[0::2], row_logps[1::2], ref[first:end:2], ref[first + 1:end:2], BETA, "sigmoid", 0.0)
-        return losses.sum() / PAIRS
-
     if name == "naive-dpo":
         per_row = torch.zeros(2 * PAIRS, device=hidden.device).index_add(0, rows, naive_token_logps(hidden, weight, targets))
-        loss = pair_loss(per_row, 0, 2 * PAIRS)
+        loss = dpo_loss(per_row, ref, BETA)[0].sum() / PAIRS
     elif name == "fused-dpo":
-        loss, _ = FusedLinearLoss.apply(hidden, weight, targets, rows, 2 * PAIRS, 2, chunk, pair_loss)
+        loss, _, _ = fused_linear_loss(partial(dpo_loss, beta=BETA), hidden, weight, targets, rows, ref, group_size=2,
+                                       scale=1 / PAIRS, chunk_size=chunk)
     elif name == "naive-sft":
         loss = F.cross_entropy((hidden @ weight.t()).float(), targets)
     elif name == "fused-sft":
-        loss, _ = FusedLinearLoss.apply(hidden, weight, targets, torch.arange(n, device=hidden.device), n, 1, chunk,
-                                        lambda lp, a, b: -lp.sum() / n)
+        loss, _, _ = fused_linear_loss(sft_loss, hidden, weight, targets, torch.arange(n, device=hidden.device), scale=1 / n,
+                                       chunk_size=chunk)
     elif name == "naive-token":
         loss = (naive_token_logps(hidden, weight, targets) * upstream[:, 0]).sum()
     elif name == "chunked-token":

@@ -1,6 +1,6 @@
 """dpo_llm.py's shared-prompt forward vs the concatenated forward: time and peak RSS of one DPO step, side by side.
 
-Both paths feed the same fused chunked DPO loss (FusedLinearLoss); they differ only in how the backbone sees a
+Both paths feed the same fused chunked DPO loss (fused_linear_loss); they differ only in how the backbone sees a
 pair: concatenated = rows [prompt + chosen, prompt + rejected], each prompt run twice (what TRL and most DPO
 code do); shared = `pair_scored_tokens`, each prompt run once and its keys/values reused by both responses.
 Random-init GPTNeoX models with the Pythia vocabulary (50304), random token pairs, batch 8 pairs, fp32, CPU,
@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name: (hidden, layers, heads, intermediate, prompt tokens, response tokens)
@@ -51,8 +52,7 @@ def worker(path, shape, steps, threads):
 
     batches = [[(tokens(prompt_len), tokens(response_len), tokens(response_len)) for _ in range(PAIRS)] for _ in range(steps + 1)]
 
-    def dpo_loss(row_logps, first, end):  # reference log-probs 0: the loss's cost does not depend on them
-        return -torch.nn.functional.logsigmoid(BETA * (row_logps[0::2] - row_logps[1::2])).sum() / PAIRS
+    ref = torch.zeros(2 * PAIRS)  # reference log-probs 0: the loss's cost does not depend on them
 
     def step(examples):
         if path == "shared":
@@ -61,7 +61,8 @@ def worker(path, shape, steps, threads):
             sequences = [p + r for p, c, rj in examples for r in (c, rj)]
             starts = [len(p) for p, _, _ in examples for _ in range(2)]
             hidden_rows, targets, rows = dpo_llm.scored_tokens(model, *dpo_llm.collate(sequences, starts, 1))
-        loss, _ = dpo_llm.FusedLinearLoss.apply(hidden_rows, weight, targets, rows, 2 * PAIRS, 2, CHUNK, dpo_loss)
+        loss, _, _ = dpo_llm.fused_linear_loss(partial(dpo_llm.dpo_loss, beta=BETA), hidden_rows, weight, targets, rows, ref,
+                                               group_size=2, scale=1 / PAIRS, chunk_size=CHUNK)
         loss.backward()
         model.zero_grad(set_to_none=True)
 

@@ -105,6 +105,16 @@ SMALL_TASK = ["--task.num_demos", 16, "--task.num_prefs", 16, "--task.num_eval_p
 # (Task knobs that shape the base model pi0 -- seed, digits, symbols, base_model_steps -- stay at their defaults here:
 # each new value builds a new pi0.)
 EDGES = {
+    "afd_llm": ["--sft_epochs", 1, "--rm_epochs", 1, "--rm_eval_fraction", 0.5, "--num_rm_samples", 16, "--max_n", 1,
+                "--temperature", 1e3, "--response_length", 1, "--forward_batch_size", 1, "--policy_opt", "ppo", "--total_episodes", 8,
+                "--rollout_batch_size", 8, "--num_mini_batches", 8, "--num_ppo_epochs", 1, "--gamma", 1e-9, "--lam", 0, "--kl_coef", 0,
+                "--vf_coef", 0, "--missing_eos_penalty", 0, "--cliprange", 1e-9, "--cliprange_value", 1e-9,
+                "--num_reward_norm_samples", 1, "--target_kl", 1e-9, "--warmup_ratio", 0, "--eval_every", 1, "--save_every", 1,
+                "--task.demo_noise", 0, "--task.demo_flaw", 0],
+    "aihf_llm": ["--algo", "rl", "--w_demo", 0, "--w_pref", 1e3, "--reward_pretrain_steps", 1, "--reward_steps", 0,
+                 "--total_episodes", 16, "--rollout_batch_size", 8, "--num_mini_batches", 8, "--num_ppo_epochs", 1,
+                 "--num_eval_demos", 0, "--kl_coef", 0, "--gamma", 1e-9, "--lam", 0, "--response_length", 1,
+                 "--temperature", 1e3, "--forward_batch_size", 1, "--sft_epochs", 1, "--save_every", 1, "--eval_every", 1],
     "dpo_llm": ["--sft_epochs", 1, "--num_epochs", 1, "--beta", 1e3, "--label_smoothing", 0.499, "--warmup_ratio", 1.0,
                 "--weight_decay", 0, "--max_grad_norm", 1e-9, "--logprob_chunk_size", 1, "--eval_every", 1, "--save_every", 1,
                 "--gradient_accumulation_steps", 8, "--task.pref_temperature", 0, "--task.demo_noise", 0.5,

@@ -22,10 +22,12 @@ SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py
 LLM_SCRIPTS = [s for s in SCRIPTS if s.endswith("_llm.py")]
 # Defined in every script on purpose, each its own: the knobs, their ranges, the loop and its checks.
 PER_SCRIPT = {"Args", "RANGES", "main", "validate_args"}
-# Same name, another job on purpose: a MuJoCo run holds an agent, a replay buffer and the env's RNG instead of a
-# language model, so its run-directory and checkpoint helpers are its own. The LLM scripts' copies are still
-# compared with each other.
-OWN_COPY = {("aihf_mujoco.py", "open_run"), ("aihf_mujoco.py", "save_checkpoint")}
+# Same name, another job on purpose (the LLM scripts' copies are still compared with each other):
+# - a MuJoCo run holds an agent, a replay buffer and the env's RNG instead of a language model, so its
+#   run-directory and checkpoint helpers are its own;
+# - AIHF's reward step on MuJoCo is the authors' linear ML-IRL contrast on per-step rewards plus Bradley-Terry on
+#   segment returns; on language models the demonstration term is Bradley-Terry on (demo, sample) pairs.
+OWN_COPY = {("aihf_mujoco.py", "open_run"), ("aihf_mujoco.py", "save_checkpoint"), ("aihf_mujoco.py", "aihf_reward_loss")}
 
 
 def top_level_definitions(path):
@@ -147,6 +149,7 @@ def tiny_local_run(script, hh):
     return {
         "afd_llm.py": [*common, "--sft_epochs", 1, "--rm_epochs", 1, "--response_length", 6, "--max_n", 2],
         "dpo_llm.py": [*common, "--sft_epochs", 1, "--num_epochs", 1],
+        "aihf_llm.py": [*common, "--response_length", 6, "--total_episodes", 8, "--rollout_batch_size", 4, "--num_eval_demos", 4],
         "rlhf_llm.py": [*common, "--reward_model_path", hh["model"], "--sft_epochs", 1, "--rm_epochs", 1,
                         "--response_length", 6, "--total_episodes", 8, "--rollout_batch_size", 4, "--num_reward_norm_samples", 4],
     }[script]

@@ -1,0 +1,1760 @@
+"""AIHF: learn the reward and the policy jointly, in one stage, from demonstrations AND preferences.
+
+Li et al., "Learning Reward and Policy Jointly from Demonstration and Preference Improves Alignment" (ICLR 2025,
+arXiv 2406.06874). A bilevel problem: the policy is the best response to the reward r_phi,
+    pi_r = argmax_pi E_{x, y~pi}[r(x, y)] - beta KL(pi || pi_ref),   in closed form pi_r ∝ pi_ref exp(r / beta) (Lemma 4.1),
+and the reward maximises the likelihood of both data sources under it,
+    max_phi  w_demo E_D[log pi_r(y^E | x)] + w_pref E_P[log sigmoid(r(x, y_w) - r(x, y_l))].
+The demonstration term's gradient is the ML-IRL contrast E_D[grad r(x, y^E)] - E_{y~pi_r}[grad r(x, y)]: push the
+reward up on demonstrations, down on the policy's own samples. Three algorithms (--algo):
+  rl       each round: sample y ~ pi on demonstration prompts; --reward_steps steps on
+           L(phi) = w_demo mean -log sig(r(x, y^E) - r(x, y~pi)) + w_pref mean -log sig(r(x, y_w) - r(x, y_l));
+           then one PPO iteration on r with a per-token KL penalty to pi_ref (the N+ details of rlhf_llm.py).
+  direct   the implicit reward r = beta log(pi / pi_ref): DPO-form losses on the preference pairs and on demo pairs
+           (y^E preferred to a sample of pi_ref), weighted w_pref / w_demo, pi_ref fixed.
+  selfplay as direct, in rounds: each round's demo-pair samples come from the previous round's policy, which is also
+           that round's reference (the SPIN form).
+Special cases: w_demo = 0 is RLHF (rl) or DPO (direct); w_pref = 0 is IRL from demonstrations (rl) or IRFT/SPIN
+(selfplay). As in the authors' code, policy and reference start from the base model and the reward from scratch
+(--sft_epochs and --reward_pretrain_steps add the warm starts).
+
+    python aihf_llm.py                                   # embedded digit-sorting task, AIHF-RL, offline, CPU, minutes
+    python aihf_llm.py --model_name_or_path EleutherAI/pythia-160m --dataset_name Anthropic/hh-rlhf \
+        --max_length 512 --max_prompt_length 384 --response_length 128 --rm_learning_rate 1e-6 --learning_rate 1e-6 \
+        --total_episodes 64000 --bf16 --logprob_chunk_size 4096   # demos: the chosen responses of half the pairs
+"""
+
+import copy
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+import tyro
+
+try:  # GPU kernels for the log-prob chunks; triton comes with CUDA builds of torch (CPU: the torch path)
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+try:  # the embedded task is the one module the LLM scripts share; a copied script runs without it on real data
+    from sort_task import SortTaskConfig
+except ImportError:  # pragma: no cover
+
+    @dataclass
+    class SortTaskConfig:
+        pass
+
+
+@dataclass
+class Args:
+    exp_name: str = "aihf_llm"
+    """name of the experiment (prefix of the run directory)"""
+    seed: int = 1
+    """seed of the run (data order, sampling)"""
+    run_name: Optional[str] = None
+    """run directory name under --output_dir (default: {exp_name}__{seed}__{unix time})"""
+    output_dir: str = "runs"
+    """where run directories are written"""
+    resume: Optional[str] = None
+    """a run directory to continue: its config.json replaces the other flags"""
+
+    # The algorithm
+    algo: Literal["rl", "direct", "selfplay"] = "rl"
+    """rl: explicit reward + PPO; direct: implicit reward, DPO form; selfplay: direct in rounds, SPIN form"""
+    w_demo: float = 1.0
+    """weight of the demonstration term (authors' code: 1.0); 0 = RLHF (rl) or DPO (direct)"""
+    w_pref: float = 1.0
+    """weight of the preference term (authors' code: 1.0); 0 = IRL from demonstrations (rl) or IRFT (selfplay)"""
+
+    # Model and data
+    model_name_or_path: Optional[str] = None
+    """policy to start from (hub id or local dir); default: the embedded task's pi0, or pythia-160m with --dataset_name"""
+    reward_model_path: Optional[str] = None
+    """rl: the reward model's starting point (causal LM + new scalar head, or a trained one); default: the policy's start"""
+    dataset_name: Optional[str] = None
+    """preference data: hub id (e.g. Anthropic/hh-rlhf) or local dir/.jsonl/.json/.parquet; default: embedded task"""
+    dataset_split: str = "train"
+    """split used for training"""
+    eval_split: str = "test"
+    """split for held-out pairs; if missing, the last --num_eval_prefs training pairs are held out"""
+    demo_dataset_name: Optional[str] = None
+    """demonstrations (prompt/completion, or the chosen responses of preference data); default: see --demo_fraction"""
+    demo_fraction: float = 0.5
+    """without --demo_dataset_name: the chosen responses of this first share of the training pairs are the
+    demonstrations, and the other pairs the preferences (disjoint)"""
+    num_eval_prefs: int = 512
+    """held-out pairs scored for preference accuracy (real data)"""
+    num_eval_demos: int = 128
+    """demonstrations held out of training to measure how the reward ranks a demonstration against a policy sample"""
+    max_length: int = 64
+    """longest prompt + response in tokens; responses are truncated to fit"""
+    max_prompt_length: int = 32
+    """examples whose prompt is longer than this are dropped (counted and reported)"""
+
+    # Starting point
+    sft_epochs: int = 0
+    """epochs of SFT on the demonstrations first, a warm start of policy and reference (0 = pi0, as the authors' code)"""
+    sft_learning_rate: float = 3e-4
+    """AdamW learning rate of SFT (embedded task; 1e-5 suits Pythia on HH)"""
+    reward_pretrain_steps: int = 0
+    """rl: Bradley-Terry steps on the preferences before the loop (0 = the reward starts from scratch, as the authors' code)"""
+
+    # rl: the reward step and PPO
+    reward_steps: int = 1
+    """rl: reward updates per round (the theory: one reward step per policy step)"""
+    rm_learning_rate: float = 1e-4
+    """rl: AdamW learning rate of the reward model (embedded task; the authors' code uses 1e-6 on Pythia-1.4B)"""
+    total_episodes: int = 8192
+    """rl: prompts PPO samples in total; one round per --rollout_batch_size of them"""
+    rollout_batch_size: int = 64
+    """rl: demonstration prompts sampled per round (their samples are the reward's negatives and PPO's rollouts)"""
+    num_mini_batches: int = 2
+    """rl: minibatches (optimizer steps) per PPO epoch"""
+    num_ppo_epochs: int = 4
+    """rl: PPO epochs over each round's rollouts"""
+    response_length: Optional[int] = None
+    """most tokens generated per response (None: the task's max_response_tokens; 128 on real data)"""
+    temperature: float = 0.7
+    """rl: sampling temperature; the same temperature divides the logits when scoring (N+)"""
+    missing_eos_penalty: float = 1.0
+    """rl: subtracted from the score of a response that did not end with EOS within --response_length"""
+    kl_coef: float = 0.05
+    """rl: weight of the per-token KL penalty to pi_ref (AIHF code: 0.05)"""
+    gamma: float = 1.0
+    """rl: discount of GAE"""
+    lam: float = 0.95
+    """rl: lambda of GAE"""
+    cliprange: float = 0.2
+    """rl: clip range of the policy ratio"""
+    cliprange_value: float = 0.2
+    """rl: clip range of the value prediction around its rollout-time value"""
+    vf_coef: float = 0.1
+    """rl: weight of the value loss"""
+    target_kl: Optional[float] = None
+    """rl: early stop of a round's PPO epochs once a minibatch's approx KL exceeds this (None = off)"""
+    forward_batch_size: int = 64
+    """sequences per no-grad forward when generating and scoring"""
+
+    # direct / selfplay: the implicit reward
+    beta: float = 0.1
+    """direct/selfplay: KL weight beta of the implicit reward (authors' code: 0.1)"""
+    num_epochs: int = 2
+    """direct/selfplay: epochs per round over the larger of the demonstration and preference pair sets"""
+    num_rounds: int = 2
+    """selfplay: rounds, each with fresh samples of the previous round's policy as its reference (direct: 1)"""
+
+    # Optimisation shared by the stages
+    learning_rate: Optional[float] = None
+    """AdamW learning rate of the policy: PPO (rl; default 1e-4 on the embedded task, the authors' code uses 1e-6 on
+    Pythia) or the DPO-form loss (direct/selfplay; default 5e-5, the authors' code uses 5e-7 on 7B models)"""
+    batch_size: int = 32
+    """examples per optimizer step: demonstrations in SFT, pairs of each kind in the reward and DPO-form steps"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step (batch_size and the PPO minibatch must be divisible by it)"""
+    warmup_ratio: float = 0.1
+    """share of each stage's steps with a linear learning-rate warm-up (then linear decay to 0)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    logprob_chunk_size: int = 1024
+    """tokens per chunk of the fused LM-head paths: memory ~ chunk x vocab instead of tokens x vocab (GPU: 2048-4096)"""
+    logprob_kernel: Literal["auto", "torch", "triton"] = "auto"
+    """per-chunk softmax work: triton (GPU kernels), torch, or auto (triton for CUDA tensors when installed)"""
+
+    # Evaluation, logging, checkpoints, hardware
+    eval_every: int = 50
+    """evaluate the gold reward (embedded task) every this many rounds (rl) or steps (direct/selfplay); 0 = at the end"""
+    save_every: int = 50
+    """write a checkpoint every this many optimizer steps or rounds (0 = only at stage ends)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """cpu, cuda or auto"""
+    bf16: bool = False
+    """bfloat16 autocast (GPU); master weights stay fp32"""
+    num_threads: int = 1
+    """torch CPU threads (0 = torch's default, for large models on a CPU; the embedded task's tiny model runs fastest on 1)"""
+    task: SortTaskConfig = field(default_factory=SortTaskConfig)
+    """the embedded task (used when --dataset_name is not given)"""
+
+
+# The valid interval of every numeric flag, checked before anything is built or written ("(" excludes the end).
+RANGES = {
+    "seed": "[0, inf)", "w_demo": "[0, 1e3]", "w_pref": "[0, 1e3]", "demo_fraction": "(0, 1)", "num_eval_prefs": "[1, inf)",
+    "num_eval_demos": "[0, 1e6]", "max_length": "[2, 1e6]", "max_prompt_length": "[1, 1e6]", "sft_epochs": "[0, 1e4]",
+    "sft_learning_rate": "(0, 1]", "reward_pretrain_steps": "[0, 1e7]", "reward_steps": "[0, 1e4]", "rm_learning_rate": "(0, 1]",
+    "total_episodes": "[0, 1e9]", "rollout_batch_size": "[1, 1e6]", "num_mini_batches": "[1, 1e6]", "num_ppo_epochs": "[1, 1e3]",
+    "response_length": "[1, 1e6]", "temperature": "(0, 1e3]", "missing_eos_penalty": "[0, 1e6]", "kl_coef": "[0, 1e3]",
+    "gamma": "(0, 1]", "lam": "[0, 1]", "cliprange": "(0, 1e3]", "cliprange_value": "(0, 1e6]", "vf_coef": "[0, 1e3]",
+    "target_kl": "(0, inf)", "forward_batch_size": "[1, 1e6]", "beta": "(0, 1e3]", "num_epochs": "[0, 1e4]",
+    "num_rounds": "[1, 1e3]", "learning_rate": "(0, 1]", "batch_size": "[1, 1e6]", "gradient_accumulation_steps": "[1, 1e6]",
+    "warmup_ratio": "[0, 1]", "weight_decay": "[0, 1e3]", "max_grad_norm": "(0, inf)", "logprob_chunk_size": "[1, 1e8]",
+    "eval_every": "[0, inf)", "save_every": "[0, inf)", "num_threads": "[0, 1024]",
+}
+
+
+# ==========================================================================================================
+# The algorithm: the AIHF losses (reward step; implicit-reward form), SFT, and the PPO pieces
+# ==========================================================================================================
+def bt_loss(chosen_rewards, rejected_rewards):
+    """Bradley-Terry: -log sigmoid(r(chosen) - r(rejected)) of each pair (the chosen one is preferred)."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards)
+
+
+def aihf_reward_loss(demo_rewards, sample_rewards, chosen_rewards, rejected_rewards, w_demo, w_pref):
+    """AIHF-RL's reward objective (the outer problem, one stochastic step):
+
+        L(phi) = w_demo * mean_D -log sigmoid(r(x, y^E) - r(x, y~pi)) + w_pref * mean_P -log sigmoid(r(x, y_w) - r(x, y_l))
+
+    demo_rewards / sample_rewards: r of each demonstration and of the current policy's sample for the same prompt;
+    chosen_rewards / rejected_rewards: r of the human pairs. A term with weight 0 is left out (its inputs may be
+    empty). Returns the loss, and the demo term and preference term (each unweighted; None where left out)."""
+    demo_term = bt_loss(demo_rewards, sample_rewards).mean() if w_demo else None
+    pref_term = bt_loss(chosen_rewards, rejected_rewards).mean() if w_pref else None
+    loss = sum(w * term for w, term in ((w_demo, demo_term), (w_pref, pref_term)) if term is not None)
+    return loss, demo_term, pref_term
+
+
+def dpo_loss(policy_logps, ref_logps, beta, loss_type="sigmoid", label_smoothing=0.0):
+    """DPO, eq. 7 of Rafailov et al. (2023), on the sequence log-probs log pi(y|x) of pairs laid out as rows
+    [chosen_0, rejected_0, chosen_1, rejected_1, ...] (policy_logps from the model, ref_logps from pi_ref):
+
+        r(x, y) = beta * [log pi(y|x) - log pi_ref(y|x)]          implicit reward
+        h = r(x, y_w) - r(x, y_l)                                   margin
+        sigmoid: -(1 - eps) log sigmoid(h) - eps log sigmoid(-h)    (eps = label_smoothing > 0: conservative DPO)
+        ipo:     (h / beta - 1 / (2 beta))^2                        (Azar et al. 2023, on sequence log-probs)
+
+    Returns the loss of each pair and the implicit rewards of its chosen and rejected responses."""
+    rewards = beta * (policy_logps - ref_logps)
+    chosen_rewards, rejected_rewards = rewards[0::2], rewards[1::2]
+    margin = chosen_rewards - rejected_rewards
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    else:  # ipo: regress the log-ratio margin h/beta onto 1/(2 beta)
+        losses = (margin / beta - 1 / (2 * beta)) ** 2
+    return losses, chosen_rewards, rejected_rewards
+
+
+def aihf_direct_loss(policy_logps, ref_logps, seq_weights, beta):
+    """Direct and self-play AIHF: the reward is implicit, r = beta log(pi / pi_ref), so the outer objective becomes
+    DPO-form losses on both kinds of pairs (demonstration y^E preferred to a sample of pi_ref; y_w preferred to y_l):
+
+        L(theta) = w_demo * mean_D L_DPO(x, y^E, y_ref) + w_pref * mean_P L_DPO(x, y_w, y_l)
+
+    seq_weights: the weight of each pair's term (w_demo / demo pairs in the batch, or w_pref / preference pairs),
+    repeated on its two sequences. Returns the weighted loss of each pair and the implicit rewards."""
+    losses, chosen_rewards, rejected_rewards = dpo_loss(policy_logps, ref_logps, beta)
+    return seq_weights[0::2] * losses, chosen_rewards, rejected_rewards
+
+
+def sft_loss(token_logps):
+    """SFT, per response token: -log pi(y_t | x, y_<t) (the caller averages over the batch's tokens)."""
+    return -token_logps
+
+
+def truncate_after_eos(responses, eos_id, pad_id):
+    """N+: a response ends at its first EOS; every later token becomes padding.
+
+    Returns the responses, the (B, L) mask of real tokens (the EOS included: the policy must learn to stop) and
+    whether each response has an EOS. Positions, not token values, define the mask, so pad == EOS (Pythia) is safe."""
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(1)
+    length = torch.where(has_eos, is_eos.int().argmax(1) + 1, responses.shape[1])
+    mask = torch.arange(responses.shape[1], device=responses.device)[None, :] < length[:, None]
+    return responses.masked_fill(~mask, pad_id), mask, has_eos
+
+
+def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
+    """Per-token rewards: -kl_coef * k1 at every response token (N+: per-token KL penalty, k1 = log pi - log pi_ref)
+    and the score added at the last real token (N+: the reward model's score lands at the EOS token).
+    Also returns k1 and k3 = (r - 1) - log r, r = pi_ref / pi (unbiased, always >= 0; reported only)."""
+    log_ratio = (logprobs - ref_logprobs) * mask
+    k1 = log_ratio
+    k3 = ((-log_ratio).exp() - 1 + log_ratio) * mask
+    rewards = -kl_coef * k1
+    last = mask.sum(1) - 1
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return rewards, k1, k3
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over response tokens (right-padded; values and rewards beyond the mask are 0,
+    so the state after the last token is terminal). Returns advantages and returns = advantages + values.
+        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam A_{t+1},   R_t = A_t + V_t"""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    return advantages, advantages + values
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the real tokens (unbiased variance), 0 at padding (N+: advantage whitening)."""
+    mask = mask.to(x.dtype)
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, cliprange, cliprange_value):
+    """Clipped surrogate and clipped value losses over flat (real) tokens, with their diagnostics.
+
+    pg  = mean max(-A r, -A clip(r, 1 - eps, 1 + eps)),     r = pi / pi_old
+    vf  = 0.5 mean max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)"""
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
+    pg_loss = torch.max(pg_losses, pg_losses_clipped).mean()
+    values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    vf_losses = (values - returns) ** 2
+    vf_losses_clipped = (values_clipped - returns) ** 2
+    vf_loss = 0.5 * torch.max(vf_losses, vf_losses_clipped).mean()
+    with torch.no_grad():
+        stats = {"policy/approxkl": 0.5 * (log_ratio**2).mean(), "policy/clipfrac": (pg_losses_clipped > pg_losses).float().mean(),
+                 "val/clipfrac": (vf_losses_clipped > vf_losses).float().mean(), "val/ratio": ratio.mean(),
+                 "val/ratio_var": ratio.var() if ratio.numel() > 1 else torch.zeros(())}
+    return pg_loss, vf_loss, stats
+
+
+# ==========================================================================================================
+# Models: policy and reward model, generation and scoring, the reward step, PPO and the DPO-form step
+# ==========================================================================================================
+def load_policy(path: str, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
+        fail(f"model path not found: {path!r}; give a saved model directory or a hub id like EleutherAI/pythia-160m")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        fail(f"could not load the tokenizer of {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
+    if tokenizer.eos_token_id is None:
+        fail(f"tokenizer of {path!r} has no EOS token; set one (tokenizer.eos_token) and save it")
+    if tokenizer.pad_token_id is None:  # e.g. Pythia; padding is masked by attention masks and -100 targets
+        tokenizer.pad_token = tokenizer.eos_token
+        print(f"[model] tokenizer has no pad token: using EOS {tokenizer.eos_token!r} for padding (masked out)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    except (OSError, ValueError) as e:
+        fail(f"could not load model {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        fail(f"{path!r} has an LM head with a bias, which the fused log-prob path does not handle")
+    return model, tokenizer
+
+
+def to_autocast_dtype(hidden):
+    """Under autocast (--bf16), hidden states in its dtype. The final layer norm hands back fp32, but the LM head is a
+    linear layer, which autocast runs in bf16; so are the fused losses' chunk matmuls (their softmax math is fp32)."""
+    device = hidden.device.type
+    return hidden.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else hidden
+
+
+def hidden_states(model, ids, mask):
+    """Last hidden states (B, T, D) of the backbone, without the LM head (the fused losses apply it)."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # correct for left or right padding
+    return to_autocast_dtype(model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                              use_cache=False).last_hidden_state)
+
+
+def scored_tokens(model, ids, mask, targets):
+    """Hidden states, targets and sequence index of the positions that carry a target (prompt/padding skipped)."""
+    hidden = hidden_states(model, ids, mask)
+    keep = targets != -100
+    seq_ids = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(targets)[keep]
+    return hidden[keep], targets[keep], seq_ids
+
+
+def sft_batch_loss(model, batch, args, autocast):
+    """The SFT loss of one micro-batch (ids, mask, targets): mean over its response tokens, divided by the
+    micro-batches per optimizer step. The LM head and the loss run fused, chunk by chunk (machinery)."""
+    ids, mask, targets = batch
+    scale = 1.0 / ((targets != -100).sum() * args.gradient_accumulation_steps)
+    with autocast:
+        hidden, targets, _ = scored_tokens(model, ids, mask, targets)
+    token_ids = torch.arange(len(targets), device=targets.device)  # each token its own sequence: any chunking is exact
+    loss, _, _ = fused_linear_loss(sft_loss, hidden, model.get_output_embeddings().weight, targets, token_ids,
+                                   scale=scale, chunk_size=args.logprob_chunk_size)
+    return loss
+
+
+def pair_scored_tokens(model, prompt_ids, prompt_mask, response_ids, response_mask):
+    """scored_tokens of the sequences [prompt + chosen, prompt + rejected] of each pair, with the prompt run once.
+
+    The concatenated forward would run every prompt twice, once per response. Here the backbone runs the B
+    prompts, their keys and values are repeated for the 2B responses, and the responses run on top of them;
+    autograd carries both responses' gradients back through the shared keys and values into the one prompt pass.
+    Same log-probs as the concatenated sequences (tested), with the prompt's share of the backbone's work and
+    activations halved, which counts most where prompts are long, as in multi-turn dialogue data like HH."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    # recent transformers name the argument `cache`, earlier versions `past_key_values`
+    cache_arg = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+    prompt_lengths = prompt_mask.sum(1)
+    prompt_hidden = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
+                                     position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), **{cache_arg: cache}).last_hidden_state
+    cache.batch_repeat_interleave(2)  # prompt i's keys/values serve sequences 2i (chosen) and 2i+1 (rejected)
+    # The prompts' right padding sits between prompt and response: masked out, and the response positions
+    # continue from each prompt's true length, so rotary positions match the concatenated sequence.
+    mask = torch.cat([prompt_mask.repeat_interleave(2, 0), response_mask], 1)
+    positions = prompt_lengths.repeat_interleave(2)[:, None] + torch.arange(response_ids.shape[1], device=response_ids.device)
+    response_hidden = model.base_model(input_ids=response_ids, attention_mask=mask, position_ids=positions,
+                                       use_cache=True, **{cache_arg: cache}).last_hidden_state
+    # Response token 0 is predicted by the prompt's last state, response token t > 0 by response state t - 1.
+    last_prompt = prompt_hidden[torch.arange(len(prompt_ids), device=prompt_ids.device), prompt_lengths - 1]
+    hidden = to_autocast_dtype(torch.cat([last_prompt.repeat_interleave(2, 0)[:, None], response_hidden[:, :-1]], 1))
+    keep = response_mask.bool()
+    seq_ids = torch.arange(len(response_ids), device=response_ids.device)[:, None].expand_as(response_ids)[keep]
+    return hidden[keep], response_ids[keep], seq_ids
+
+
+def direct_batch_loss(model, batch, ref_logps, seq_weights, args, autocast):
+    """The DPO-form AIHF loss of one micro-batch of pairs (a `pair_batch` of demo pairs and preference pairs),
+    with the fused LM head; returns the loss, the implicit rewards of chosen and rejected, and the log-probs."""
+    with autocast:
+        hidden, targets, seq_ids = pair_scored_tokens(model, *batch)
+    loss, (chosen_rewards, rejected_rewards), logps = fused_linear_loss(
+        partial(aihf_direct_loss, beta=args.beta), hidden, model.get_output_embeddings().weight, targets, seq_ids,
+        ref_logps, seq_weights, group_size=2, chunk_size=args.logprob_chunk_size)
+    return loss, chosen_rewards, rejected_rewards, logps
+
+
+@torch.no_grad()
+def sequence_logps(model, batches, chunk_size, device, autocast):
+    """Sum of response log-probs of each sequence of each `pair_batch`, concatenated."""
+    model.eval()
+    out = []
+    for batch in batches:
+        batch = [t.to(device) for t in batch]
+        with autocast:
+            hidden, targets, seq_ids = pair_scored_tokens(model, *batch)
+        token_logps = ChunkedLogprobs.apply(hidden, model.get_output_embeddings().weight, targets, chunk_size)
+        out.append(torch.zeros(len(batch[2]), device=device).index_add_(0, seq_ids, token_logps))
+    model.train()
+    return torch.cat(out).cpu() if out else torch.zeros(0)
+
+
+def pair_logps(model, pairs, micro, pad_id, args, device, autocast):
+    """log pi(y|x) of both responses of each (prompt, chosen, rejected), in micro-batches: [c0, r0, c1, r1, ...]."""
+    return sequence_logps(model, [pair_batch(pairs[i : i + micro], pad_id) for i in range(0, len(pairs), micro)],
+                          args.logprob_chunk_size, device, autocast)
+
+
+@torch.no_grad()
+def sample_demo_pairs(model, demos, args, response_length, pad_id, eos_id, device):
+    """(prompt, demonstration, a sample of the model at temperature 1) for each demonstration: the demo pairs of the
+    implicit-reward forms, y^E preferred to the reference's own response."""
+    pairs = []
+    for s in range(0, len(demos), args.forward_batch_size):
+        chunk = demos[s : s + args.forward_batch_size]
+        queries, query_mask = (t.to(device) for t in left_pad([p for p, _ in chunk], pad_id))
+        samples, sample_mask, _ = truncate_after_eos(generate(model, queries, query_mask, response_length, 1.0, pad_id, eos_id,
+                                                              args.forward_batch_size), eos_id, pad_id)
+        pairs += [(p, c, r[m].tolist()) for (p, c), r, m in zip(chunk, samples.cpu(), sample_mask.cpu())]
+    return pairs
+
+
+def policy_logprobs_entropy(hidden, weight, targets, temperature, chunk_size):
+    """Per-token log pi(y_t) and entropy of the policy at `temperature`: logits / T as (hidden / T) @ W^T (N+)."""
+    return ChunkedLogprobsEntropy.apply(hidden / temperature, weight, targets, chunk_size)
+
+
+def load_reward_model(path: str, device):
+    """A causal-LM backbone with a scalar head `score` (AutoModelForSequenceClassification, num_labels=1).
+
+    From a causal LM the head is new: N+ initialises it N(0, 1/(D+1)) so the initial rewards have unit scale.
+    We never call HF's own forward: it finds the last token by pad_token_id, wrong when pad == EOS (Pythia)."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+                                                                        output_loading_info=True)
+    except (OSError, ValueError) as e:
+        fail(f"could not load reward model {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear):
+        fail(f"reward model {path!r} has no linear `score` head; use a decoder-only architecture (GPTNeoX, Llama, GPT-2 ...)")
+    trained_head = not any(k.startswith("score.") for k in info["missing_keys"])
+    if not trained_head:
+        with torch.no_grad():
+            head.weight.normal_(0, 1 / math.sqrt(head.in_features + 1))
+            if head.bias is not None:
+                head.bias.zero_()
+    if not hasattr(model.config, "reward_bias"):
+        model.config.reward_bias = 0.0
+    return model.to(device), trained_head
+
+
+def last_token_index(mask):
+    """Index of the last non-pad position of each row of a (B, T) attention mask; left or right padding."""
+    return mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
+
+
+def sequence_rewards(reward_model, ids, mask):
+    """r(x, y): the scalar head on the hidden state of the last non-pad token (EOS), minus the normalising bias."""
+    hidden = hidden_states(reward_model, ids, mask)
+    last = hidden[torch.arange(ids.shape[0], device=ids.device), last_token_index(mask)]
+    return reward_model.score(last).squeeze(-1).float() - reward_model.config.reward_bias
+
+
+def token_values(value_model, ids, mask):
+    """V(s_t) at every position, (B, T): the value model's scalar head on each hidden state, minus the reward
+    model's normalising bias that it inherits (N+), so that at initialisation V at the EOS token is the
+    normalised reward r(x, y), the score PPO is given."""
+    return value_model.score(hidden_states(value_model, ids, mask)).squeeze(-1).float() - value_model.config.reward_bias
+
+
+def reward_batch_loss(reward_model, demo_rows, pref_rows, args, autocast):
+    """L(phi) of one reward step. demo_rows / pref_rows: `pair_rows_batch`es of (demonstration, policy sample) and of
+    (chosen, rejected) pairs, or None where that term's weight is 0. Returns the loss and its statistics."""
+    empty = torch.zeros(0)
+    with autocast:
+        demo = sequence_rewards(reward_model, *demo_rows) if demo_rows is not None else empty
+        pref = sequence_rewards(reward_model, *pref_rows) if pref_rows is not None else empty
+    loss, demo_term, pref_term = aihf_reward_loss(demo[0::2], demo[1::2], pref[0::2], pref[1::2], args.w_demo, args.w_pref)
+    stats = {"reward/loss": loss.detach()}
+    if demo_term is not None:
+        stats.update({"reward/demo_loss": demo_term.detach(), "reward/demo_margin": (demo[0::2] - demo[1::2]).mean().detach(),
+                      "reward/demo_accuracy": (demo[0::2] > demo[1::2]).float().mean()})
+    if pref_term is not None:
+        stats.update({"reward/pref_loss": pref_term.detach(), "reward/pref_margin": (pref[0::2] - pref[1::2]).mean().detach(),
+                      "reward/pref_accuracy": (pref[0::2] > pref[1::2]).float().mean()})
+    return loss, stats
+
+
+@torch.no_grad()
+def center_reward(reward_model, sequences, attention, args, autocast):
+    """N+ normalises the reward once, to mean 0 on the starting policy's samples. Here the reward moves every round and
+    its level is free (Bradley-Terry sees differences only), so each round fixes it at mean 0 on that round's samples:
+    the scale PPO's hyper-parameters assume. Returns the raw mean."""
+    reward_model.config.reward_bias = 0.0
+    with autocast:
+        raw = torch.cat([sequence_rewards(reward_model, sequences[s : s + args.forward_batch_size],
+                                          attention[s : s + args.forward_batch_size])
+                         for s in range(0, len(sequences), args.forward_batch_size)])
+    reward_model.config.reward_bias = raw.mean().item()
+    return raw.mean().item()
+
+
+@torch.no_grad()
+def generate(policy, queries, query_mask, response_length, temperature, pad_id, eos_id, forward_batch_size):
+    """Responses (B, response_length) sampled with the KV cache (HF generate), right-padded with pad_id.
+
+    N+: plain temperature sampling: top_k 0 and top_p 1 switch off HF's defaults, no min length."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                              pad_token_id=pad_id, eos_token_id=eos_id)
+    out = torch.full((queries.shape[0], response_length), pad_id, dtype=torch.long, device=queries.device)
+    for s in range(0, queries.shape[0], forward_batch_size):
+        q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
+        generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config)[:, q.shape[1] :]
+        out[s : s + len(q), : generated.shape[1]] = generated
+    return out
+
+
+@torch.no_grad()
+def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query_mask, responses, args, pad_id, eos_id, autocast):
+    """Everything PPO needs about a batch of rollouts, computed once with no grad: old log-probs and values,
+    reference log-probs, scores, KL-shaped rewards, advantages and returns."""
+    responses, response_mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)  # N+: truncate after EOS
+    sequences = torch.cat([queries, responses], 1)
+    attention = torch.cat([query_mask, response_mask.long()], 1)
+    context = queries.shape[1]
+    B, L = responses.shape
+    logprobs, ref_logprobs, entropy, values = (torch.zeros(B, L, device=queries.device) for _ in range(4))
+    scores = torch.zeros(B, device=queries.device)
+    for s in range(0, B, args.forward_batch_size):
+        ids, mask, resp = sequences[s : s + args.forward_batch_size], attention[s : s + args.forward_batch_size], \
+            response_mask[s : s + args.forward_batch_size]
+        targets = responses[s : s + args.forward_batch_size][resp]
+        with autocast:
+            # hidden state t emits token t + 1: the states at context-1 .. T-2 emit the response tokens
+            for model, out_logprobs, out_entropy in ((policy, logprobs, entropy), (ref_policy, ref_logprobs, None)):
+                hidden = hidden_states(model, ids, mask)[:, context - 1 : -1][resp]
+                lp, ent = policy_logprobs_entropy(hidden, model.get_output_embeddings().weight, targets, args.temperature,
+                                                  args.logprob_chunk_size)  # N+: logits / temperature for pi and pi_ref
+                out_logprobs[s : s + len(ids)][resp] = lp
+                if out_entropy is not None:
+                    out_entropy[s : s + len(ids)][resp] = ent
+            values[s : s + len(ids)] = token_values(value_model, ids, mask)[:, context - 1 : -1] * resp
+            scores[s : s + len(ids)] = sequence_rewards(reward_model, ids, mask)  # N+: score at the EOS token
+    scores = scores - args.missing_eos_penalty * (~has_eos).float()  # N+: penalise responses without EOS
+    rewards, k1, k3 = kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask, args.kl_coef)
+    advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
+    advantages = masked_whiten(advantages, response_mask)  # N+: whiten advantages over the batch's tokens
+    return {"sequences": sequences, "attention": attention, "responses": responses, "response_mask": response_mask,
+            "logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns, "scores": scores,
+            "has_eos": has_eos, "kl": k1.sum(1), "kl_k3": k3.sum(1), "entropy": (entropy * response_mask).sum(1),
+            "non_score_reward": (-args.kl_coef * k1).sum(1)}
+
+
+def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
+    """num_ppo_epochs epochs over the rollout batch in shuffled minibatches; returns the averaged diagnostics."""
+    B, context = batch["sequences"].shape[0], batch["sequences"].shape[1] - batch["responses"].shape[1]
+    minibatch_size = B // args.num_mini_batches
+    micro = minibatch_size // args.gradient_accumulation_steps
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    head_weight = policy.get_output_embeddings().weight
+    totals, count = {}, 0
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(args.num_ppo_epochs):
+        order = torch.randperm(B, generator=generator).to(batch["sequences"].device)
+        stop = False
+        for m0 in range(0, B, minibatch_size):
+            step_stats = {}
+            for u0 in range(m0, m0 + minibatch_size, micro):
+                idx = order[u0 : u0 + micro]
+                ids, mask, resp = batch["sequences"][idx], batch["attention"][idx], batch["response_mask"][idx]
+                with autocast:
+                    hidden = hidden_states(policy, ids, mask)[:, context - 1 : -1][resp]
+                    vpred = token_values(value_model, ids, mask)[:, context - 1 : -1][resp]
+                logprobs, entropy = policy_logprobs_entropy(hidden, head_weight, batch["responses"][idx][resp],
+                                                            args.temperature, args.logprob_chunk_size)
+                pg_loss, vf_loss, stats = ppo_losses(logprobs, batch["logprobs"][idx][resp], batch["advantages"][idx][resp],
+                                                     vpred, batch["values"][idx][resp], batch["returns"][idx][resp],
+                                                     args.cliprange, args.cliprange_value)
+                loss = (pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps
+                loss.backward()
+                stats.update({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": entropy.detach().mean()})
+                for k, v in stats.items():
+                    step_stats[k] = step_stats.get(k, 0) + v / args.gradient_accumulation_steps
+            torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for k, v in step_stats.items():
+                totals[k] = totals.get(k, 0) + v
+            count += 1
+            # Early stop (optional): the policy moved too far from the one that sampled the batch.
+            if args.target_kl is not None and step_stats["policy/approxkl"] > args.target_kl:
+                stop = True
+                break
+        if stop:
+            break
+    # TRL's names: averages over minibatches get "_avg", except val/ratio and val/ratio_var
+    return {(k if k.startswith("val/ratio") else f"{k}_avg"): (v / count).item() for k, v in totals.items()} | {"policy/epochs": epoch + 1}
+
+
+def evaluate_gold(task, model, tokenizer, seed, suffix):
+    """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only)."""
+    if task is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    result = task.evaluate(model, tokenizer, seed=seed)
+    model.train(was_training)
+    print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
+    return {f"{k}{suffix}": v for k, v in result.items()}
+
+
+# ==========================================================================================================
+# Data: demonstrations and preferences (the embedded task, or a dataset), tokenized and batched
+# ==========================================================================================================
+def load_aihf_data(args):
+    """(task or None, the policy to start from, training pairs, held-out pairs, demonstrations): pairs as
+    (prompts, chosen, rejected), demonstrations as (prompts, completions). On real data without --demo_dataset_name,
+    the demonstrations are the chosen responses of the first --demo_fraction of the training pairs and the
+    preferences are the others, so no pair is both."""
+    if args.dataset_name is None:
+        task = load_embedded_task(args)
+        return (task, task.model_path, preference_pairs(task.prefs, "embedded task"),
+                preference_pairs(task.eval_prefs, "embedded task"), demonstrations(task.demos, "embedded task"))
+    train_table = load_table(args.dataset_name, args.dataset_split)
+    if len(train_table) == 0:
+        fail(f"dataset {args.dataset_name!r} split {args.dataset_split!r} is empty; check the path or split")
+    pairs = preference_pairs(train_table, args.dataset_name)
+    eval_table = load_table(args.dataset_name, args.eval_split, required=False)
+    if eval_table is not None and args.eval_split != args.dataset_split:
+        pref_eval = tuple(c[: args.num_eval_prefs] for c in preference_pairs(eval_table, args.dataset_name))
+    else:  # hold out the tail of the training pairs
+        held = min(args.num_eval_prefs, len(pairs[0]) // 5)
+        pref_eval = tuple(c[len(c) - held :] for c in pairs)
+        pairs = tuple(c[: len(c) - held] for c in pairs)
+        print(f"[data] no {args.eval_split!r} split: holding out the last {held} training pairs for evaluation")
+    if args.demo_dataset_name:
+        demos = demonstrations(load_table(args.demo_dataset_name, args.dataset_split), args.demo_dataset_name)
+    else:
+        cut = int(len(pairs[0]) * args.demo_fraction)
+        demos, pairs = (pairs[0][:cut], pairs[1][:cut]), tuple(c[cut:] for c in pairs)
+        print(f"[data] demonstrations: the chosen responses of the first {cut} training pairs; preferences: the other {len(pairs[0])}")
+    return None, args.model_name_or_path or "EleutherAI/pythia-160m", pairs, pref_eval, demos
+
+
+DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_table(name: str, split: str, required: bool = True):
+    """A datasets.Dataset from a local saved dataset / data file / folder, or from the hub."""
+    import datasets
+
+    path = os.path.expanduser(name)
+    saved_markers = ("dataset_info.json", "dataset_dict.json", "state.json")
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in saved_markers):
+        table = datasets.load_from_disk(path)
+    elif os.path.isfile(path):
+        kind = DATA_FILE_TYPES.get(os.path.splitext(path)[1])
+        if kind is None:
+            fail(f"unknown data file type {path!r}; use .jsonl, .json, .parquet or .csv")
+        if not required:  # one file is one split: it has no separate held-out split
+            return None
+        if os.path.getsize(path) == 0:
+            fail(f"dataset file {path!r} is empty; give a file with preference pairs")
+        try:
+            table = datasets.load_dataset(kind, data_files={split: path})
+        except Exception as e:  # malformed json/parquet/csv
+            fail(f"could not read {path!r} as {kind} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); fix the file")
+    elif os.path.isdir(path):
+        table = datasets.load_dataset(path)
+    elif name.startswith((".", "/", "~")) or os.path.splitext(name)[1] in DATA_FILE_TYPES:
+        fail(f"dataset path not found: {name!r}; give an existing file or folder, or a hub id like Anthropic/hh-rlhf")
+    else:
+        try:
+            table = datasets.load_dataset(name)
+        except Exception as e:  # offline, unknown id, gated ...
+            fail(f"could not load dataset {name!r} from the hub ({type(e).__name__}); check the id or pass a local path")
+    if isinstance(table, datasets.DatasetDict):
+        if split not in table:
+            if required:
+                fail(f"dataset {name!r} has no split {split!r} (it has {list(table)}); pick one with --dataset_split")
+            return None
+        table = table[split]
+    return table
+
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def split_hh(transcript: str):
+    """Anthropic-HH transcript -> (prompt up to and including the last '\\n\\nAssistant:', response)."""
+    cut = transcript.rfind(HH_ASSISTANT)
+    if cut < 0:
+        return None, None
+    cut += len(HH_ASSISTANT)
+    return transcript[:cut], transcript[cut:]
+
+
+def text_column(table, column: str, name: str):
+    """A column as a list of strings; a null or non-text value fails like a missing column."""
+    values = list(table[column])
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        fail(f"dataset {name!r} column {column!r} holds {values[bad]!r} at row {bad}, not text; "
+             "fix or drop the rows with empty fields")
+    return values
+
+
+def preference_pairs(table, name: str):
+    """prompt/chosen/rejected lists from a table with those columns, or HH-style chosen/rejected transcripts."""
+    columns = set(table.column_names)
+    if {"prompt", "chosen", "rejected"} <= columns:
+        return tuple(text_column(table, c, name) for c in ("prompt", "chosen", "rejected"))
+    if {"chosen", "rejected"} <= columns:  # Anthropic-HH: the prompt is the shared transcript prefix
+        prompts, chosen, rejected, unmatched = [], [], [], 0
+        for c, r in zip(text_column(table, "chosen", name), text_column(table, "rejected", name)):
+            prompt, c_response = split_hh(c)
+            if prompt is None or not r.startswith(prompt):
+                unmatched += 1
+                continue
+            prompts.append(prompt)
+            chosen.append(c_response)
+            rejected.append(r[len(prompt):])
+        if unmatched:
+            print(f"[data] {name}: skipped {unmatched} HH pairs whose chosen/rejected do not share the prompt")
+        return prompts, chosen, rejected
+    fail(f"dataset {name!r} lacks the columns prompt/chosen/rejected (or HH-style chosen/rejected); "
+         f"found {sorted(columns)}")
+
+
+def demonstrations(table, name: str):
+    """prompt/completion lists, or the chosen responses of preference data."""
+    columns = set(table.column_names)
+    if {"prompt", "completion"} <= columns:
+        return text_column(table, "prompt", name), text_column(table, "completion", name)
+    if "chosen" in columns:  # preference data reused as demonstrations: the chosen responses
+        return preference_pairs(table, name)[:2]
+    fail(f"SFT dataset {name!r} lacks the columns prompt/completion; found {sorted(columns)}")
+
+
+def tokenize_examples(tokenizer, prompts, responses_per_prompt, args, what: str):
+    """Token ids of each prompt and its responses (+EOS). Drops over-long prompts, truncates responses."""
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"] if len(prompts) else []
+    responses = [tokenizer(list(r), add_special_tokens=False)["input_ids"] for r in responses_per_prompt] if len(prompts) else []
+    kept, dropped, truncated = [], 0, 0
+    for i, p in enumerate(prompt_ids):
+        if not 0 < len(p) <= args.max_prompt_length:  # an empty prompt leaves no position to predict from
+            dropped += 1
+            continue
+        budget = args.max_length - len(p) - 1  # room left for the response and its EOS
+        row = []
+        for rs in responses:
+            truncated += len(rs[i]) > budget
+            row.append(rs[i][:budget] + [tokenizer.eos_token_id])
+        kept.append((p, *row))
+    if dropped or truncated:
+        print(f"[data] {what}: dropped {dropped} of {len(prompt_ids)} examples whose prompt is empty or exceeds "
+              f"--max_prompt_length={args.max_prompt_length}; truncated {truncated} responses to fit --max_length={args.max_length}")
+    if not kept:
+        fail(f"{what}: no examples left (all {len(prompt_ids)} prompts exceed --max_prompt_length="
+             f"{args.max_prompt_length}, or the data is empty); raise --max_prompt_length or check the data")
+    return kept
+
+
+def pad_right(sequences, pad_id):
+    """(ids, mask) of right-padded sequences."""
+    ids = torch.full((len(sequences), max(len(s) for s in sequences)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def collate(sequences, loss_starts, pad_id):
+    """Right-padded batch: input ids, attention mask and the targets of each position (-100 = no loss).
+
+    Targets are shifted here, once: targets[:, t] is the token at t+1, so hidden state t predicts it."""
+    ids, mask = pad_right(sequences, pad_id)
+    targets = torch.full_like(ids, -100)
+    for i, (s, start) in enumerate(zip(sequences, loss_starts)):
+        targets[i, start - 1 : len(s) - 1] = torch.tensor(s[start:])
+    return ids, mask, targets
+
+
+def pair_batch(examples, pad_id):
+    """A batch of pairs for the shared-prompt forward (`pair_scored_tokens`): one prompt row per pair, and the
+    chosen and rejected responses (EOS included) as adjacent rows [c0, r0, c1, r1, ...], so that a chunk of whole
+    pairs is a contiguous block of rows (the fused DPO loss needs whole pairs per chunk)."""
+    prompt_ids, prompt_mask = pad_right([p for p, _, _ in examples], pad_id)
+    response_ids, response_mask = pad_right([r for _, chosen, rejected in examples for r in (chosen, rejected)], pad_id)
+    return prompt_ids, prompt_mask, response_ids, response_mask
+
+
+def pair_rows_batch(examples, pad_id):
+    """Chosen and rejected of each pair as adjacent right-padded sequences [p+c0, p+r0, p+c1, p+r1, ...] and their
+    attention mask: one reward-model forward for both responses."""
+    return pad_right([prompt + response for prompt, chosen, rejected in examples for response in (chosen, rejected)], pad_id)
+
+
+def sft_batch(examples, pad_id):
+    return collate([p + c for p, c in examples], [len(p) for p, _ in examples], pad_id)
+
+
+def batch_order(num_examples, batch_size, epochs, seed):
+    """Index lists of every optimizer step, reshuffled each epoch, deterministic (resume skips a prefix)."""
+    steps = []
+    for epoch in range(epochs):
+        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        steps += [order[i : i + batch_size].tolist() for i in range(0, num_examples - batch_size + 1, batch_size)]
+    return steps
+
+
+def left_pad(sequences, pad_id):
+    """Left-padded prompts (B, P) and their attention mask, the layout generation continues from."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def draw(num_examples, n, seed):
+    """n indices of num_examples, a deterministic draw per seed (so --resume repeats it exactly)."""
+    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed))[:n].tolist()
+
+
+def cycled_batches(num_examples, batch_size, num_steps, seed):
+    """num_steps index lists of batch_size, reshuffled at each pass over the examples (a source smaller than the run)."""
+    per_epoch = max(1, num_examples // batch_size)
+    return batch_order(num_examples, batch_size, -(-num_steps // per_epoch), seed)[:num_steps]
+
+
+# ==========================================================================================================
+# Main: optional SFT warm start, then AIHF-RL (reward step + PPO per round) or direct/self-play AIHF
+# ==========================================================================================================
+def main():
+    args = parse_args()
+    device, autocast = setup_torch(args)
+    started = time.time()
+
+    # ---- data and models: everything that can fail on bad input happens before the run directory exists ----
+    task, model_path, pref_train, pref_eval, (demo_prompts, demo_completions) = load_aihf_data(args)
+    model, tokenizer = load_policy(model_path, device)
+    check_same_tokenizer(args.reward_model_path, tokenizer, model_path)
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    response_length = args.response_length or (task.max_response_tokens if task is not None else 128)
+    prefs = tokenize_examples(tokenizer, pref_train[0], pref_train[1:], args, "preference pairs") if args.w_pref else []
+    eval_pairs = tokenize_examples(tokenizer, pref_eval[0], pref_eval[1:], args, "held-out pairs") if pref_eval[0] else []
+    demos = tokenize_examples(tokenizer, demo_prompts, [demo_completions], args, "demonstrations") \
+        if len(demo_prompts) else []
+    demos, eval_demos = demos[: len(demos) - args.num_eval_demos], demos[len(demos) - args.num_eval_demos :]
+    micro = args.batch_size // args.gradient_accumulation_steps
+    check_batches_fit([("demonstrations", len(demos), args.sft_epochs or args.w_demo, args.batch_size, "--batch_size"),
+                       ("preference pairs", len(prefs), args.w_pref or (args.algo == "rl" and args.reward_pretrain_steps),
+                        args.batch_size, "--batch_size"),
+                       ("demonstration prompts", len(demos), args.algo == "rl" and args.total_episodes,
+                        args.rollout_batch_size, "--rollout_batch_size")])
+    check_context(model, [p for p, _ in demos], response_length)
+
+    run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "start")
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(run_dir)
+    metrics = state["metrics"]
+    start_path = os.path.join(run_dir, "sft_model") if args.sft_epochs else model_path  # pi_ref, and the reward's backbone
+    print(f"[run] {run_dir}: AIHF-{args.algo}, {len(demos)} demonstrations (+{len(eval_demos)} held out), {len(prefs)} pairs, "
+          f"{len(eval_pairs)} held-out pairs, w_demo {args.w_demo}, w_pref {args.w_pref}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
+          f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
+    if "gold_reward_init" not in metrics:
+        metrics.update(evaluate_gold(task, model, tokenizer, args.seed, "_init"))
+
+    # ---- optional warm start: SFT on the demonstrations, -mean log pi(y_t | x, y_<t) ----
+    if state["stage"] == "sft":
+        steps = batch_order(len(demos), args.batch_size, args.sft_epochs, args.seed)
+        optimizer, scheduler = new_optimizer(model.parameters(), args.sft_learning_rate, len(steps), args, state)
+        model.train()
+        bar = progress_bar(len(steps), "sft", state["step"])
+        for step in range(state["step"], len(steps)):
+            total_loss = torch.zeros((), device=device)
+            for m in range(args.gradient_accumulation_steps):
+                batch = sft_batch([demos[i] for i in steps[step][m * micro : (m + 1) * micro]], pad_id)
+                loss = sft_batch_loss(model, [t.to(device) for t in batch], args, autocast)
+                loss.backward()
+                total_loss += loss.detach()
+            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
+            bar.update()
+            if step % 20 == 0 or step + 1 == len(steps):
+                writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
+                writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
+                bar.set_postfix(loss=f"{total_loss.item():.4f}")
+                bar.write(f"[sft] step {step + 1}/{len(steps)} loss {total_loss.item():.4f}")
+            if args.save_every and (step + 1) % args.save_every == 0:
+                save_checkpoint(run_dir, state, model, optimizer, scheduler)
+        bar.close()
+        model.save_pretrained(start_path)
+        tokenizer.save_pretrained(start_path)
+        metrics.update(evaluate_gold(task, model, tokenizer, args.seed, "_sft"))
+        state.update(stage="start", step=0)
+        save_checkpoint(run_dir, state, model, optimizer, scheduler)
+    if state["stage"] == "start":
+        state.update(stage="reward_pretrain" if args.algo == "rl" and args.reward_pretrain_steps else args.algo, step=0)
+
+    if args.algo == "rl":
+        ref_policy, _ = load_policy(start_path, device)  # pi_ref: fixed at the starting policy
+        reward_model, _ = load_reward_model(args.reward_model_path or start_path, device)
+        ref_policy.requires_grad_(False)
+        if "reward_model" in state:
+            reward_model.load_state_dict(state["reward_model"])
+            reward_model.config.reward_bias = state["reward_bias"]
+        # N+: no dropout anywhere (the ratio pi / pi_old is exactly 1 on the first minibatch); eval() mode throughout.
+        for m in (model, ref_policy, reward_model):
+            m.eval()
+
+    # ---- rl, optional warm start of the reward: Bradley-Terry on the preferences ----
+    if state["stage"] == "reward_pretrain":
+        steps = cycled_batches(len(prefs), args.batch_size, args.reward_pretrain_steps, args.seed + 1)
+        optimizer, scheduler = new_optimizer(reward_model.parameters(), args.rm_learning_rate, len(steps), args, state)
+        bar = progress_bar(len(steps), "reward pre-training", state["step"])
+        for step in range(state["step"], len(steps)):
+            stats = torch.zeros(2, device=device)
+            for m in range(args.gradient_accumulation_steps):
+                ids, mask = (t.to(device) for t in pair_rows_batch([prefs[i] for i in steps[step][m * micro : (m + 1) * micro]], pad_id))
+                with autocast:
+                    rewards = sequence_rewards(reward_model, ids, mask)
+                loss = bt_loss(rewards[0::2], rewards[1::2]).sum() / args.batch_size
+                loss.backward()
+                stats += torch.stack([loss.detach(), (rewards[0::2] > rewards[1::2]).float().sum() / args.batch_size])
+            grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, args, state)
+            bar.update()
+            if step % 20 == 0 or step + 1 == len(steps):
+                loss_v, acc = stats.tolist()
+                for k, v in {"reward_pretrain/loss": loss_v, "reward_pretrain/accuracy": acc, "reward_pretrain/grad_norm": grad_norm.item()}.items():
+                    writer.add_scalar(k, v, state["global_step"])
+                bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc:.2f}")
+                bar.write(f"[reward pre-training] step {step + 1}/{len(steps)} loss {loss_v:.4f} acc {acc:.2f}")
+            if args.save_every and (step + 1) % args.save_every == 0:
+                save_checkpoint(run_dir, state, model, optimizer, scheduler, reward_model=reward_model.state_dict(), reward_bias=0.0)
+        bar.close()
+        state.update(stage="rl", step=0)
+        save_checkpoint(run_dir, state, model, optimizer, scheduler, reward_model=reward_model.state_dict(), reward_bias=0.0)
+
+    # ---- AIHF-RL: each round, a reward step on demonstrations vs the policy's samples and on the preferences,
+    #      then a PPO iteration on the current reward with a per-token KL penalty to pi_ref ----
+    if state["stage"] == "rl":
+        value_model = copy.deepcopy(reward_model)  # N+: the value model starts as the reward model (its bias included)
+        if "value_model" in state:
+            value_model.load_state_dict(state["value_model"])
+            value_model.config.reward_bias = state["value_bias"]
+        rl_rounds = args.total_episodes // args.rollout_batch_size
+        policy_optimizer, scheduler = new_optimizer(list(model.parameters()) + list(value_model.parameters()),
+                                                    args.learning_rate, max(1, rl_rounds), args)  # N+: lr annealed
+        reward_optimizer = torch.optim.AdamW(reward_model.parameters(), lr=args.rm_learning_rate, weight_decay=args.weight_decay)
+        if state["step"]:  # (each round draws its own seeds: no RNG state to restore)
+            policy_optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            reward_optimizer.load_state_dict(state["reward_optimizer"])
+
+        def rl_checkpoint():
+            save_checkpoint(run_dir, state, model, policy_optimizer, scheduler, reward_optimizer=reward_optimizer.state_dict(),
+                            reward_model=reward_model.state_dict(), reward_bias=reward_model.config.reward_bias,
+                            value_model=value_model.state_dict(), value_bias=value_model.config.reward_bias)
+
+        pref_steps = cycled_batches(len(prefs), args.batch_size, rl_rounds * args.reward_steps, args.seed + 2) if args.w_pref else []
+        rl_started = time.time()
+        bar = progress_bar(rl_rounds, "aihf-rl", state["step"])
+        for round_ in range(state["step"], rl_rounds):
+            timings, round_seed = {}, args.seed * 1_000_003 + round_
+            # 1. roll out: y ~ pi for a batch of demonstration prompts (the reward's negatives and PPO's rollouts)
+            t0 = time.time()
+            index = draw(len(demos), args.rollout_batch_size, round_seed)
+            queries, query_mask = (t.to(device) for t in left_pad([demos[i][0] for i in index], pad_id))
+            torch.manual_seed(round_seed)  # the sampling of round `round_`, also after --resume
+            responses = generate(model, queries, query_mask, response_length, args.temperature, pad_id, eos_id, args.forward_batch_size)
+            samples, sample_mask, _ = truncate_after_eos(responses, eos_id, pad_id)
+            timings["time/generate"] = time.time() - t0
+            # 2. reward: --reward_steps steps on L(phi) = w_demo mean BT(y^E > y~pi) + w_pref mean BT(y_w > y_l)
+            t0 = time.time()
+            demo_rows = None
+            if args.w_demo:
+                demo_rows = [t.to(device) for t in pair_rows_batch(
+                    [(demos[i][0], demos[i][1], s[m].tolist()) for i, s, m in zip(index, samples.cpu(), sample_mask.cpu())], pad_id)]
+            reward_stats = {}
+            for k in range(args.reward_steps):
+                pref_rows = None
+                if args.w_pref:
+                    pref_rows = [t.to(device) for t in pair_rows_batch([prefs[i] for i in pref_steps[round_ * args.reward_steps + k]], pad_id)]
+                loss, reward_stats = reward_batch_loss(reward_model, demo_rows, pref_rows, args, autocast)
+                loss.backward()
+                reward_stats["reward/grad_norm"] = torch.nn.utils.clip_grad_norm_(reward_model.parameters(), args.max_grad_norm)
+                reward_optimizer.step()
+                reward_optimizer.zero_grad(set_to_none=True)
+            sequences, attention = torch.cat([queries, samples], 1), torch.cat([query_mask, sample_mask.long()], 1)
+            reward_stats["reward/raw_mean_on_samples"] = center_reward(reward_model, sequences, attention, args, autocast)
+            timings["time/reward"] = time.time() - t0
+            # 3. policy: one PPO iteration on the current (frozen) reward
+            t0 = time.time()
+            batch = score_rollouts(model, ref_policy, reward_model, value_model, queries, query_mask, responses, args,
+                                   pad_id, eos_id, autocast)
+            stats = ppo_update(model, value_model, policy_optimizer, batch, args, autocast, seed=round_seed)
+            scheduler.step()
+            timings["time/train"] = time.time() - t0
+            state["step"], state["global_step"] = round_ + 1, state["global_step"] + 1
+            bar.update()
+            mean_kl, scores = batch["kl"].mean().item(), batch["scores"].mean().item()
+            logs = {"objective/kl": mean_kl, "objective/kl_k3": batch["kl_k3"].mean().item(),
+                    "objective/entropy": batch["entropy"].mean().item(),
+                    "objective/non_score_reward": batch["non_score_reward"].mean().item(), "objective/scores": scores,
+                    "objective/rlhf_reward": scores + batch["non_score_reward"].mean().item(),
+                    "val/num_eos_tokens": batch["has_eos"].sum().item(),
+                    "val/response_length": batch["response_mask"].sum(1).float().mean().item(),
+                    "lr": scheduler.get_last_lr()[0], "episode": (round_ + 1) * args.rollout_batch_size,
+                    **{k: float(v) for k, v in reward_stats.items()}, **stats, **timings}
+            if task is not None:  # the gold reward of the round's samples themselves (the task's "human")
+                text = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
+                prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
+                logs["objective/gold_reward"] = task.gold_reward(prompts, [" " + r.strip() for r in text]).mean().item()
+            for k, v in logs.items():
+                writer.add_scalar(k, v, state["global_step"])
+            metrics.update(kl=mean_kl)
+            bar.set_postfix(kl=f"{mean_kl:.3f}", demo_margin=f"{logs.get('reward/demo_margin', 0):.3f}")
+            if round_ % 10 == 0 or round_ + 1 == rl_rounds:
+                bar.write(f"[aihf-rl] round {round_ + 1}/{rl_rounds} reward loss {logs['reward/loss']:.4f}"
+                          + (f" demo margin {logs['reward/demo_margin']:.3f}" if args.w_demo else "")
+                          + (f" pref acc {logs['reward/pref_accuracy']:.2f}" if args.w_pref else "")
+                          + f" kl {mean_kl:.3f} entropy {logs['objective/entropy']:.2f} approxkl {stats['policy/approxkl_avg']:.4f}"
+                          + (f" gold {logs['objective/gold_reward']:.3f}" if task is not None else "")
+                          + f" ({time.time() - rl_started:.0f}s)")
+            if args.eval_every and (round_ + 1) % args.eval_every == 0 and round_ + 1 < rl_rounds:
+                for k, v in evaluate_gold(task, model, tokenizer, args.seed, "_rl").items():
+                    writer.add_scalar(f"eval/{k}", v, state["global_step"])
+            if args.save_every and (round_ + 1) % args.save_every == 0:
+                rl_checkpoint()
+                bar.write(f"[aihf-rl] checkpoint at round {round_ + 1}")
+        bar.close()
+        reward_model.save_pretrained(os.path.join(run_dir, "reward_model"))
+        state.update(stage="done")
+        rl_checkpoint()
+
+    # ---- Direct / Self-Play AIHF: DPO-form losses on demonstration pairs and preference pairs, in rounds ----
+    num_rounds = args.num_rounds if args.algo == "selfplay" else 1
+    while state["stage"] in ("direct", "selfplay") and state.get("round", 0) < num_rounds:
+        round_ = state.get("round", 0)
+        if "round_data" not in state:  # the round's pairs and pi_ref log-probs, once (no second model in memory)
+            # demo pairs: y^E preferred to a sample of this round's pi_ref (pi_ref = the policy as the round starts)
+            torch.manual_seed(args.seed * 1_000_003 + round_)
+            demo_pairs = sample_demo_pairs(model, demos if args.w_demo else [], args, response_length, pad_id, eos_id, device)
+            eval_demo_pairs = sample_demo_pairs(model, eval_demos, args, response_length, pad_id, eos_id, device)
+            ref = partial(pair_logps, model, micro=micro, pad_id=pad_id, args=args, device=device, autocast=autocast)
+            state["round_data"] = {"demo_pairs": demo_pairs, "demo_ref": ref(demo_pairs), "pref_ref": ref(prefs),
+                                   "eval_pairs": eval_pairs, "eval_ref": ref(eval_pairs),
+                                   "eval_demo_pairs": eval_demo_pairs, "eval_demo_ref": ref(eval_demo_pairs)}
+        data = state["round_data"]
+        demo_pairs = data["demo_pairs"]
+        num_steps = args.num_epochs * max(len(demo_pairs) if args.w_demo else 0, len(prefs) if args.w_pref else 0) // args.batch_size
+        demo_steps = cycled_batches(len(demo_pairs), args.batch_size, num_steps, args.seed * 7 + round_) if args.w_demo else []
+        pref_steps = cycled_batches(len(prefs), args.batch_size, num_steps, args.seed * 11 + round_) if args.w_pref else []
+        optimizer, scheduler = new_optimizer(model.parameters(), args.learning_rate, num_steps, args, state)
+        model.train()
+        bar = progress_bar(num_steps, f"aihf-{args.algo} round {round_ + 1}/{num_rounds}", state["step"])
+        for step in range(state["step"], num_steps):
+            stats = torch.zeros(4, device=device)
+            for m in range(args.gradient_accumulation_steps):
+                # one micro-batch: its demo pairs weighted w_demo / batch_size each, its preference pairs w_pref / batch_size
+                part = slice(m * micro, (m + 1) * micro)
+                pairs = [demo_pairs[i] for i in (demo_steps[step][part] if args.w_demo else [])] + \
+                        [prefs[i] for i in (pref_steps[step][part] if args.w_pref else [])]
+                n_demo = len(pairs) - (micro if args.w_pref else 0)
+                ref = torch.cat([data["demo_ref"].view(-1, 2)[demo_steps[step][part]] if args.w_demo else torch.zeros(0, 2),
+                                 data["pref_ref"].view(-1, 2)[pref_steps[step][part]] if args.w_pref else torch.zeros(0, 2)]).reshape(-1)
+                weights = torch.tensor([args.w_demo / args.batch_size] * n_demo + [args.w_pref / args.batch_size] * (len(pairs) - n_demo))
+                batch = [t.to(device) for t in pair_batch(pairs, pad_id)]
+                loss, chosen_r, rejected_r, _ = direct_batch_loss(model, batch, ref.to(device), weights.repeat_interleave(2).to(device),
+                                                                  args, autocast)
+                loss.backward()
+                stats += torch.stack([loss.detach() * args.gradient_accumulation_steps,
+                                      (chosen_r[:n_demo] - rejected_r[:n_demo]).mean() if n_demo else torch.zeros((), device=device),
+                                      (chosen_r[n_demo:] - rejected_r[n_demo:]).mean() if n_demo < len(pairs) else torch.zeros((), device=device),
+                                      (chosen_r > rejected_r).float().mean()])
+            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
+            bar.update()
+            if step % 10 == 0 or step + 1 == num_steps:
+                loss_v, demo_margin, pref_margin, acc = (stats / args.gradient_accumulation_steps).tolist()
+                logs = {"loss": loss_v, "reward/demo_margin": demo_margin, "rewards/margins": pref_margin,
+                        "rewards/accuracies": acc, "grad_norm": grad_norm.item(), "learning_rate": scheduler.get_last_lr()[0]}
+                for k, v in logs.items():
+                    writer.add_scalar(k, v, state["global_step"])
+                bar.set_postfix(loss=f"{loss_v:.4f}")
+                bar.write(f"[aihf-{args.algo}] round {round_ + 1}/{num_rounds} step {step + 1}/{num_steps} loss {loss_v:.4f}"
+                          + (f" demo margin {demo_margin:.3f}" if args.w_demo else "")
+                          + (f" pref margin {pref_margin:.3f}" if args.w_pref else ""))
+            if args.eval_every and (step + 1) % args.eval_every == 0:
+                for k, v in evaluate_gold(task, model, tokenizer, args.seed, f"_{args.algo}").items():
+                    writer.add_scalar(f"eval/{k}", v, state["global_step"])
+            if args.save_every and (step + 1) % args.save_every == 0:
+                save_checkpoint(run_dir, state, model, optimizer, scheduler)
+                bar.write(f"[aihf-{args.algo}] checkpoint at round {round_ + 1} step {step + 1}")
+        bar.close()
+        final_round = round_ + 1 == num_rounds
+        if final_round:  # the held-out rankings of this round's implicit reward (pi_ref = the round's start)
+            metrics.update(implicit_reward_accuracies(model, data, args, micro, pad_id, device, autocast))
+        state.update(round=round_ + 1, step=0, stage="done" if final_round else state["stage"])
+        state.pop("round_data")
+        save_checkpoint(run_dir, state, model, optimizer, scheduler)
+
+    # ---- final evaluation, model, metrics ----
+    if args.algo == "rl" and "reward_pref_accuracy" not in metrics:
+        metrics.update(reward_accuracies(reward_model, model, eval_pairs, eval_demos, args, device, autocast, response_length,
+                                         pad_id, eos_id))
+    metrics.update(evaluate_gold(task, model, tokenizer, args.seed, ""))
+    algo = {"rl": "aihf_rl", "direct": "aihf_direct", "selfplay": "aihf_selfplay"}[args.algo]
+    finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, metrics)
+
+
+@torch.no_grad()
+def reward_accuracies(reward_model, policy, eval_pairs, eval_demos, args, device, autocast, response_length, pad_id, eos_id):
+    """AIHF-RL's learned reward on held-out data: the share of preference pairs it ranks right, and the share of
+    demonstrations it ranks above a sample of the final policy for the same prompt."""
+    out = {}
+    reward_model.eval()
+    if eval_pairs:
+        ids, mask = (t.to(device) for t in pair_rows_batch(eval_pairs, pad_id))
+        with autocast:
+            rewards = torch.cat([sequence_rewards(reward_model, ids[s : s + args.forward_batch_size], mask[s : s + args.forward_batch_size])
+                                 for s in range(0, len(ids), args.forward_batch_size)])
+        out["reward_pref_accuracy"] = (rewards[0::2] > rewards[1::2]).float().mean().item()
+    if eval_demos:
+        queries, query_mask = (t.to(device) for t in left_pad([p for p, _ in eval_demos], pad_id))
+        torch.manual_seed(args.seed)
+        samples, sample_mask, _ = truncate_after_eos(generate(policy, queries, query_mask, response_length, args.temperature,
+                                                              pad_id, eos_id, args.forward_batch_size), eos_id, pad_id)
+        rows = [(p, c, s[m].tolist()) for (p, c), s, m in zip(eval_demos, samples.cpu(), sample_mask.cpu())]
+        ids, mask = (t.to(device) for t in pair_rows_batch(rows, pad_id))
+        with autocast:
+            rewards = torch.cat([sequence_rewards(reward_model, ids[s : s + args.forward_batch_size], mask[s : s + args.forward_batch_size])
+                                 for s in range(0, len(ids), args.forward_batch_size)])
+        out["reward_demo_accuracy"] = (rewards[0::2] > rewards[1::2]).float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def implicit_reward_accuracies(model, data, args, micro, pad_id, device, autocast):
+    """Direct/self-play AIHF's implicit reward beta log(pi / pi_ref) on held-out data: the share of preference pairs it
+    ranks right, and of held-out demonstrations it ranks above a sample of pi_ref (the kind of pair it trains on)."""
+    out = {}
+    for name, pairs, ref in (("reward_pref_accuracy", data["eval_pairs"], data["eval_ref"]),
+                             ("reward_demo_accuracy", data["eval_demo_pairs"], data["eval_demo_ref"])):
+        if pairs:
+            _, chosen, rejected = dpo_loss(pair_logps(model, pairs, micro, pad_id, args, device, autocast), ref, args.beta)
+            out[name] = (chosen > rejected).float().mean().item()
+    return out
+
+
+# ==========================================================================================================
+# Machinery: the fused chunked LM-head losses, training plumbing, checkpoints, input validation
+# ==========================================================================================================
+# Naively, log p(y_t) needs logits = hidden @ W^T for all N tokens: an (N, V) tensor, plus its log-softmax,
+# plus their gradients: 4 x N x V floats (N = 4096 tokens, V = 50304: 3.3 GB in fp32). Here the tokens are
+# cut into chunks of C: each chunk's (C, V) logits are made, used and freed, so memory is ~ C x V.
+#
+# Where the loss is a function of per-sequence sums of log-probs whose gradient is known once the chunk is
+# scored (SFT cross-entropy; DPO over whole pairs with precomputed reference log-probs), the gradients w.r.t.
+# hidden states and LM-head weight are computed *inside the forward*, chunk by chunk (fused_linear_loss), so the
+# logits are never recomputed. Where the gradient is not known in the forward (per-token log-probs for any later
+# use, as in PPO's ratio), a chunked Function keeps only the log-sum-exp per token and recomputes each chunk's
+# logits in the backward (ChunkedLogprobs; ChunkedLogprobsEntropy also returns the entropy).
+#
+# For log p(y) = z_y - logsumexp(z):  d log p(y) / dz = onehot(y) - softmax(z).
+def fused_linear_loss(loss_fn, hidden, weight, targets, seq_ids, *seq_inputs, group_size=1, scale=1.0, chunk_size):
+    """scale * sum(loss_fn(log p of each sequence, *seq_inputs)), from hidden (N, D), LM-head weight (V, D) and
+    targets (N,), without ever holding the (N, V) logits.
+
+    seq_ids (N,): the sequence each token belongs to, non-decreasing. loss_fn gets the summed log-probs of a block
+    of whole groups of `group_size` consecutive sequences (2 for a DPO pair) and the matching rows of each of
+    seq_inputs; it returns the per-group losses, or a tuple (per-group losses, *per-group statistics).
+    Returns (loss, statistics concatenated over the batch, log p of each sequence). The loss's gradients are
+    computed in the forward (backward only scales them)."""
+    statistics = []
+    loss, seq_logps = FusedLinearLoss.apply(hidden, weight, targets, seq_ids, loss_fn, seq_inputs, group_size, scale,
+                                            chunk_size, statistics)
+    return loss, tuple(torch.cat(column) for column in zip(*statistics)), seq_logps
+
+
+def _chunk_logits(hidden, weight, start, end, buffer):
+    """Logits of one chunk in the hidden states' dtype (bf16 inputs: bf16 matmul; the softmax math is fp32 on both
+    paths). Written into one reused (chunk, V) buffer: a fresh 100+ MB allocation per chunk costs page faults."""
+    return torch.mm(hidden[start:end], weight.t(), out=buffer[: end - start])
+
+
+def _logits_buffer(hidden, weight, chunk_size):
+    return torch.empty(min(chunk_size, hidden.shape[0]), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+
+
+def _chunk_forward(logits, targets):
+    """Per token of one chunk of logits (in the matmul's dtype): log p(target) and the log-sum-exp, both fp32, and
+    what the gradient step reuses. The torch path turns an fp32 copy into softmax probabilities in place and hands
+    them on; the Triton path (GPU) reads the logits once and keeps nothing: its gradient kernel recomputes
+    exp(z - lse) in the same pass that writes the gradient."""
+    if _use_triton(logits):
+        lse, target_logits, _ = _triton_lse(logits, targets)
+        return target_logits - lse, lse, None
+    probs = logits.float()  # bf16: an fp32 copy; fp32: the buffer itself
+    target_logits = probs.gather(1, targets[:, None]).squeeze(1)
+    lse = _lse_then_softmax_(probs)
+    return target_logits - lse, lse, probs
+
+
+def _chunk_grad_(logits, targets, lse, grad_logp, probs=None):
+    """dL/dz of one chunk in the logits' dtype (in place on the buffer where the path allows), for dL/dlog p(target)
+    = grad_logp per token. probs: _chunk_forward's, or None (a backward that kept only the log-sum-exp)."""
+    if _use_triton(logits):
+        return _triton_grad_(logits, targets, lse, grad_logp)
+    if probs is None:
+        probs = logits.float().sub_(lse[:, None]).exp_()
+    return _grad_logits_(probs, targets, grad_logp).to(logits.dtype)
+
+
+def _lse_then_softmax_(logits):
+    """Returns the log-sum-exp of each row, and turns the logits into softmax probabilities in place on the way.
+    (logsumexp() would allocate a second (chunk, V) temporary, and the gradient would need another exp pass.)"""
+    peak = logits.amax(-1)
+    total = logits.sub_(peak[:, None]).exp_().sum(-1)
+    logits.div_(total[:, None])
+    return peak + total.log()
+
+
+def _grad_logits_(probs, targets, grad_logp):
+    """In place on the softmax `probs`: dL/dz = g * (onehot(y) - softmax(z)), for dL/dlog p(y) = g per row."""
+    grad = probs.mul_(-grad_logp[:, None])
+    grad[torch.arange(len(targets), device=grad.device), targets] += grad_logp
+    return grad
+
+
+# ---- the same per-chunk work as two Triton kernels (GPU) ----
+# On a GPU the chunk's matmuls are fast and the torch ops above are ~10 passes over the (chunk, V) block (an fp32
+# copy, max, sub, exp, sum, div, gather, mul, scatter, a bf16 copy): they dominate. Two kernels do it in one read
+# (log-sum-exp, online) plus one read-and-write (the gradient, over the block in place, in its own dtype), with fp32
+# math; one program per token row, BLOCK columns at a time. The entropy terms serve PPO's loss (the kernels are the
+# same in every script). `--logprob_kernel auto` uses them for CUDA tensors when triton is installed; the tests run
+# them on the CPU through Triton's interpreter. Measurements: benchmarks/README.md.
+LOGPROB_KERNEL = "auto"  # auto | torch | triton; setup_torch() sets it from --logprob_kernel
+TRITON_BLOCK_V = 2048  # columns per step of a row (at most; fewer for a small vocabulary)
+
+
+def _use_triton(logits):
+    return LOGPROB_KERNEL == "triton" or (LOGPROB_KERNEL == "auto" and logits.is_cuda and triton is not None)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _lse_kernel(logits_ptr, stride, targets_ptr, lse_ptr, target_logit_ptr, entropy_ptr, V,
+                    BLOCK: tl.constexpr, ENTROPY: tl.constexpr):
+        row = tl.program_id(0)
+        base = logits_ptr + row.to(tl.int64) * stride
+        peak = tl.full((), float("-inf"), tl.float32)
+        total = tl.zeros((), tl.float32)  # sum of exp(z - peak)
+        weighted = tl.zeros((), tl.float32)  # sum of exp(z - peak) * z, for the entropy lse - E_p[z]
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            new_peak = tl.maximum(peak, tl.max(z, 0))
+            rescale = tl.exp(peak - new_peak)  # the running sums were taken against the old peak
+            e = tl.exp(z - new_peak)  # 0 past the vocabulary's end
+            total = total * rescale + tl.sum(e, 0)
+            if ENTROPY:
+                weighted = weighted * rescale + tl.sum(e * tl.where(cols < V, z, 0.0), 0)  # (0 * -inf would be nan)
+            peak = new_peak
+        lse = peak + tl.log(total)
+        tl.store(lse_ptr + row, lse)
+        tl.store(target_logit_ptr + row, tl.load(base + tl.load(targets_ptr + row)).to(tl.float32))
+        if ENTROPY:
+            tl.store(entropy_ptr + row, lse - weighted / total)
+
+    @triton.jit
+    def _grad_kernel(logits_ptr, stride, targets_ptr, lse_ptr, g_ptr, entropy_ptr, g_entropy_ptr, V,
+                     BLOCK: tl.constexpr, ENTROPY: tl.constexpr):
+        # dL/dz = g (onehot(y) - p) - g_H p (log p + H), with p = exp(z - lse)
+        row = tl.program_id(0)
+        base = logits_ptr + row.to(tl.int64) * stride
+        lse, g, target = tl.load(lse_ptr + row), tl.load(g_ptr + row), tl.load(targets_ptr + row)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            log_p = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) - lse
+            p = tl.exp(log_p)
+            grad = tl.where(cols == target, g, 0.0) - g * p
+            if ENTROPY:
+                grad -= tl.load(g_entropy_ptr + row) * p * (log_p + tl.load(entropy_ptr + row))
+            tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _triton_lse(logits, targets, entropy=False):
+    """Per row of a (chunk, V) block: log-sum-exp, the target's logit and (entropy=True) the entropy, fp32."""
+    rows, vocab = logits.shape
+    lse, target_logits = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(2))
+    entropies = torch.empty_like(lse) if entropy else lse  # (unused by the kernel when entropy=False)
+    _lse_kernel[(rows,)](logits, logits.stride(0), targets, lse, target_logits, entropies, vocab,
+                         BLOCK=min(TRITON_BLOCK_V, triton.next_power_of_2(vocab)), ENTROPY=entropy)
+    return lse, target_logits, entropies if entropy else None
+
+
+def _triton_grad_(logits, targets, lse, grad_logp, entropy=None, grad_entropy=None):
+    """In place: the block's logits -> dL/dz for dL/dlog p(target) = grad_logp and dL/dH = grad_entropy per row."""
+    rows, vocab = logits.shape
+    with_entropy = grad_entropy is not None
+    g = grad_logp.float().contiguous()
+    _grad_kernel[(rows,)](logits, logits.stride(0), targets, lse.contiguous(), g,
+                          entropy.contiguous() if with_entropy else g, grad_entropy.float().contiguous() if with_entropy else g,
+                          vocab, BLOCK=min(TRITON_BLOCK_V, triton.next_power_of_2(vocab)), ENTROPY=with_entropy)
+    return logits
+
+
+def _accumulate_(grad_weight, grad_logits, hidden):
+    """grad_weight (fp32) += grad_logits^T @ hidden; in place when dtypes allow (no (V, D) temporary)."""
+    if grad_logits.dtype == grad_weight.dtype:
+        grad_weight.addmm_(grad_logits.t(), hidden)
+    else:  # bf16 matmul per chunk, summed over chunks in fp32
+        grad_weight += (grad_logits.t() @ hidden).float()
+
+
+def _chunk_plan(seq_ids, group_size: int, chunk_size: int):
+    """[(start, end, first_seq, end_seq)] per chunk: about chunk_size tokens each, never splitting a group of
+    group_size consecutive sequences. Boundaries: the first token of each group, grouped by chunk_size bucket."""
+    group = seq_ids // group_size
+    group_starts = torch.cat([group.new_zeros(1), torch.nonzero(group[1:] != group[:-1]).squeeze(1) + 1])
+    bucket = group_starts // chunk_size
+    starts = group_starts[torch.cat([bucket.new_ones(1, dtype=torch.bool), bucket[1:] != bucket[:-1]])]
+    ends = torch.cat([starts[1:], starts.new_full((1,), len(seq_ids))])
+    first_seqs = seq_ids[starts] // group_size * group_size
+    return torch.stack([starts, ends, first_seqs, seq_ids[ends - 1] + 1]).t().tolist()  # the one host sync
+
+
+class ChunkedLogprobs(torch.autograd.Function):
+    """Per-token log p(target) from hidden (N, D) and LM-head weight (V, D); targets == ignore_index give 0."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int = -100):
+        weight = weight.to(hidden.dtype)
+        valid = targets != ignore_index
+        safe_targets = targets.masked_fill(~valid, 0)
+        logps = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.zeros_like(logps)
+        buffer = _logits_buffer(hidden, weight, chunk_size)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            logits = _chunk_logits(hidden, weight, start, end, buffer)
+            logps[start:end], lse[start:end], _ = _chunk_forward(logits, safe_targets[start:end])
+        logps = logps.masked_fill(~valid, 0.0)
+        ctx.save_for_backward(hidden, weight, safe_targets, valid, lse)
+        ctx.chunk_size = chunk_size
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, targets, valid, lse = ctx.saved_tensors
+        grad_logps = grad_logps.float().masked_fill(~valid, 0.0)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        buffer = _logits_buffer(hidden, weight, ctx.chunk_size)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            logits = _chunk_logits(hidden, weight, start, end, buffer)  # recomputed: nothing (N, V) was kept
+            grad_logits = _chunk_grad_(logits, targets[start:end], lse[start:end], grad_logps[start:end])
+            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+            _accumulate_(grad_weight, grad_logits, hidden[start:end])
+        return grad_hidden, grad_weight, None, None, None
+
+
+class FusedLinearLoss(torch.autograd.Function):
+    """The autograd Function behind fused_linear_loss: one pass over chunks of whole groups of sequences computes
+    the loss, its gradients w.r.t. hidden states and LM-head weight, the statistics and the sequence log-probs."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, seq_ids, loss_fn, seq_inputs, group_size: int, scale, chunk_size: int,
+                statistics: list):
+        cast_weight = weight.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        plan = _chunk_plan(seq_ids, group_size, chunk_size)
+        seq_logps = torch.zeros(plan[-1][3], dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        buffer = _logits_buffer(hidden, weight, max(end - start for start, end, _, _ in plan))
+        for start, end, first_seq, end_seq in plan:
+            local_ids = seq_ids[start:end] - first_seq
+            logits = _chunk_logits(hidden, cast_weight, start, end, buffer)
+            token_logps, lse, probs = _chunk_forward(logits, targets[start:end])
+            chunk_logps = torch.zeros(end_seq - first_seq, dtype=torch.float32, device=hidden.device).index_add_(0, local_ids, token_logps)
+            seq_logps[first_seq:end_seq] = chunk_logps
+            # The loss on this chunk's whole groups, and d loss / d sequence log-prob, by autograd on a tiny tensor.
+            with torch.enable_grad():
+                x = chunk_logps.detach().requires_grad_()
+                out = loss_fn(x, *(s[first_seq:end_seq] for s in seq_inputs))
+                losses, chunk_statistics = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+                chunk_loss = losses.sum() * scale
+                (grad_seqs,) = torch.autograd.grad(chunk_loss, x)
+            loss += chunk_loss.detach()
+            statistics.append([s.detach() for s in chunk_statistics])
+            grad_logits = _chunk_grad_(logits, targets[start:end], lse, grad_seqs[local_ids], probs)
+            torch.mm(grad_logits, cast_weight, out=grad_hidden[start:end])
+            _accumulate_(grad_weight, grad_logits, hidden[start:end])
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(seq_logps)
+        return loss, seq_logps
+
+    @staticmethod
+    def backward(ctx, grad_loss, _unused):
+        grad_hidden, grad_weight = ctx.saved_tensors  # in place: no second (V, D) tensor
+        return (grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss),
+                None, None, None, None, None, None, None, None)
+
+
+class ChunkedLogprobsEntropy(torch.autograd.Function):
+    """Per-token log p(target) and entropy H = logsumexp(z) - sum_v p_v z_v from hidden (N, D) and LM-head weight
+    (V, D), chunk by chunk: the PPO policy path. Keeps the per-token logsumexp and entropy; each chunk's logits are
+    recomputed in the backward. Gradients, with log p = z - lse:
+        d log p(y) / dz = onehot(y) - p,        d H / dz = -p * (log p + H).
+    Temperature: pass hidden / T (then z = hidden W^T / T exactly)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int):
+        ctx.set_materialize_grads(False)  # an unused output (entropy, when only logged) costs nothing in backward
+        weight = weight.to(hidden.dtype)
+        logps = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse, entropy = torch.zeros_like(logps), torch.zeros_like(logps)
+        buffer = _logits_buffer(hidden, weight, chunk_size)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            logits = _chunk_logits(hidden, weight, start, end, buffer)
+            if _use_triton(logits):
+                lse[start:end], target_logits, entropy[start:end] = _triton_lse(logits, targets[start:end], entropy=True)
+            else:
+                logits = logits.float()
+                lse[start:end] = logits.logsumexp(-1)
+                target_logits = logits.gather(1, targets[start:end, None]).squeeze(1)
+                entropy[start:end] = lse[start:end] - torch.softmax(logits, -1).mul_(logits).sum(-1)
+            logps[start:end] = target_logits - lse[start:end]
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.chunk_size = chunk_size
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        if grad_logps is None and grad_entropy is None:
+            return None, None, None, None
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        buffer = _logits_buffer(hidden, weight, ctx.chunk_size)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            logits = _chunk_logits(hidden, weight, start, end, buffer)  # recomputed: nothing (N, V) was kept
+            if _use_triton(logits):
+                g = grad_logps[start:end] if grad_logps is not None else lse.new_zeros(end - start)
+                g_entropy = grad_entropy[start:end] if grad_entropy is not None else None
+                grad_logits = _triton_grad_(logits, targets[start:end], lse[start:end], g, entropy[start:end], g_entropy)
+            else:
+                log_probs = logits.float().sub_(lse[start:end, None])  # in place (fp32 logits): log-softmax
+                # dL/dz = p * (-g_logp - g_H * (log p + H)) + g_logp * onehot(y)
+                if grad_entropy is not None:
+                    factor = (log_probs + entropy[start:end, None]).mul_(-grad_entropy[start:end, None].float())
+                else:
+                    factor = torch.zeros_like(log_probs)
+                if grad_logps is not None:
+                    g = grad_logps[start:end].float()
+                    factor.sub_(g[:, None])
+                grad_logits = factor.mul_(log_probs.exp_())
+                if grad_logps is not None:
+                    grad_logits[torch.arange(end - start, device=grad_logits.device), targets[start:end]] += g
+                grad_logits = grad_logits.to(hidden.dtype)
+            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+            _accumulate_(grad_weight, grad_logits, hidden[start:end])
+        return grad_hidden, grad_weight, None, None
+
+
+# ---- training plumbing ----
+def setup_torch(args):
+    """Threads, device, the log-prob kernel, bf16 autocast and the seeds; quiet library logging."""
+    global LOGPROB_KERNEL
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    LOGPROB_KERNEL = args.logprob_kernel
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    return device, torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+
+def new_optimizer(parameters, lr, steps, args, state=None):
+    """AdamW with linear warm-up then linear decay to 0 over `steps`; restored from `state` on a resume."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=args.weight_decay)
+    warmup = max(1, int(steps * args.warmup_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+    if state is not None and state["step"]:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+    return optimizer, scheduler
+
+
+def optimizer_step(parameters, optimizer, scheduler, args, state):
+    """Clip, step, advance the schedule and the run's step counters; returns the pre-clip gradient norm."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state["step"], state["global_step"] = state["step"] + 1, state["global_step"] + 1
+    return grad_norm
+
+
+def progress_bar(total: int, desc: str, initial: int = 0):
+    """A tqdm bar (set_postfix shows the running loss) when stderr is a terminal; in logs and tests a silent
+    stand-in, and the plain status lines carry the progress. tqdm comes with transformers and datasets."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
+
+
+# ---- run directory and checkpoints ----
+def open_run(args, model, first_stage):
+    """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model."""
+    if args.resume:
+        state = torch.load(os.path.join(args.resume, "checkpoint.pt"), weights_only=False)
+        model.load_state_dict(state["model"])
+        return args.resume, state
+    run_dir = os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    os.makedirs(run_dir, exist_ok=True)
+    write_json(asdict(args), os.path.join(run_dir, "config.json"))
+    return run_dir, {"stage": first_stage, "step": 0, "metrics": {}, "global_step": 0}
+
+
+def save_checkpoint(run_dir, state, model, optimizer, scheduler, **extra):
+    """The run's state, model, optimizer, schedule and RNG (+ extra models), written atomically."""
+    atomic_save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
+                os.path.join(run_dir, "checkpoint.pt"))
+
+
+def finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, metrics):
+    """The final model, metrics.json (the contract: algo, task, seed, steps, wall_s + the final evaluation)."""
+    for k, v in metrics.items():
+        writer.add_scalar(f"final/{k}", v, state["global_step"])
+    model.save_pretrained(os.path.join(run_dir, "model"))
+    tokenizer.save_pretrained(os.path.join(run_dir, "model"))
+    result = {"algo": algo, "task": "sort" if args.dataset_name is None else args.dataset_name, "seed": args.seed,
+              "steps": state["global_step"], "wall_s": round(time.time() - started, 1), **metrics}
+    write_json(result, os.path.join(run_dir, "metrics.json"))
+    writer.close()
+    print(json.dumps(result))
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file, then rename: a killed run never leaves a truncated checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path: str):
+    """json.dump with the same write-then-rename as atomic_save."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ---- input validation: one line naming the problem and the fix, before anything is built or written ----
+def parse_args():
+    """The flags, or on --resume the run's own config.json, validated."""
+    args = tyro.cli(Args, use_underscores=True)
+    if args.resume is not None:
+        if not os.path.exists(os.path.join(args.resume, "checkpoint.pt")):
+            fail(f"--resume {args.resume!r} holds no checkpoint.pt; point it at a run directory written by this script")
+        with open(os.path.join(args.resume, "config.json")) as f:
+            saved = json.load(f)
+        task = SortTaskConfig(**saved.pop("task"))
+        args = Args(**{**saved, "task": task, "resume": args.resume})
+    validate_args(args)
+    return args
+
+
+def validate_args(args: Args):
+    check_ranges(args, RANGES)
+    if args.learning_rate is None:
+        args.learning_rate = 1e-4 if args.algo == "rl" else 5e-5
+    embedded = args.dataset_name is None
+    minibatch_size = args.rollout_batch_size // args.num_mini_batches
+    checks = [
+        (args.w_demo > 0 or args.w_pref > 0, "--w_demo and --w_pref are both 0: nothing to learn from; give one a weight > 0"),
+        (args.batch_size % args.gradient_accumulation_steps == 0,
+         f"--batch_size {args.batch_size} is not divisible by --gradient_accumulation_steps {args.gradient_accumulation_steps}; "
+         "make it a multiple"),
+        (args.rollout_batch_size % args.num_mini_batches == 0 and minibatch_size % args.gradient_accumulation_steps == 0,
+         f"--rollout_batch_size {args.rollout_batch_size} must split into --num_mini_batches {args.num_mini_batches} minibatches "
+         f"of a multiple of --gradient_accumulation_steps {args.gradient_accumulation_steps}"),
+        (args.max_prompt_length < args.max_length, "--max_prompt_length must be < --max_length (room for a response)"),
+        (args.algo == "rl" or args.reward_pretrain_steps == 0 and args.reward_model_path is None,
+         f"--reward_pretrain_steps and --reward_model_path are for --algo rl; --algo {args.algo} has an implicit reward"),
+        (args.algo == "selfplay" or args.num_rounds == Args.num_rounds,
+         "--num_rounds is for --algo selfplay (direct has one round with a fixed reference)"),
+        (args.logprob_kernel != "triton" or triton is not None,
+         "--logprob_kernel triton needs the triton package (it comes with CUDA builds of torch); use auto or torch"),
+        (args.logprob_kernel != "triton" or args.device != "cpu" and torch.cuda.is_available()
+         or os.environ.get("TRITON_INTERPRET") == "1",
+         "--logprob_kernel triton needs a CUDA device (or TRITON_INTERPRET=1: Triton's interpreter, slow); use auto or torch"),
+        (not embedded or args.model_name_or_path is None,
+         "--model_name_or_path needs --dataset_name (the embedded task comes with its own base model)"),
+        (not embedded or args.demo_dataset_name is None, "--demo_dataset_name needs --dataset_name (the embedded task has its own)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            fail(message)
+    if embedded:
+        check_embedded_task(args)
+        demos = max(0, args.task.num_demos - args.num_eval_demos)
+        check_batches_fit([("demonstrations (--task.num_demos - --num_eval_demos)", demos, args.sft_epochs or args.w_demo,
+                            args.batch_size, "--batch_size"),
+                           ("demonstration prompts (--task.num_demos - --num_eval_demos)", demos,
+                            args.algo == "rl" and args.total_episodes, args.rollout_batch_size, "--rollout_batch_size"),
+                           ("preference pairs (--task.num_prefs)", args.task.num_prefs,
+                            args.w_pref or (args.algo == "rl" and args.reward_pretrain_steps), args.batch_size, "--batch_size")])
+
+
+def check_same_tokenizer(reward_model_path, tokenizer, model_path):
+    """A reward model must read the policy's tokens as the same words."""
+    if reward_model_path is None:
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        rm_vocab = AutoTokenizer.from_pretrained(reward_model_path).get_vocab()
+    except (OSError, ValueError) as e:
+        fail(f"could not load the tokenizer of --reward_model_path {reward_model_path!r} ({str(e).splitlines()[0]})")
+    if rm_vocab != tokenizer.get_vocab():
+        fail(f"the tokenizer of --reward_model_path {reward_model_path!r} differs from the policy's ({model_path!r}); "
+             "use a reward model trained on the policy's tokenizer")
+
+
+def check_context(model, prompts, response_length):
+    """The longest prompt plus a full response fit the model's context."""
+    context_limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts) if prompts else 0
+    if context_limit and longest + response_length > context_limit:
+        fail(f"prompts of up to {longest} tokens + --response_length {response_length} exceed the model's context "
+             f"({context_limit}); lower --response_length or --max_prompt_length")
+
+
+def check_embedded_task(args):
+    """The embedded task's own checks (sort_task.validate), before it is built."""
+    try:
+        import_embedded_task().validate(args.task)
+    except ValueError as e:
+        fail(str(e))
+
+
+def import_embedded_task():
+    try:
+        import sort_task
+    except ImportError:
+        fail("the embedded task needs sort_task.py beside this script (copy it too), "
+             "or give your data with --dataset_name and --model_name_or_path")
+    return sort_task
+
+
+def load_embedded_task(args):
+    return import_embedded_task().SortTask(args.task)
+
+
+def check_batches_fit(needs):
+    """Each stage that runs gets at least one full batch. needs: [(what, how many, the stage runs, batch size, its flag)]."""
+    for what, available, runs, batch_size, flag in needs:
+        if runs and available < batch_size:
+            fail(f"only {available} {what} for {flag} {batch_size}; lower {flag} or add data")
+
+
+def check_ranges(config, ranges: dict, prefix: str = "--"):
+    """fail() unless each numeric flag lies in its interval, written like "(0, inf)" or "[0, 1)": a round bracket
+    excludes its end. NaN lies in no interval; None passes (an Optional flag left unset)."""
+    for name, interval in ranges.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        low, high = (float(end) for end in interval[1:-1].split(","))
+        above = low <= value if interval[0] == "[" else low < value
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):
+            fail(f"{prefix}{name} must be in {interval} (got {value})")
+
+
+def fail(message: str):
+    """Bad input: one line on stderr that names the problem and the fix; exit code 2, as for tyro's own errors."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""The AIHF paper's central experiment on the embedded task: which method wins where, as the numbers of
+demonstrations and preferences vary (demos >> prefs, balanced, prefs >> demos), and with demonstrations of
+different quality; plus a sweep of AIHF's own knob, the weights w_demo / w_pref, at one point.
+
+Every run is its own process (`python aihf_llm.py ...`, `rlhf_llm.py`, `dpo_llm.py`), so the job list can run on
+any number of cores (--jobs) and resume: a run whose summary exists is skipped, and a killed run starts over.
+Each finished run's metrics.json is copied to benchmarks/results/aihf_grid/<run>.json (committed; the models are
+not), and the tables and the plot are rebuilt from those files:
+
+    python benchmarks/aihf_grid.py --jobs 2                 # the grid and the sweep (resumable)
+    python benchmarks/aihf_grid.py --only sweep --jobs 2    # just the w_demo / w_pref sweep
+    python benchmarks/aihf_grid.py --report                 # tables + plot from the summaries so far
+
+Compute is matched by optimizer steps and generated samples, not by epochs (the data sizes differ 16x):
+every policy trained by gradient steps on a dataset gets the same number of steps whatever the data size, and
+every RL method the same number of sampled episodes (see METHODS and results/aihf_grid.md).
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "aihf_grid")
+RUNS = os.path.join(ROOT, "runs", "aihf_grid")
+
+SEEDS = (1, 2, 3)
+COUNTS = (100, 400, 1600)  # demonstrations x preferences: a 3 x 3 grid
+# Demonstration quality (share with the systematic flaw, share with random swaps); the default is the task's own.
+QUALITY = {"default": (0.6, 0.1), "noise_only": (0.0, 0.7), "flaw_only": (0.7, 0.0)}
+BATCH = 32
+SFT_STEPS, PAIR_STEPS, EPISODES = 150, 120, 2048  # the compute budget of every method (see METHODS)
+
+
+def epochs(steps, n):
+    """Epochs of a script's stage that give about `steps` optimizer steps of BATCH examples on n examples."""
+    return max(1, round(steps * BATCH / max(n, BATCH)))
+
+
+def methods(demos, prefs):
+    """name -> (script, flags) at a grid point. The budget, for every data size:
+    - SFT: SFT_STEPS steps on the demonstrations (sft, and the SFT stage of dpo and rlhf);
+    - dpo: + PAIR_STEPS DPO steps on the preferences; rlhf: + PAIR_STEPS reward-model steps, then PPO on EPISODES
+      samples (EPISODES / 64 iterations);
+    - AIHF-RL and IRL: no SFT stage (as the authors' code), so they get the SFT and pair steps as extra rounds:
+      2 * EPISODES samples, one reward step and one PPO iteration per 64 of them;
+    - direct: SFT_STEPS + PAIR_STEPS DPO-form steps (each step: BATCH demo pairs and BATCH preference pairs), one
+      reference sample per demonstration; selfplay: the same steps over 2 rounds, one fresh sample per demonstration
+      and round."""
+    sft = ["--sft_epochs", epochs(SFT_STEPS, demos)]
+    steps_direct = SFT_STEPS + PAIR_STEPS
+    return {
+        "sft": ("dpo_llm.py", [*sft, "--num_epochs", 0]),
+        "dpo": ("dpo_llm.py", [*sft, "--num_epochs", epochs(PAIR_STEPS, prefs)]),
+        "rlhf": ("rlhf_llm.py", [*sft, "--rm_epochs", epochs(PAIR_STEPS, prefs), "--total_episodes", EPISODES]),
+        "aihf_rl": ("aihf_llm.py", ["--algo", "rl", "--total_episodes", 2 * EPISODES, "--num_eval_demos", 0]),
+        "irl": ("aihf_llm.py", ["--algo", "rl", "--w_pref", 0, "--total_episodes", 2 * EPISODES, "--num_eval_demos", 0]),
+        "aihf_direct": ("aihf_llm.py", ["--algo", "direct", "--num_epochs", epochs(steps_direct, max(demos, prefs)),
+                                        "--num_eval_demos", 0]),
+        "aihf_selfplay": ("aihf_llm.py", ["--algo", "selfplay", "--num_rounds", 2,
+                                          "--num_epochs", epochs(steps_direct / 2, max(demos, prefs)), "--num_eval_demos", 0]),
+    }
+
+
+def jobs(only):
+    """(run name, script, flags) of every run of the grid and the sweep."""
+    out = []
+    points = [(d, p, "default") for d in COUNTS for p in COUNTS] + [(COUNTS[-1], COUNTS[0], q) for q in ("noise_only", "flaw_only")]
+    if only in (None, "grid"):
+        for demos, prefs, quality in points:
+            for name, (script, flags) in methods(demos, prefs).items():
+                for seed in SEEDS:
+                    out.append((f"{quality}_d{demos}_p{prefs}__{name}__s{seed}", script,
+                                task_flags(demos, prefs, quality) + flags + ["--seed", seed]))
+    if only in (None, "sweep"):  # AIHF's weights at the demos >> prefs point
+        demos, prefs = COUNTS[-1], COUNTS[0]
+        for algo in ("rl", "direct"):
+            base = methods(demos, prefs)[f"aihf_{algo}"][1]
+            for w_demo, w_pref in ((1, 0.25), (1, 4), (0.25, 1), (0, 1)):
+                for seed in SEEDS:
+                    out.append((f"sweep_d{demos}_p{prefs}__aihf_{algo}_wd{w_demo}_wp{w_pref}__s{seed}", "aihf_llm.py",
+                                task_flags(demos, prefs, "default") + base + ["--w_demo", w_demo, "--w_pref", w_pref, "--seed", seed]))
+    return out
+
+
+def task_flags(demos, prefs, quality):
+    flaw, noise = QUALITY[quality]
+    return ["--task.num_demos", demos, "--task.num_prefs", prefs, "--task.demo_flaw", flaw, "--task.demo_noise", noise,
+            "--batch_size", BATCH, "--eval_every", 0, "--save_every", 0, "--num_threads", 1]
+
+
+def run(job):
+    name, script, flags = job
+    summary = os.path.join(RESULTS, f"{name}.json")
+    if os.path.exists(summary):
+        return name, "done"
+    out_dir = os.path.join(RUNS, name)
+    shutil.rmtree(out_dir, ignore_errors=True)  # a killed run starts over
+    started = time.time()
+    with open(os.path.join(RUNS, f"{name}.log"), "w") as log:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, flags), "--output_dir", RUNS,
+                               "--run_name", name], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        return name, f"FAILED ({proc.returncode}), see {log.name}"
+    metrics = json.load(open(os.path.join(out_dir, "metrics.json")))
+    metrics["command"] = f"python {script} " + " ".join(map(str, flags))
+    tmp = summary + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(tmp, summary)
+    return name, f"{time.time() - started:.0f} s, gold {metrics.get('gold_reward', float('nan')):.3f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables and plot
+# ---------------------------------------------------------------------------------------------------------------
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t quantiles (0.975) by degrees of freedom
+
+
+def mean_ci(values):
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def load_summaries():
+    table = {}
+    for f in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
+        if f.endswith(".json"):
+            point, method, seed = f[:-5].split("__")
+            table.setdefault(point, {}).setdefault(method, {})[seed] = json.load(open(os.path.join(RESULTS, f)))
+    return table
+
+
+def report():
+    table = load_summaries()
+    lines = ["# AIHF vs the methods it generalises, on the embedded task", "",
+             "`python benchmarks/aihf_grid.py --jobs N` (one process per run, 1 torch thread each). Gold reward of the final "
+             "policy's sampled responses (temperature 1) on 256 held-out prompts, mean ± 95% CI over seeds (t-distribution); "
+             "the best mean of each row in bold. Greedy decoding in the second table. Budgets: see the script's `methods`.", ""]
+    for key, title in (("gold_reward", "sampled"), ("gold_reward_greedy", "greedy")):
+        all_methods = sorted({m for point in table.values() for m in point})
+        lines += [f"## Gold reward, {title}", "", "| point (demos, prefs) | " + " | ".join(all_methods) + " |",
+                  "|---|" + "---|" * len(all_methods)]
+        for point in sorted(table, key=point_order):
+            cells = {m: mean_ci([r[key] for r in table[point][m].values()]) for m in table[point]}
+            best = max(cells, key=lambda m: cells[m][0])
+            row = [f"**{cells[m][0]:.3f}** ± {cells[m][1]:.3f}" if m == best else f"{cells[m][0]:.3f} ± {cells[m][1]:.3f}"
+                   if m in cells else "–" for m in all_methods]
+            seeds = {len(table[point][m]) for m in table[point]}
+            lines.append(f"| {point} (seeds {'/'.join(map(str, sorted(seeds)))}) | " + " | ".join(row) + " |")
+        lines.append("")
+    with open(os.path.join(ROOT, "benchmarks", "results", "aihf_grid.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot(table)
+    print("\n".join(lines))
+
+
+def point_order(point):
+    kind = 0 if point.startswith("default") else 1 if point.startswith("sweep") else 2
+    return kind, point
+
+
+def plot(table):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plot; pip install matplotlib)")
+        return
+    grid = [p for p in table if p.startswith("default")]
+    if not grid:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    methods_seen = sorted({m for p in grid for m in table[p]})
+    order = sorted(grid, key=lambda p: (int(p.split("_d")[1].split("_p")[0]) / int(p.split("_p")[1]), p))
+    for m in methods_seen:
+        xs, ys, es = [], [], []
+        for i, p in enumerate(order):
+            if m in table[p]:
+                mean, ci = mean_ci([r["gold_reward"] for r in table[p][m].values()])
+                xs.append(i), ys.append(mean), es.append(0 if math.isnan(ci) else ci)
+        axes[0].errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m, linewidth=2.5 if m.startswith("aihf") else 1.2)
+    axes[0].set_xticks(range(len(order)), [p.replace("default_", "").replace("_", "\n") for p in order], fontsize=8)
+    axes[0].set_xlabel("grid point, ordered by demos / prefs")
+    axes[0].set_ylabel("gold reward (sampled), mean ± 95% CI")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("gold reward by method and data mix")
+    # heat map: best AIHF variant minus the best other method, per (demos, prefs)
+    counts = sorted({int(p.split("_d")[1].split("_p")[0]) for p in grid})
+    import numpy as np
+
+    gap = np.full((len(counts), len(counts)), np.nan)
+    winners = {}
+    for p in grid:
+        d, q = int(p.split("_d")[1].split("_p")[0]), int(p.split("_p")[1])
+        means = {m: mean_ci([r["gold_reward"] for r in table[p][m].values()])[0] for m in table[p]}
+        aihf = max((v for m, v in means.items() if m.startswith("aihf")), default=np.nan)
+        other = max((v for m, v in means.items() if not m.startswith("aihf")), default=np.nan)
+        gap[counts.index(d), counts.index(q)] = aihf - other
+        winners[(counts.index(d), counts.index(q))] = max(means, key=means.get)
+    image = axes[1].imshow(gap, cmap="RdBu", vmin=-0.15, vmax=0.15, origin="lower")
+    for (i, j), w in winners.items():
+        axes[1].text(j, i, f"{w}\n{gap[i, j]:+.3f}", ha="center", va="center", fontsize=8)
+    axes[1].set_xticks(range(len(counts)), counts)
+    axes[1].set_yticks(range(len(counts)), counts)
+    axes[1].set_xlabel("preference pairs")
+    axes[1].set_ylabel("demonstrations")
+    axes[1].set_title("best AIHF minus best other method (winner named)")
+    fig.colorbar(image, ax=axes[1])
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "benchmarks", "results", "aihf_grid.png"), dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one core each)")
+    parser.add_argument("--only", choices=["grid", "sweep"], default=None)
+    parser.add_argument("--report", action="store_true", help="only rebuild the tables and the plot")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args()
+    if args.report:
+        return report()
+    todo = jobs(args.only)
+    if args.list:
+        for name, script, flags in todo:
+            print(name, script, *flags)
+        return print(f"{len(todo)} runs")
+    os.makedirs(RESULTS, exist_ok=True)
+    os.makedirs(RUNS, exist_ok=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for name, status in pool.map(run, todo):
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: {status}", flush=True)
+    report()
+
+
+if __name__ == "__main__":
+    main()

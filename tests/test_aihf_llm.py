@@ -1,0 +1,245 @@
+"""aihf_llm.py: the AIHF losses against hand-written formulas, the reductions to RLHF, DPO and SPIN proven on the
+same batch (a test may import two scripts; the scripts never import each other), and the script end to end on the
+embedded task and on local HH-format data: all three algorithms, bad input, resume."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aihf_llm as A
+import dpo_llm
+import rlhf_llm
+from conftest import ROOT, run_script
+
+NO_AUTOCAST = torch.autocast("cpu", enabled=False)
+# Tiny but complete: every stage trains, a few rounds of each algorithm.
+TINY = ["--task.num_demos", 160, "--task.num_prefs", 96, "--task.num_eval_prompts", 32, "--task.num_eval_prefs", 64,
+        "--num_eval_demos", 32, "--batch_size", 16, "--total_episodes", 96, "--rollout_batch_size", 16, "--num_ppo_epochs", 2,
+        "--num_epochs", 1, "--eval_every", 0, "--num_threads", 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The losses, by hand
+# ---------------------------------------------------------------------------------------------------------------
+def test_aihf_reward_loss_by_hand():
+    demo, sample = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.5])
+    chosen, rejected = torch.tensor([2.0]), torch.tensor([1.0])
+    nll = lambda m: math.log1p(math.exp(-m))  # noqa: E731  -log sigmoid(m)
+    loss, demo_term, pref_term = A.aihf_reward_loss(demo, sample, chosen, rejected, w_demo=0.5, w_pref=2.0)
+    assert demo_term.item() == pytest.approx((nll(1.0) + nll(-0.5)) / 2)
+    assert pref_term.item() == pytest.approx(nll(1.0))
+    assert loss.item() == pytest.approx(0.5 * (nll(1.0) + nll(-0.5)) / 2 + 2.0 * nll(1.0))
+    # the demo term pushes the reward up on demonstrations and down on the policy's samples
+    demo.requires_grad_(), sample.requires_grad_()
+    A.aihf_reward_loss(demo, sample, chosen, rejected, 1.0, 0.0)[0].backward()
+    assert (demo.grad < 0).all() and (sample.grad > 0).all()
+    # a term with weight 0 is left out, so its inputs may be empty
+    loss, demo_term, pref_term = A.aihf_reward_loss(torch.zeros(0), torch.zeros(0), chosen, rejected, 0.0, 1.0)
+    assert demo_term is None and loss.item() == pytest.approx(nll(1.0))
+
+
+def test_direct_loss_weights_each_pair():
+    policy, ref = torch.tensor([-1.0, -2.0, -3.0, -1.0]), torch.tensor([-1.5, -1.5, -2.0, -2.0])
+    weights = torch.tensor([0.25, 0.25, 2.0, 2.0])  # a demo pair and a preference pair
+    losses, chosen, rejected = A.aihf_direct_loss(policy, ref, weights, beta=0.5)
+    h = [0.5 * ((-1.0 + 1.5) - (-2.0 + 1.5)), 0.5 * ((-3.0 + 2.0) - (-1.0 + 2.0))]
+    expected = [0.25 * -math.log(1 / (1 + math.exp(-h[0]))), 2.0 * -math.log(1 / (1 + math.exp(-h[1])))]
+    torch.testing.assert_close(losses, torch.tensor(expected))
+    torch.testing.assert_close(chosen - rejected, torch.tensor(h))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reductions: AIHF with one weight at 0 is RLHF's reward step, DPO, or SPIN -- on the same batch
+# ---------------------------------------------------------------------------------------------------------------
+def _tiny_config(**extra):
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                         max_position_embeddings=64, pad_token_id=0, **extra)
+
+
+def _pairs(seed, n=4):
+    g = torch.Generator().manual_seed(seed)
+    return [tuple(torch.randint(2, 40, (int(k),), generator=g).tolist() for k in torch.randint(1, 8, (3,), generator=g))
+            for _ in range(n)]
+
+
+def _grads(loss, model):
+    return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+
+
+def test_direct_without_demonstrations_is_dpo():
+    from transformers import GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(_tiny_config()).eval()
+    pairs, ref = _pairs(1), torch.randn(8) - 10
+    batch = A.pair_batch(pairs, 0)
+    args = SimpleNamespace(beta=0.3, loss_type="sigmoid", label_smoothing=0.0, batch_size=4, logprob_chunk_size=5)
+    dpo, _, _, _ = dpo_llm.dpo_batch_loss(model, batch, ref, args, NO_AUTOCAST)
+    weights = torch.full((8,), 1.0 / args.batch_size)  # w_pref / batch_size on each preference pair, no demo pairs
+    aihf, _, _, _ = A.direct_batch_loss(model, batch, ref, weights, args, NO_AUTOCAST)
+    torch.testing.assert_close(aihf, dpo)
+    for a, b in zip(_grads(aihf, model), _grads(dpo, model)):
+        torch.testing.assert_close(a, b)
+
+
+def test_rl_without_demonstrations_is_rlhf_reward_step():
+    from transformers import GPTNeoXForSequenceClassification
+
+    torch.manual_seed(0)
+    reward_model = GPTNeoXForSequenceClassification(_tiny_config(num_labels=1)).eval()
+    reward_model.config.reward_bias = 0.0
+    pairs = _pairs(2)
+    ids, mask = rlhf_llm.pair_rows_batch(pairs, 0)
+    rewards = rlhf_llm.sequence_rewards(reward_model, ids, mask)
+    rlhf = rlhf_llm.reward_model_loss(rewards[0::2], rewards[1::2]).sum() / len(pairs)  # rlhf_llm.py's RM step, batch = the pairs
+    aihf, stats = A.reward_batch_loss(reward_model, None, (ids, mask), SimpleNamespace(w_demo=0.0, w_pref=1.0), NO_AUTOCAST)
+    torch.testing.assert_close(aihf, rlhf)
+    for a, b in zip(_grads(aihf, reward_model), _grads(rlhf, reward_model)):
+        torch.testing.assert_close(a, b)
+    assert "reward/demo_loss" not in stats and 0 <= stats["reward/pref_accuracy"] <= 1
+
+
+def test_selfplay_without_preferences_is_spin():
+    """w_pref = 0: demonstrations against the reference's own samples, the SPIN loss (Chen et al. 2024), by hand from
+    the plain model's full logits."""
+    from transformers import GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(_tiny_config()).eval()
+    demo_pairs, ref = _pairs(3), torch.randn(8) - 10  # (prompt, demonstration, sample of pi_ref)
+    beta = 0.2
+    args = SimpleNamespace(beta=beta, logprob_chunk_size=4)
+    aihf, _, _, _ = A.direct_batch_loss(model, A.pair_batch(demo_pairs, 0), ref, torch.full((8,), 1.0 / 4), args, NO_AUTOCAST)
+    sequences = [p + r for p, y, s in demo_pairs for r in (y, s)]
+    ids, mask, targets = A.collate(sequences, [len(p) for p, _, _ in demo_pairs for _ in range(2)], 0)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    logps = (torch.log_softmax(logits, -1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2) * (targets != -100)).sum(1)
+    spin = -F.logsigmoid(beta * ((logps[0::2] - ref[0::2]) - (logps[1::2] - ref[1::2]))).mean()
+    torch.testing.assert_close(aihf, spin)
+    for a, b in zip(_grads(aihf, model), _grads(spin, model)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The script end to end
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(task_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("aihf_runs")
+    for algo, extra in (("rl", ["--reward_steps", 2, "--rm_learning_rate", 3e-4]), ("direct", []),
+                        ("selfplay", ["--num_rounds", 2])):
+        run_script("aihf_llm.py", *TINY, "--algo", algo, *extra, "--task.cache_dir", task_cache, "--output_dir", out,
+                   "--run_name", algo)
+    return out
+
+
+@pytest.mark.parametrize("algo", ["rl", "direct", "selfplay"])
+def test_smoke_metrics(runs, algo):
+    metrics = json.loads((runs / algo / "metrics.json").read_text())
+    assert metrics["algo"] == f"aihf_{algo}" and metrics["task"] == "sort" and metrics["seed"] == 1
+    steps = {"rl": 96 // 16, "direct": 128 // 16, "selfplay": 2 * 128 // 16}[algo]  # rounds, or DPO-form steps
+    assert metrics["steps"] == steps
+    for key in ("gold_reward", "gold_reward_greedy", "gold_reward_init"):
+        assert 0 <= metrics[key] <= 1
+    # the (explicit or implicit) reward learned both data sources: held-out demonstrations and pairs ranked above chance
+    # (selfplay's implicit reward is relative to its last round's reference, so it has seen one round of pairs)
+    assert metrics["reward_demo_accuracy"] > 0.6, metrics
+    assert metrics["reward_pref_accuracy"] > (0.5 if algo == "selfplay" else 0.55), metrics
+    assert metrics["gold_reward_greedy"] > metrics["gold_reward_greedy_init"] + 0.05, metrics  # and the policy improved
+    assert (runs / algo / "model" / "config.json").exists()
+
+
+def test_rl_logs_both_reward_terms(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs / "rl"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("reward/demo_margin", "reward/pref_accuracy", "reward/loss", "objective/kl", "objective/entropy",
+                "policy/approxkl_avg", "objective/gold_reward"):
+        assert tag in tags, tag
+    margins = [e.value for e in events.Scalars("reward/demo_margin")]
+    assert margins[-1] > margins[0]  # the reward separates demonstrations from the policy's samples as it learns
+    assert (runs / "rl" / "reward_model" / "config.json").exists()
+
+
+def test_killed_rl_run_resumes_to_the_same_result(runs, task_cache, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, os.path.join(ROOT, "aihf_llm.py"), *map(str, TINY), "--algo", "rl", "--reward_steps", "2",
+           "--rm_learning_rate", "3e-4", "--task.cache_dir", task_cache, "--output_dir", str(tmp_path), "--run_name", "killed",
+           "--save_every", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("[aihf-rl] checkpoint at round 2"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
+    assert state["stage"] == "rl" and state["step"] == 2
+    run_script("aihf_llm.py", "--resume", tmp_path / "killed")
+    resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    whole = json.loads((runs / "rl" / "metrics.json").read_text())
+    for key in ("gold_reward", "gold_reward_greedy", "kl", "reward_pref_accuracy", "reward_demo_accuracy", "steps"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-7), key
+
+
+def test_killed_selfplay_run_resumes_to_the_same_result(runs, task_cache, tmp_path):
+    """Killed in its second round, after the round's samples and reference log-probs were checkpointed."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, os.path.join(ROOT, "aihf_llm.py"), *map(str, TINY), "--algo", "selfplay", "--num_rounds", "2",
+           "--task.cache_dir", task_cache, "--output_dir", str(tmp_path), "--run_name", "killed", "--save_every", "3"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("[aihf-selfplay] round 2/2 step 1/"):
+            break
+    for line in proc.stdout:
+        if line.startswith("[aihf-selfplay] checkpoint"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
+    assert state["stage"] == "selfplay" and state["round"] == 1 and state["step"] > 0 and "round_data" in state
+    run_script("aihf_llm.py", "--resume", tmp_path / "killed")
+    resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    whole = json.loads((runs / "selfplay" / "metrics.json").read_text())
+    for key in ("gold_reward", "gold_reward_greedy", "reward_pref_accuracy", "reward_demo_accuracy", "steps"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.parametrize("algo", ["rl", "direct"])
+def test_hh_format_data_and_local_models(algo, tiny_hh, tmp_path):
+    proc = run_script("aihf_llm.py", "--algo", algo, "--model_name_or_path", tiny_hh["model"], "--dataset_name", tiny_hh["train"],
+                      "--max_length", 200, "--max_prompt_length", 160, "--response_length", 6, "--batch_size", 4,
+                      "--total_episodes", 8, "--rollout_batch_size", 4, "--num_eval_demos", 4, "--num_epochs", 1,
+                      "--num_threads", 1, "--output_dir", tmp_path, "--run_name", "hh")
+    # one jsonl: the last fifth of the 40 pairs held out, then the first half of the rest are demonstrations
+    assert "holding out the last 8" in proc.stdout and "the first 16 training pairs; preferences: the other 16" in proc.stdout
+    metrics = json.loads((tmp_path / "hh" / "metrics.json").read_text())
+    assert metrics["task"] == tiny_hh["train"] and "gold_reward" not in metrics and metrics["steps"] > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--w_demo", 0, "--w_pref", 0], "--w_demo and --w_pref are both 0"),
+    (["--algo", "direct", "--task.num_demos", 16], "demonstrations (--task.num_demos - --num_eval_demos)"),
+    (["--algo", "rl", "--task.num_demos", 40, "--w_demo", 0], "demonstration prompts"),
+    (["--algo", "direct", "--reward_pretrain_steps", 10], "are for --algo rl"),
+    (["--algo", "direct", "--num_rounds", 3], "--num_rounds is for --algo selfplay"),
+    (["--w_pref", -1], "--w_pref must be in [0,"),
+    (["--demo_fraction", 1.0], "--demo_fraction must be in (0, 1)"),
+])
+def test_bad_inputs_fail_in_one_line(flags, message, task_cache, tmp_path):
+    proc = run_script("aihf_llm.py", *flags, "--task.cache_dir", task_cache, "--output_dir", tmp_path / "runs", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
