@@ -1,27 +1,28 @@
 """AIHF on MuJoCo: learn a reward and a SAC policy jointly from demonstrations AND preferences.
 
-Li et al., "Learning Reward and Policy Jointly from Demonstration and Preference Improves Alignment"
-(ICLR 2025, arXiv 2406.06874), MuJoCo experiments. The reward r_phi is the outer variable of a bilevel
-problem; the inner problem is soft RL (SAC) on r_phi. Each iteration takes `--reward_steps` Adam steps on
+Li et al., "Learning Reward and Policy Jointly from Demonstration and Preference Improves Alignment" (ICLR 2025,
+arXiv 2406.06874), MuJoCo experiments. The reward r_phi is the outer variable of a bilevel problem; the inner
+problem is soft RL (SAC) on r_phi. Every `--sac_steps_per_iter` SAC env steps, `--reward_steps` Adam steps on
 
-    L(phi) = mean_{policy} r_phi(s,a) - mean_{demos} r_phi(s,a) - alpha * mean_{prefs} log sigma(R_phi(better) - R_phi(worse))
+    L(phi) = mean_{policy} r_phi(s,a) - mean_{demos} r_phi(s,a)
+             - w_pref * mean_{prefs} log sigma(R_phi(chosen) - R_phi(rejected))
 
-(alpha = `--pref_weight`, not SAC's entropy alpha; R_phi = sum of r_phi over a `--segment_len` segment; the
-first two terms are the ML-IRL contrast, the last is Bradley-Terry), then runs `--sac_steps_per_iter` SAC env
-steps on r_phi, relabelling every replayed transition with the *current* r_phi at sample time; the agent and the
-replay buffer are never reset.
-`--algo irl` is the same with alpha = 0 (ML-IRL, demos only); `--algo rlhf` is the paper's baseline:
-behaviour cloning on the demos, a BT reward fitted on the preferences alone, then SAC on that fixed reward;
-`--algo sac` trains on the true reward and is how the shipped experts in experts/ are made.
-Demos are expert rollouts; preferences compare segments from a pool of policies of varied quality (the
-expert with growing action noise), labelled by a Bradley-Terry teacher on the true segment return.
+The first two terms are the ML-IRL contrast (the gradient of the demonstrations' log-likelihood under the soft-optimal
+policy of r_phi: push r up on demos, down on the policy's own samples); the last is Bradley-Terry on segment returns
+R_phi (sum of r_phi over `--segment_len` steps), weighted by w_pref = `--pref_weight`. SAC trains on r_phi all the
+while (every replayed transition relabelled with the current r_phi; agent and buffer never reset).
+Early termination (Hopper, Walker2d): a learned reward has no fixed level, and SAC's value after a fall is 0, so a
+positive level pays for staying alive and a negative one for falling. `--termination absorbing` (DAC, Kostrikov et
+al. 2019) enters an absorbing state with its own learned reward on `terminated`; `--termination rollouts` draws the
+policy samples from fixed-length rollouts that ignore falls (the authors' ML-IRL code).
+Other --algo: rlhf (the paper's baseline: behaviour cloning on the demos, a BT reward on the preferences, SAC on that
+fixed reward), irl (w_pref = 0: ML-IRL, demos only), ipl (Inverse Preference Learning, Hejna & Sadigh 2023: no
+reward net; Bradley-Terry on the critic's implicit reward Q(s,a) - gamma V(s')), sac (true reward; makes experts/).
+Demos are expert rollouts; preferences compare segments of the expert with growing action noise, labelled by a
+Bradley-Terry teacher on the true segment return.
 
-Speed (benchmarks/bench_sac.py): both critics are one batched ensemble, the actor's backward through the
-critics skips critic weight grads, fused Adam, a preallocated buffer, no host reads between log steps;
-`--bf16` also runs the matmuls in bfloat16 (opt-in).
-
-    python aihf_mujoco.py --algo sac --env_id Hopper-v5 --total_timesteps 20000 --learning_starts 2000
-    python aihf_mujoco.py --algo aihf --env_id Hopper-v5 --total_timesteps 1000000 --num_demos 10000 --num_prefs 20000
+    python aihf_mujoco.py --algo aihf --env_id Hopper-v5 --total_timesteps 30000 --num_demos 2000 --num_prefs 2000
+    python aihf_mujoco.py --algo aihf --env_id Walker2d-v5 --seed 1 --total_timesteps 300000   # 10k demos, 20k prefs
 """
 
 from __future__ import annotations
@@ -54,12 +55,12 @@ class Args:
     """output folder name under runs/ (default: {exp_name}__{algo}__{env_id}__{seed}__{timestamp})"""
     seed: int = 1
     """seed of the experiment (data, networks, environments)"""
-    threads: int = 1
+    num_threads: int = 1
     """torch CPU threads (1 is fastest per core for these small networks)"""
     env_id: str = "Hopper-v5"
-    """gymnasium MuJoCo task: Hopper-v5, HalfCheetah-v5, Walker2d-v5"""
-    algo: Literal["aihf", "rlhf", "irl", "sac"] = "aihf"
-    """aihf: demos+prefs jointly; rlhf: BC then BT reward then SAC; irl: aihf with alpha 0; sac: true reward"""
+    """gymnasium MuJoCo task with a flat Box observation and action space: Hopper-v5, HalfCheetah-v5, Walker2d-v5"""
+    algo: Literal["aihf", "rlhf", "irl", "ipl", "sac"] = "aihf"
+    """aihf: demos+prefs jointly; rlhf: BC, BT reward, SAC; irl: w_pref 0; ipl: implicit reward; sac: true reward"""
 
     # SAC (CleanRL names; CleanRL defaults unless the paper's differ)
     total_timesteps: int = 1_000_000
@@ -89,35 +90,52 @@ class Args:
     hidden: int = 256
     """width of the two hidden layers of the actor and the critics"""
     fixed_horizon: bool = False
-    """train on episodes that never end early (gymnasium's terminate_when_unhealthy=False; ML-IRL's fixed-horizon
-    envs): with a learned reward, a fall then neither ends a run of positive rewards nor escapes negative ones.
-    Demonstrations, preferences and every evaluation use the standard env"""
+    """train in an env whose episodes never end early (gymnasium's terminate_when_unhealthy=False): a fallen agent
+    lies on the ground to the time limit. Demos, preferences and every evaluation use the standard env"""
     bf16: bool = False
     """run the SAC networks' matmuls in bfloat16 during updates (opt-in speed-up on CPUs with AVX512-BF16/AMX)"""
 
-    # AIHF reward learning
+    # reward learning (aihf, irl, rlhf)
     pref_weight: float = 1.0
-    """alpha of the loss: weight of the preference (Bradley-Terry) term; --algo irl forces 0"""
+    """w_pref: weight of the preference (Bradley-Terry) term of the AIHF loss; --algo irl forces 0"""
     reward_input: Optional[Literal["state", "state_action"]] = None
     """reward features (default: state for HalfCheetah, state_action otherwise, as the paper)"""
     reward_lr: float = 1e-4
     """reward Adam learning rate (paper 1e-4)"""
     reward_wd: float = 1e-3
     """reward Adam weight decay (paper 1e-3)"""
-    reward_steps: int = 1
-    """reward gradient steps per AIHF iteration (paper 1; 10 did far better at 300k steps: README)"""
+    reward_steps: int = 10
+    """reward gradient steps per AIHF iteration (paper 1, over 1M-5M SAC steps; 10 at our 300k budget: README)"""
     sac_steps_per_iter: int = 5000
     """SAC env steps per AIHF iteration (paper 5000)"""
-    policy_samples: int = 5000
-    """most recent replay transitions used as the policy samples of the reward loss"""
+    termination: Optional[Literal["absorbing", "rollouts", "replay"]] = None
+    """aihf/irl: how the reward step sees early termination. absorbing: DAC's absorbing state with a learned reward;
+    rollouts: policy samples from fixed-length rollouts that ignore falls (ML-IRL's code); replay: the latest replay
+    transitions, value 0 after a fall (default: absorbing for aihf/irl, README; replay, i.e. none, for the others)"""
+    policy_samples: Optional[int] = None
+    """policy transitions per reward step (default: 10,000 = 10 rollouts of 1,000 for rollouts, as ML-IRL; else
+    the latest 5,000 replay transitions, one iteration's worth)"""
     reward_batch_size: int = 10000
     """demo and policy transitions per reward step"""
     pref_batch_size: int = 256
     """preference pairs per reward step"""
-    rlhf_reward_steps: int = 3000
-    """rlhf: BT reward gradient steps on the preferences before SAC"""
-    bc_steps: int = 10000
-    """rlhf: behaviour-cloning steps (MSE on the actor's mean action) before SAC"""
+    reward_pretrain_steps: Optional[int] = None
+    """Bradley-Terry steps on the preferences before SAC (default: 3000 for rlhf, its reward model; 0 for aihf, as
+    the paper; ipl: steps of its critic loss on the preferences alone)"""
+    bc_steps: Optional[int] = None
+    """behaviour-cloning steps on the demos (MSE on the actor's mean action) before SAC (default: 10000 for rlhf, the
+    paper's baseline; 0, a random policy, for aihf/irl/ipl as the paper)"""
+
+    # IPL (Hejna & Sadigh 2023; online SAC version)
+    ipl_reg_weight: float = 0.5
+    """lambda of the regulariser lambda * E[r^2] on the implicit reward (IPL 0.5)"""
+    ipl_replay_weight: float = 0.5
+    """share of the regulariser on replay transitions; the rest is on the preference segments (IPL 0.5)"""
+    ipl_pairs: int = 16
+    """preference pairs per IPL critic step (IPL's online version: 32; 16 halves the cost of a step here)"""
+    ipl_window: int = 12
+    """transitions of each segment per IPL critic step: a random window, one offset per batch; the label stays the
+    whole segment's (IPL 12 of 25)"""
 
     # data
     expert_path: Optional[str] = None
@@ -126,6 +144,10 @@ class Args:
     """expert transitions used as demonstrations (paper 10,000)"""
     demo_episodes: int = 20
     """at most this many expert episodes are rolled out to collect the demos"""
+    demo_actions: Optional[Literal["sample", "mean"]] = None
+    """the expert's actions in the demos: sample (stochastic, as the authors' demos) or mean (deterministic)
+    (default: sample for aihf/irl, whose reward contrasts them with stochastic policy samples; mean for rlhf, whose
+    behaviour cloning regresses the mean action)"""
     num_prefs: int = 20000
     """preference pairs (paper 20,000)"""
     segment_len: int = 50
@@ -146,7 +168,7 @@ class Args:
     """episodes per evaluation"""
     log_every: int = 100
     """log losses every this many steps (the only host reads in the hot loop)"""
-    checkpoint_every: int = 50000
+    save_every: int = 50000
     """write runs/<run>/checkpoint.pt (compact: nets, optimizers, RNG) every this many steps; 0 = never"""
     save_buffer: bool = True
     """also write the replay buffer (runs/<run>/replay.pt) with each checkpoint, for exact-ish resume"""
@@ -156,87 +178,125 @@ class Args:
     """on each new best eval, re-measure on fresh seeds and save the actor here (+ returns.json beside it)"""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# validation
-# ----------------------------------------------------------------------------------------------------------
-def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def resolve_and_validate(args: Args) -> Args:
-    """Fill algorithm-dependent defaults and reject bad input before anything is written."""
-    paper = args.algo != "sac"
-    if args.batch_size is None:
-        args.batch_size = 100 if paper else 256
-    if args.policy_lr is None:
-        args.policy_lr = 1e-3 if paper else 3e-4
-    if args.autotune is None:
-        args.autotune = not paper
-    if args.reward_input is None:
-        args.reward_input = "state" if args.env_id.startswith("HalfCheetah") else "state_action"
-    if args.algo == "irl":  # ML-IRL: demonstrations alone
-        args.pref_weight, args.num_prefs = 0.0, 0
-    if args.expert_path is None:
-        args.expert_path = f"experts/{args.env_id}.pt"
-    for name in ["total_timesteps", "buffer_size", "batch_size", "policy_frequency", "target_network_frequency",
-                 "eval_every", "eval_episodes", "log_every", "sac_steps_per_iter", "segment_len", "num_demos",
-                 "demo_episodes", "threads", "hidden", "policy_samples", "reward_batch_size", "pref_batch_size",
-                 "reward_steps"]:
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be > 0 (got {getattr(args, name)})")
-    if args.learning_starts < 1 or args.learning_starts >= args.total_timesteps:
-        fail(f"--learning_starts must be in [1, --total_timesteps) (got {args.learning_starts}); lower it")
-    if args.buffer_size < args.policy_samples:
-        fail("--buffer_size must be >= --policy_samples")
-    if args.pref_noise < 0:
-        fail("--pref_noise must be >= 0 (0 = noiseless teacher)")
-    try:
-        env = gym.make(args.env_id)
-    except Exception as e:  # unknown id, missing mujoco, ...
-        fail(f"cannot make env {args.env_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-             "use e.g. --env_id Hopper-v5")
-    if args.fixed_horizon:  # checked on the env's constructor: making one with a bad option may write logs
-        creator = gym.envs.registration.load_env_creator(env.spec.entry_point)
-        if "terminate_when_unhealthy" not in inspect.signature(creator).parameters:
-            fail(f"--fixed_horizon: {args.env_id} has no terminate_when_unhealthy option (its episodes never end "
-                 "early anyway); drop --fixed_horizon")
-    if not isinstance(env.action_space, gym.spaces.Box):
-        fail(f"{args.env_id} has a {type(env.action_space).__name__} action space; SAC needs a continuous "
-             "Box action space (use a MuJoCo task such as Hopper-v5)")
-    if not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):
-        fail(f"{args.env_id} needs a flat Box observation space")
-    max_steps = env.spec.max_episode_steps or 1000
-    env.close()
-    if args.algo != "sac":
-        if args.segment_len > max_steps:
-            fail(f"--segment_len {args.segment_len} is longer than a {args.env_id} episode ({max_steps} "
-                 f"steps); use --segment_len <= {max_steps}")
-        if args.num_demos > args.demo_episodes * max_steps:
-            fail(f"--num_demos {args.num_demos} exceeds what --demo_episodes {args.demo_episodes} expert episodes "
-                 f"of at most {max_steps} steps allow; raise --demo_episodes or lower --num_demos")
-        if args.algo in ("aihf", "rlhf") and args.num_prefs <= 0:
-            fail(f"--algo {args.algo} needs --num_prefs > 0")
-        if args.num_prefs > 0 and (not args.pool_noises or args.pool_steps < args.segment_len):
-            fail("preferences need a segment pool: give --pool_noises and --pool_steps >= --segment_len")
-        if not os.path.isfile(args.expert_path):
-            fail(f"no expert checkpoint at {args.expert_path}; make one with: python aihf_mujoco.py --algo sac "
-                 f"--env_id {args.env_id} --expert_out {args.expert_path}  (or pass --expert_path)")
-    if args.resume is not None:
-        ckpt = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, "checkpoint.pt")
-        if not os.path.isfile(ckpt):
-            fail(f"--resume: no checkpoint at {ckpt}; pass a checkpoint.pt or a run folder holding one")
-        args.resume = ckpt
-    return args
-
-
-def make_train_env(args: Args):
-    """The env SAC trains in; --fixed_horizon turns off early termination (evaluation never does)."""
-    return gym.make(args.env_id, **(dict(terminate_when_unhealthy=False) if args.fixed_horizon else {}))
+# The valid interval of every numeric flag, checked before anything is written ("(" excludes its end).
+RANGES = {
+    "seed": "[0, 2147483647]", "num_threads": "[1, 1024]", "total_timesteps": "[2, 1e10]", "buffer_size": "[1, 1e8]",
+    "gamma": "[0, 1)", "tau": "(0, 1]", "batch_size": "[1, 1e6]", "learning_starts": "[1, 1e10]",
+    "policy_lr": "(0, 1)", "q_lr": "(0, 1)", "policy_frequency": "[1, 1e6]", "target_network_frequency": "[1, 1e6]",
+    "alpha": "[0, 1e3]", "hidden": "[1, 8192]", "pref_weight": "[0, 1e3]", "reward_lr": "(0, 1)",
+    "reward_wd": "[0, 1e3]", "reward_steps": "[1, 1e6]", "sac_steps_per_iter": "[1, 1e10]",
+    "policy_samples": "[1, 1e8]", "reward_batch_size": "[1, 1e8]", "pref_batch_size": "[1, 1e7]",
+    "reward_pretrain_steps": "[0, 1e9]", "bc_steps": "[0, 1e9]", "ipl_reg_weight": "[0, 1e3]",
+    "ipl_replay_weight": "[0, 1]", "ipl_pairs": "[1, 1e5]", "ipl_window": "[1, 1e5]", "num_demos": "[1, 1e8]",
+    "demo_episodes": "[1, 1e6]", "num_prefs": "[0, 1e9]", "segment_len": "[1, 1e6]", "pref_noise": "[0, 1e9]",
+    "pool_steps": "[1, 1e9]", "eval_every": "[1, 1e10]", "eval_episodes": "[1, 1000]", "log_every": "[1, 1e10]",
+    "save_every": "[0, 1e10]",
+}
+# (each element of --pool_noises must lie in [0, 100]: checked by hand in validate_args)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# networks
+# The algorithm's math: small pure functions
+# ----------------------------------------------------------------------------------------------------------
+def bt_loss(chosen_rewards, rejected_rewards):
+    """Bradley-Terry: -log sigmoid(r(chosen) - r(rejected)) of each pair (the chosen one is preferred)."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards)
+
+
+def irl_contrast(policy_rewards, demo_rewards):
+    """ML-IRL: mean r(policy samples) - mean r(demos). Its gradient, E_pi[grad r] - E_D[grad r], is minus the gradient
+    of the demos' log-likelihood under the soft-optimal policy of r (the policy's samples stand in for that policy)."""
+    return policy_rewards.mean() - demo_rewards.mean()
+
+
+def aihf_reward_loss(policy_rewards, demo_rewards, chosen_returns, rejected_returns, pref_weight):
+    """AIHF's reward loss and its statistics:
+    L(phi) = [mean r(policy) - mean r(demo)] + w_pref * mean -log sigma(R(chosen) - R(rejected))."""
+    contrast = irl_contrast(policy_rewards, demo_rewards)
+    stats = {"rewards/demo_minus_policy": -contrast.detach()}
+    if pref_weight == 0:
+        return contrast, stats
+    pref_loss = bt_loss(chosen_returns, rejected_returns).mean()
+    margins = (chosen_returns - rejected_returns).detach()
+    stats.update({"losses/pref_loss": pref_loss.detach(), "rewards/margins": margins.mean(),
+                  "rewards/accuracies": (margins > 0).float().mean()})
+    return contrast + pref_weight * pref_loss, stats
+
+
+def soft_q_target(rewards, dones, next_q, next_logp, gamma, alpha):
+    """SAC's soft Bellman target  y = r + gamma * (1 - done) * (min_j Qbar_j(s', a') - alpha * log pi(a'|s')),
+    a' ~ pi(.|s'); done = terminated only (a time-limit truncation bootstraps)."""
+    return rewards + gamma * (1.0 - dones) * (next_q - alpha * next_logp)
+
+
+def sac_critic_loss(q, target):
+    """sum_j mean_batch (Q_j(s,a) - y)^2 over the critic ensemble (= CleanRL's qf1_loss + qf2_loss)."""
+    return (q - target.unsqueeze(0)).pow(2).mean(1).sum()
+
+
+def sac_actor_loss(logp, q, alpha, weight=None):
+    """SAC's policy loss  E_s[ alpha * log pi(a~|s) - Q(s, a~) ],  a~ ~ pi(.|s) reparameterised; weight 0 drops a row
+    (the absorbing state, where the policy has nothing to choose)."""
+    per_state = alpha * logp - q
+    return per_state.mean() if weight is None else (weight * per_state).sum() / weight.sum().clamp(min=1)
+
+
+def sac_alpha_loss(log_alpha, logp, target_entropy, weight=None):
+    """Entropy temperature: E_s[ -alpha * (log pi(a~|s) + target_entropy) ] (CleanRL's form; logp detached)."""
+    per_state = -log_alpha.exp() * (logp + target_entropy)
+    return per_state.mean() if weight is None else (weight * per_state).sum() / weight.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def polyak_update(target_params, params, tau):
+    """Target critics:  theta_bar <- (1 - tau) * theta_bar + tau * theta."""
+    for tp, p in zip(target_params, params):
+        tp.lerp_(p, tau)
+
+
+def absorbing_next_action(next_act, next_logp, next_is_absorbing):
+    """DAC's absorbing state: its only action is 0 and it has no entropy bonus, so the target bootstraps from
+    V(s_abs) = Qbar(s_abs, 0) (its reward r(s_abs, 0) is learned like any other). Rows whose s' is not absorbing
+    keep a' ~ pi(.|s') and log pi(a'|s')."""
+    keep = 1.0 - next_is_absorbing
+    return next_act * keep.unsqueeze(-1), next_logp * keep
+
+
+def ipl_implicit_reward(q, next_v, terminated, gamma):
+    """IPL's implicit reward of each critic member:  r(s,a) = Q(s,a) - gamma * (1 - terminated) * V(s'),
+    V(s') = mean_j Qbar_j(s', a'), a' ~ pi(.|s'), without entropy term or gradient."""
+    return q - gamma * (1.0 - terminated) * next_v
+
+
+def ipl_loss(chosen_rewards, rejected_rewards, replay_rewards, reg_weight, replay_weight):
+    """IPL's critic loss and its statistics: per critic member, Bradley-Terry on the segments' summed implicit
+    rewards (undiscounted), plus the regulariser
+        lambda * [(1 - w) * (E_chosen r^2 + E_rejected r^2) / 2 + w * E_replay r^2]
+    that makes the optimum unique (lambda = reg_weight, w = replay_weight; no replay rows: w = 0).
+    Shapes: chosen/rejected (members, pairs, steps), replay (members, batch) or None."""
+    chosen_returns, rejected_returns = chosen_rewards.sum(-1), rejected_rewards.sum(-1)
+    pref_loss = bt_loss(chosen_returns, rejected_returns).mean()
+    segment_sq = (chosen_rewards.pow(2).mean() + rejected_rewards.pow(2).mean()) / 2
+    if replay_rewards is None:
+        reg = segment_sq
+    else:
+        reg = (1 - replay_weight) * segment_sq + replay_weight * replay_rewards.pow(2).mean()
+    margins = (chosen_returns - rejected_returns).detach()
+    stats = {"losses/pref_loss": pref_loss.detach(), "losses/ipl_reg": reg.detach(),
+             "rewards/margins": margins.mean(), "rewards/accuracies": (margins > 0).float().mean()}
+    return pref_loss + reg_weight * reg, stats
+
+
+def bt_teacher_prob(ret_a, ret_b, temperature):
+    """P(a preferred over b) of a Bradley-Terry teacher on true segment returns; temperature 0 = argmax."""
+    ret_a, ret_b = np.asarray(ret_a, np.float64), np.asarray(ret_b, np.float64)
+    if temperature == 0:
+        return np.where(ret_a > ret_b, 1.0, np.where(ret_a < ret_b, 0.0, 0.5))
+    return 1.0 / (1.0 + np.exp(-(ret_a - ret_b) / temperature))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Networks and the SAC agent
 # ----------------------------------------------------------------------------------------------------------
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -258,10 +318,10 @@ class Actor(nn.Module):
         log_std = torch.tanh(self.fc_logstd(h).float())  # .float(): the heads leave a bf16 autocast in fp32
         return self.fc_mean(h).float(), LOG_STD_MIN + 0.5 * (LOG_STD_MAX - LOG_STD_MIN) * (log_std + 1)
 
-    def sample(self, obs):
+    def sample(self, obs, generator=None):
         """Reparameterised action and its log-probability (with the tanh change of variables)."""
         mean, log_std = self(obs)
-        eps = torch.randn_like(mean)
+        eps = torch.randn_like(mean) if generator is None else torch.randn(mean.shape, generator=generator)
         u = mean + log_std.exp() * eps
         # log N(u; mean, std) - log|d tanh(u)/du| - log scale; log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u))
         # is the overflow-free form of the (1 - y^2 + 1e-6) trick
@@ -294,7 +354,7 @@ class EnsembleQ(nn.Module):
         x = torch.cat([obs, act], 1).unsqueeze(0).expand(self.n, -1, -1)
         x = F.relu(torch.baddbmm(b1, x, w1))
         x = F.relu(torch.baddbmm(b2, x, w2))
-        # the 1-wide output layer as multiply-and-sum: a batched matmul with one output column is ~6x slower
+        # the 1-wide output layer as multiply-and-sum: faster here than a batched matmul with one output column
         return (x.float() * w3.transpose(1, 2)).sum(-1) + b3.squeeze(-1)
 
 
@@ -315,47 +375,29 @@ def reward_features(obs, act, reward_input):
     return obs if reward_input == "state" else torch.cat([obs, act], -1)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# losses (small pure functions)
-# ----------------------------------------------------------------------------------------------------------
-def bt_loss(r_better, r_worse):
-    """Bradley-Terry negative log-likelihood: -mean log sigma(R(better) - R(worse))."""
-    return -F.logsigmoid(r_better - r_worse).mean()
+def adam_step(opt, loss):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
 
-def aihf_reward_loss(r_policy, r_demo, r_better, r_worse, pref_weight):
-    """L(phi) = mean r(policy) - mean r(demo) - alpha * mean log sigma(R(better) - R(worse))."""
-    loss = r_policy.mean() - r_demo.mean()
-    if pref_weight != 0:
-        loss = loss + pref_weight * bt_loss(r_better, r_worse)
-    return loss
-
-
-def bt_teacher_prob(ret_a, ret_b, temperature):
-    """P(a preferred over b) of a Bradley-Terry teacher on true segment returns; temperature 0 = argmax."""
-    ret_a, ret_b = np.asarray(ret_a, np.float64), np.asarray(ret_b, np.float64)
-    if temperature == 0:
-        return np.where(ret_a > ret_b, 1.0, np.where(ret_a < ret_b, 0.0, 0.5))
-    return 1.0 / (1.0 + np.exp(-(ret_a - ret_b) / temperature))
-
-
-def sac_critic_loss(q, target):
-    """Sum over ensemble members of the mean squared TD error (= CleanRL's qf1_loss + qf2_loss)."""
-    return (q - target.unsqueeze(0)).pow(2).mean(1).sum()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# SAC agent and replay buffer
-# ----------------------------------------------------------------------------------------------------------
 class SAC(nn.Module):
-    def __init__(self, obs_dim, act_dim, low, high, args: Args):
+    """Actor, twin critics (one ensemble) with their targets, entropy temperature, and their optimisers. With an
+    absorbing state the critics see one more input, the absorbing flag (the observation's last entry); the actor
+    sees the plain observation."""
+
+    def __init__(self, obs_dim, act_dim, low, high, args: Args, absorbing=False):
         super().__init__()
+        self.obs_dim, self.absorbing = obs_dim, absorbing
+        q_in = obs_dim + int(absorbing) + act_dim
         self.actor = Actor(obs_dim, act_dim, args.hidden, low, high)
-        self.qf = EnsembleQ(obs_dim + act_dim, args.hidden)
-        self.qf_target = EnsembleQ(obs_dim + act_dim, args.hidden)
+        self.qf = EnsembleQ(q_in, args.hidden)
+        self.qf_target = EnsembleQ(q_in, args.hidden)
         self.qf_target.load_state_dict(self.qf.state_dict())
         self.qf_target.requires_grad_(False)
         self.gamma, self.tau, self.autotune = args.gamma, args.tau, args.autotune
+        # IPL reads V(s') and the actor's Q as the ensemble's mean, SAC as its minimum (clipped double Q)
+        self.reduce_q = (lambda q: q.mean(0)) if args.algo == "ipl" else (lambda q: q.min(0).values)
         self.target_entropy = -float(act_dim)
         self.log_alpha = nn.Parameter(torch.full((1,), 0.0 if args.autotune else math.log(args.alpha)))
         self.q_opt = torch.optim.Adam(self.qf.parameters(), lr=args.q_lr, fused=True)
@@ -368,43 +410,64 @@ class SAC(nn.Module):
     def alpha(self):
         return self.log_alpha.detach().exp()
 
+    def next_action(self, next_obs):
+        """a' ~ pi(.|s') and log pi(a'|s'); from the absorbing state the action 0 without entropy term."""
+        next_act, next_logp = self.actor.sample(next_obs[:, :self.obs_dim])
+        if self.absorbing:
+            next_act, next_logp = absorbing_next_action(next_act, next_logp, next_obs[:, -1])
+        return next_act, next_logp
+
     def update_critic(self, obs, act, rew, next_obs, done):
-        alpha = self.alpha
+        """One Adam step of sac_critic_loss towards soft_q_target. Returns (loss, Q-values)."""
         with torch.no_grad(), self.amp():
-            next_act, next_logp = self.actor.sample(next_obs)
-            q_next = self.qf_target(next_obs, next_act).min(0).values - alpha * next_logp
-            target = rew + self.gamma * (1.0 - done) * q_next  # done = termination only: truncation bootstraps
+            next_act, next_logp = self.next_action(next_obs)
+            next_q = self.reduce_q(self.qf_target(next_obs, next_act))
+            target = soft_q_target(rew, done, next_q, next_logp, self.gamma, self.alpha)
         with self.amp():
             q = self.qf(obs, act)
         loss = sac_critic_loss(q, target)
-        self.q_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.q_opt.step()
+        adam_step(self.q_opt, loss)
         return loss.detach(), q.detach()
 
-    def update_actor(self, obs):
+    def update_critic_ipl(self, chosen, rejected, replay, reg_weight, replay_weight):
+        """One Adam step of ipl_loss. chosen/rejected: (obs, act, next_obs, terminated) of shape (pairs, steps, .);
+        replay: the same of shape (batch, .), or None (pre-training on the preferences alone). Returns the stats."""
+        pairs, steps = chosen[0].shape[:2]
+        n = pairs * steps
+        rows = [[x.reshape(n, *x.shape[2:]) for x in part] for part in (chosen, rejected)]
+        obs, act, next_obs, term = (torch.cat(col) for col in zip(*rows, *([replay] if replay is not None else [])))
+        with torch.no_grad(), self.amp():
+            next_v = self.reduce_q(self.qf_target(next_obs, self.actor.sample(next_obs)[0]))
         with self.amp():
-            act, logp = self.actor.sample(obs)
+            rewards = ipl_implicit_reward(self.qf(obs, act), next_v, term, self.gamma)  # (members, rows)
+        chosen_r, rejected_r = (rewards[:, k * n:(k + 1) * n].reshape(-1, pairs, steps) for k in (0, 1))
+        replay_r = rewards[:, 2 * n:] if replay is not None else None
+        loss, stats = ipl_loss(chosen_r, rejected_r, replay_r, reg_weight, replay_weight)
+        adam_step(self.q_opt, loss)
+        return dict(stats, **{"losses/qf_loss": loss.detach()})
+
+    def update_actor(self, obs):
+        """One Adam step of sac_actor_loss and, with --autotune, one of sac_alpha_loss (absorbing rows skipped)."""
+        weight = 1.0 - obs[:, -1] if self.absorbing else None
+        with self.amp():
+            act, logp = self.actor.sample(obs[:, :self.obs_dim])
             # critic weights detached: the backward computes d/d(action) only, no wasted critic weight grads
-            q = self.qf(obs, act, detach_params=True).min(0).values
-        loss = (self.alpha * logp - q).mean()
-        self.actor_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.actor_opt.step()
+            q = self.reduce_q(self.qf(obs, act, detach_params=True))
+        loss = sac_actor_loss(logp, q, self.alpha, weight)
+        adam_step(self.actor_opt, loss)
         alpha_loss = None
         if self.autotune:  # reuse this batch's log-probs (CleanRL draws a fresh no-grad sample; same expectation)
-            alpha_loss = (-self.log_alpha.exp() * (logp.detach() + self.target_entropy)).mean()
-            self.alpha_opt.zero_grad(set_to_none=True)
-            alpha_loss.backward()
-            self.alpha_opt.step()
+            alpha_loss = sac_alpha_loss(self.log_alpha, logp.detach(), self.target_entropy, weight)
+            adam_step(self.alpha_opt, alpha_loss)
         return loss.detach(), alpha_loss
 
-    @torch.no_grad()
     def update_target(self):
-        for p, tp in zip(self.qf.parameters(), self.qf_target.parameters()):
-            tp.lerp_(p, self.tau)
+        polyak_update(self.qf_target.parameters(), self.qf.parameters(), self.tau)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Data: replay, expert rollouts -> demos, policy pool -> segments -> BT-labelled preferences (cached)
+# ----------------------------------------------------------------------------------------------------------
 class ReplayBuffer:
     """Preallocated numpy arrays (cheap single-row writes) viewed as torch tensors (cheap batched gathers)."""
 
@@ -445,58 +508,59 @@ class ReplayBuffer:
         self.size, self.ptr = keep, keep % self.capacity
 
 
-def env_step(env, obs, action, rb):
+def absorbing_state(obs_dim):
+    """DAC's absorbing state: all zeros with the absorbing flag 1 (a real observation carries flag 0)."""
+    return np.append(np.zeros(obs_dim, np.float32), np.float32(1.0))
+
+
+def env_step(env, obs, action, rb, absorbing=False):
     """One env step stored in rb. A single (non-vector) env reset by hand, so a stored transition never spans
     two episodes. done = terminated only: a time-limit truncation still bootstraps from the real final obs.
+    absorbing: observations carry the flag 0; on `terminated` (never on truncation) the transition leads to the
+    absorbing state, which then loops to itself (action 0, done 0: the critic bootstraps through it).
     Returns (obs for the next step, reward, episode_over, info)."""
     next_obs, reward, terminated, truncated, info = env.step(action)
-    rb.add(obs, action, reward, next_obs, float(terminated))
+    if absorbing:
+        s_abs = absorbing_state(len(obs))
+        next_aug = s_abs if terminated else np.append(next_obs, np.float32(0))
+        rb.add(np.append(obs, np.float32(0)), action, reward, next_aug, 0.0)
+        if terminated:
+            rb.add(s_abs, np.zeros_like(action), 0.0, s_abs, 0.0)
+    else:
+        rb.add(obs, action, reward, next_obs, float(terminated))
     if terminated or truncated:
         next_obs, _ = env.reset()
     return next_obs, reward, terminated or truncated, info
 
 
-# ----------------------------------------------------------------------------------------------------------
-# data: expert rollouts -> demos; policy pool -> segments -> BT-labelled preferences (cached)
-# ----------------------------------------------------------------------------------------------------------
-def atomic_save(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def save_actor(actor, env_id, path, extra=None):
-    atomic_save(dict(env_id=env_id, state_dict=actor.state_dict(), obs_dim=actor.fc1.in_features,
-                     act_dim=actor.fc_mean.out_features, hidden=actor.fc1.out_features,
-                     low=(actor.action_bias - actor.action_scale).tolist(),
-                     high=(actor.action_bias + actor.action_scale).tolist(), **(extra or {})), path)
-
-
-def load_actor(path):
-    d = torch.load(path, map_location="cpu", weights_only=False)
-    actor = Actor(d["obs_dim"], d["act_dim"], d["hidden"], d["low"], d["high"])
-    actor.load_state_dict(d["state_dict"])
-    return actor.eval()
+def with_absorbing_rows(obs, act, terminated):
+    """Demos for an absorbing-state reward: every observation gets the flag 0, and each terminated step is followed
+    by one absorbing row (the absorbing state, action 0), as DAC converts its expert data."""
+    obs_l, act_l = [], []
+    s_abs = absorbing_state(obs.shape[1])
+    for o, a, t in zip(obs, act, terminated):
+        obs_l.append(np.append(o, np.float32(0)))
+        act_l.append(a)
+        if t:
+            obs_l.append(s_abs)
+            act_l.append(np.zeros_like(a))
+    return np.asarray(obs_l, np.float32), np.asarray(act_l, np.float32)
 
 
 @torch.no_grad()
 def rollout(env, policy, steps=None, episodes=None, seed=0):
     """Run whole episodes (policy: obs batch -> action batch) until `steps` transitions or `episodes` episodes.
-    Returns per-step arrays and episode ids/returns; the last episode is always complete."""
-    obs_l, act_l, rew_l, ep_l, ep_returns = [], [], [], [], []
+    Returns a dict of per-step arrays (obs, act, rew, next_obs, terminated, ep: episode id) and the episode returns;
+    the last episode is always complete."""
+    out = {k: [] for k in ("obs", "act", "rew", "next_obs", "terminated", "ep")}
+    ep_returns = []
     obs, _ = env.reset(seed=seed)
     ep, ep_ret, n = 0, 0.0, 0
     while True:
         act = policy(torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0))[0].numpy()
         next_obs, r, term, trunc, _ = env.step(act)
-        obs_l.append(obs), act_l.append(act), rew_l.append(r), ep_l.append(ep)
+        for k, v in zip(out, (obs, act, r, next_obs, term, ep)):
+            out[k].append(v)
         ep_ret += r
         n += 1
         obs = next_obs
@@ -506,8 +570,28 @@ def rollout(env, policy, steps=None, episodes=None, seed=0):
             if (steps is not None and n >= steps) or (episodes is not None and ep >= episodes):
                 break
             obs, _ = env.reset()
-    return (np.asarray(obs_l, np.float32), np.asarray(act_l, np.float32), np.asarray(rew_l, np.float32),
-            np.asarray(ep_l), np.asarray(ep_returns))
+    dtypes = dict(obs=np.float32, act=np.float32, rew=np.float32, next_obs=np.float32, terminated=np.float32,
+                  ep=np.int64)
+    return {k: np.asarray(v, dtypes[k]) for k, v in out.items()}, np.asarray(ep_returns)
+
+
+@torch.no_grad()
+def fixed_length_rollouts(actor, env_id, n_rollouts, length, seed):
+    """The policy samples of ML-IRL's reward step: n_rollouts rollouts of exactly `length` stochastic steps that
+    ignore falls (after one, the on-ground states fill the rollout), run side by side. Returns (obs, act)."""
+    kwargs = dict(terminate_when_unhealthy=False) if has_healthy_termination(env_id) else {}
+    envs = [gym.make(env_id, max_episode_steps=length, **kwargs) for _ in range(n_rollouts)]
+    obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(envs)]).astype(np.float32)
+    gen = torch.Generator().manual_seed(seed)
+    obs_l, act_l = [], []
+    for _ in range(length):
+        o = torch.from_numpy(obs)
+        act = actor.sample(o, generator=gen)[0]
+        obs_l.append(o), act_l.append(act)
+        obs = np.stack([e.step(a)[0] for e, a in zip(envs, act.numpy())]).astype(np.float32)
+    for e in envs:
+        e.close()
+    return torch.cat(obs_l), torch.cat(act_l)
 
 
 def segment_starts(ep_ids, seg_len):
@@ -533,25 +617,32 @@ def make_data(args: Args):
                       demo_episodes=args.demo_episodes, num_prefs=args.num_prefs, seg=args.segment_len,
                       noise=args.pref_noise, pool=list(args.pool_noises), pool_steps=args.pool_steps, v=1,
                       gymnasium=gym.__version__, mujoco=version("mujoco"))  # a simulator upgrade changes rollouts
+    if args.demo_actions != "mean":  # absent for mean-action demos, so their data keys stay as they were
+        key_fields["demo_actions"] = args.demo_actions
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(args.cache_dir, f"{args.env_id}_{key}.pt")
     if os.path.isfile(path):
-        return dict(torch.load(path, weights_only=False), key=key)
+        data = torch.load(path, weights_only=False)
+        if "demo_terminated" in data and (args.num_prefs == 0 or "pool_next_obs" in data):
+            return dict(data, key=key)  # else a cache file of an older layout: generate again (same content)
     expert = load_actor(args.expert_path)
     env = gym.make(args.env_id)
     rng = np.random.default_rng(args.seed)
-    # demonstrations: deterministic expert episodes until num_demos transitions
-    obs, act, rew, ep, ep_ret = rollout(env, expert.act_mean, steps=args.num_demos, seed=args.seed + 10_000)
-    if len(ep_ret) > args.demo_episodes or len(obs) < args.num_demos:
+    # demonstrations: the expert's episodes until num_demos transitions, with sampled or mean actions
+    demo_gen = torch.Generator().manual_seed(args.seed + 10_000)
+    policy = expert.act_mean if args.demo_actions == "mean" else (lambda o: expert.sample(o, generator=demo_gen)[0])
+    demo, ep_ret = rollout(env, policy, steps=args.num_demos, seed=args.seed + 10_000)
+    if len(ep_ret) > args.demo_episodes or len(demo["obs"]) < args.num_demos:
         fail(f"the expert's {args.demo_episodes} episodes give fewer than --num_demos {args.num_demos} transitions "
-             f"(its episodes last ~{len(obs) / max(len(ep_ret), 1):.0f} steps); raise --demo_episodes or lower "
-             "--num_demos")
-    data = dict(demo_obs=obs[:args.num_demos], demo_act=act[:args.num_demos],
+             f"(its episodes last ~{len(demo['obs']) / max(len(ep_ret), 1):.0f} steps); raise --demo_episodes or "
+             "lower --num_demos")
+    data = dict(demo_obs=demo["obs"][:args.num_demos], demo_act=demo["act"][:args.num_demos],
+                demo_terminated=demo["terminated"][:args.num_demos],
                 demo_return=float(ep_ret.mean()), demo_return_std=float(ep_ret.std()))
     # expert return on 10 separate episodes
-    data["expert_return"], data["expert_return_std"] = evaluate(expert, args.env_id, 10, args.seed + 20_000)[:2]
+    data["expert_return"], data["expert_return_std"] = evaluate_policy(expert, args.env_id, 10, args.seed + 20_000)[:2]
     if args.num_prefs > 0:
-        pool = dict(obs=[], act=[], rew=[], ep=[])
+        parts = []
         for k, sigma in enumerate(args.pool_noises):
             gen = torch.Generator().manual_seed(args.seed * 100 + k)
             low, high = expert.action_bias - expert.action_scale, expert.action_bias + expert.action_scale
@@ -560,11 +651,10 @@ def make_data(args: Args):
                 a = expert.act_mean(o)
                 return (a + sigma * torch.randn(a.shape, generator=gen)).clamp(low, high)
 
-            o, a, r, e, _ = rollout(env, noisy, steps=args.pool_steps, seed=args.seed + 30_000 + 1000 * k)
-            offset = (pool["ep"][-1][-1] + 1) if pool["ep"] else 0
-            for name, v in zip(("obs", "act", "rew", "ep"), (o, a, r, e + offset)):
-                pool[name].append(v)
-        pool = {k: np.concatenate(v) for k, v in pool.items()}
+            part, _ = rollout(env, noisy, steps=args.pool_steps, seed=args.seed + 30_000 + 1000 * k)
+            part["ep"] += (parts[-1]["ep"][-1] + 1) if parts else 0
+            parts.append(part)
+        pool = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         starts = segment_starts(pool["ep"], args.segment_len)
         if len(starts) == 0:
             fail(f"no pool episode lasts --segment_len {args.segment_len} steps; lower --segment_len")
@@ -573,8 +663,9 @@ def make_data(args: Args):
         ret_a = csum[a_idx + args.segment_len] - csum[a_idx]
         ret_b = csum[b_idx + args.segment_len] - csum[b_idx]
         a_wins = label_preferences(ret_a, ret_b, args.pref_noise, rng)
-        data.update(pool_obs=pool["obs"], pool_act=pool["act"],
-                    better=np.where(a_wins, a_idx, b_idx), worse=np.where(a_wins, b_idx, a_idx),
+        data.update(pool_obs=pool["obs"], pool_act=pool["act"], pool_next_obs=pool["next_obs"],
+                    pool_terminated=pool["terminated"],
+                    chosen=np.where(a_wins, a_idx, b_idx), rejected=np.where(a_wins, b_idx, a_idx),
                     pref_teacher_agreement=float(np.mean((ret_a >= ret_b) == a_wins)))
     env.close()
     os.makedirs(args.cache_dir, exist_ok=True)
@@ -582,23 +673,20 @@ def make_data(args: Args):
     return dict(data, key=key)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# evaluation and checkpoint helpers
-# ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(actor, env_id, episodes, seed, reward_net=None, reward_input="state_action"):
+def evaluate_policy(actor, env_id, episodes, seed, reward_fn=None):
     """Deterministic (mean-action) policy on the TRUE return; the episodes run side by side with one batched
-    actor call per step. With reward_net: Pearson correlation of r_phi with the true reward on these rollouts."""
+    actor call per step. With reward_fn(obs, act): Pearson correlation of the learned reward with the true one."""
     envs = [gym.make(env_id) for _ in range(episodes)]
     obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(envs)]).astype(np.float32)
     returns, alive = np.zeros(episodes), np.ones(episodes, bool)
-    feats, true_r = [], []
+    learned, true_r = [], []
     while alive.any():
         ids = np.flatnonzero(alive)
         o = torch.as_tensor(obs[ids])
         act = actor.act_mean(o)
-        if reward_net is not None:
-            feats.append(reward_features(o, act, reward_input))
+        if reward_fn is not None:
+            learned.append(reward_fn(o, act))
         for j, i in enumerate(ids):
             nobs, r, term, trunc, _ = envs[i].step(act[j].numpy())
             returns[i] += r
@@ -609,16 +697,20 @@ def evaluate(actor, env_id, episodes, seed, reward_net=None, reward_input="state
     for e in envs:
         e.close()
     corr = float("nan")
-    if reward_net is not None:
-        learned = reward_net(torch.cat(feats)).numpy()
+    if reward_fn is not None:
+        learned = torch.cat(learned).numpy()
         if learned.std() > 0:
             corr = float(np.corrcoef(learned, np.asarray(true_r))[0, 1])
     return float(returns.mean()), float(returns.std()), corr
 
 
-def main(args: Args):
+# ----------------------------------------------------------------------------------------------------------
+# main: data, pre-training stages, then the loop of reward steps and SAC steps
+# ----------------------------------------------------------------------------------------------------------
+def main(args: Optional[Args] = None):
+    args = validate_args(tyro.cli(Args, use_underscores=True) if args is None else args)
     started = time.time()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.num_threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -626,57 +718,358 @@ def main(args: Args):
 
     # ---- data (before any run folder exists: data errors leave nothing half-written) ----
     data = make_data(args) if args.algo != "sac" else None
-
     env = make_train_env(args)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     low, high = env.action_space.low, env.action_space.high
-    agent = SAC(obs_dim, act_dim, low, high, args)
-    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps), obs_dim, act_dim)
+    absorbing = args.termination == "absorbing"
+    flag = (lambda o: F.pad(o, (0, 1))) if absorbing else (lambda o: o)  # real observations: absorbing flag 0
+    agent = SAC(obs_dim, act_dim, low, high, args, absorbing)
+    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps * (2 if absorbing else 1)), obs_dim + absorbing,
+                      act_dim)
     sample_gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     learn_reward = args.algo in ("aihf", "irl")
     reward_net = reward_opt = None
-    if args.algo != "sac":
-        reward_net = RewardNet(obs_dim if args.reward_input == "state" else obs_dim + act_dim)
+    if args.algo in ("aihf", "irl", "rlhf"):
+        reward_net = RewardNet(obs_dim + absorbing + (0 if args.reward_input == "state" else act_dim))
         reward_opt = torch.optim.Adam(reward_net.parameters(), lr=args.reward_lr, weight_decay=args.reward_wd)
-        demo_obs, demo_act = torch.as_tensor(data["demo_obs"]), torch.as_tensor(data["demo_act"])
+    if data is not None:
+        demo_obs, demo_act = data["demo_obs"], data["demo_act"]
+        if absorbing:
+            demo_obs, demo_act = with_absorbing_rows(demo_obs, demo_act, data["demo_terminated"])
+        demo_obs, demo_act = torch.as_tensor(demo_obs), torch.as_tensor(demo_act)
         if args.num_prefs > 0:
-            pool_obs, pool_act = torch.as_tensor(data["pool_obs"]), torch.as_tensor(data["pool_act"])
-            better, worse = torch.as_tensor(data["better"]), torch.as_tensor(data["worse"])
-            seg_offsets = torch.arange(args.segment_len)
-
-    def segment_return(starts):  # R_phi(segment) = sum of r_phi over its steps
-        idx = starts.unsqueeze(1) + seg_offsets
-        return reward_net(reward_features(pool_obs[idx], pool_act[idx], args.reward_input)).sum(1)
+            pool = {k: torch.as_tensor(data[f"pool_{k}"]) for k in ("obs", "act", "next_obs", "terminated")}
+            chosen, rejected = torch.as_tensor(data["chosen"]), torch.as_tensor(data["rejected"])
+    reward_of = None if reward_net is None else \
+        (lambda o, a: reward_net(reward_features(flag(o), a, args.reward_input)))  # r_phi of real (obs, action)
 
     def minibatch(n, size):  # indices of a random minibatch, or all n when size >= n (full batch)
         return torch.arange(n) if size >= n else torch.randint(n, (size,), generator=sample_gen)
 
-    def pref_batch():
-        i = torch.randint(len(better), (args.pref_batch_size,), generator=sample_gen)
-        return segment_return(better[i]), segment_return(worse[i])
+    def pref_returns():  # R_phi(chosen), R_phi(rejected): r_phi summed over each segment of a batch of pairs
+        i = torch.randint(len(chosen), (args.pref_batch_size,), generator=sample_gen)
+        steps = torch.arange(args.segment_len)
+        return tuple(reward_of(pool["obs"][s], pool["act"][s]).sum(1)
+                     for s in (chosen[i].unsqueeze(1) + steps, rejected[i].unsqueeze(1) + steps))
 
-    # ---- run folder ----
-    start_step, best_eval, resumed_buffer = 0, -float("inf"), False
+    def ipl_segments():  # IPL: pairs cropped to one random window of ipl_window steps: (obs, act, next_obs, term)
+        i = torch.randint(len(chosen), (args.ipl_pairs,), generator=sample_gen)
+        offset = torch.randint(args.segment_len - args.ipl_window + 1, (), generator=sample_gen)
+        steps = offset + torch.arange(args.ipl_window)
+        return tuple(tuple(pool[k][s] for k in ("obs", "act", "next_obs", "terminated"))
+                     for s in (chosen[i].unsqueeze(1) + steps, rejected[i].unsqueeze(1) + steps))
+
+    def policy_samples(step):  # the reward step's policy samples: fixed-length rollouts, or the latest replay rows
+        if args.termination == "rollouts":
+            length = env.spec.max_episode_steps or 1000
+            return fixed_length_rollouts(agent.actor, args.env_id, -(-args.policy_samples // length), length,
+                                         args.seed + 80_000 + step)
+        return rb.recent(args.policy_samples)
+
+    run_dir, ckpt = open_run(args, None if data is None else data["key"])
+    from torch.utils.tensorboard import SummaryWriter  # imported late: keeps --help fast
+
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters",
+                    "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    if data is not None:
+        writer.add_scalar("charts/expert_return", data["expert_return"], 0)
+        writer.add_scalar("charts/demo_return", data["demo_return"], 0)
+    start_step, best_eval, eval_history, resumed_buffer = 0, -float("inf"), [], False
+    if ckpt is not None:
+        start_step, best_eval, eval_history, resumed_buffer = restore(ckpt, args, agent, reward_net, reward_opt,
+                                                                      sample_gen, rng, rb)
+        print(f"resumed at step {start_step} ({'with' if resumed_buffer else 'refilling'} the replay buffer)")
+    else:
+        if args.bc_steps > 0:
+            # ---- behaviour cloning on the demos (MSE on the mean action): the RLHF baseline's stage 1 ----
+            bc_opt = torch.optim.Adam(agent.actor.parameters(), lr=args.policy_lr)
+            bar = progress_bar(args.bc_steps, "behaviour cloning")
+            bc_obs, bc_act = torch.as_tensor(data["demo_obs"]), torch.as_tensor(data["demo_act"])  # no absorbing rows
+            for i in range(args.bc_steps):
+                j = torch.randint(len(bc_obs), (256,), generator=sample_gen)
+                bc_loss = F.mse_loss(agent.actor.act_mean(bc_obs[j]), bc_act[j])
+                adam_step(bc_opt, bc_loss)
+                bar.update()
+                if i % args.log_every == 0 or i == args.bc_steps - 1:
+                    writer.add_scalar("losses/bc_loss", bc_loss.item(), i)
+                    bar.set_postfix(bc_loss=f"{bc_loss.item():.4f}")
+            bar.close()
+        # ---- reward pre-training: Bradley-Terry on the preferences alone (rlhf's reward model; optional for aihf) ----
+        bar = progress_bar(args.reward_pretrain_steps, "reward pre-training")
+        for i in range(args.reward_pretrain_steps):
+            if args.algo == "ipl":  # IPL: its critic loss on the preference segments alone
+                stats = agent.update_critic_ipl(*ipl_segments(), None, args.ipl_reg_weight, args.ipl_replay_weight)
+                agent.update_target()
+                loss = stats["losses/qf_loss"]
+            else:
+                chosen_returns, rejected_returns = pref_returns()
+                loss = bt_loss(chosen_returns, rejected_returns).mean()
+                adam_step(reward_opt, loss)
+                stats = {"rewards/accuracies": (chosen_returns > rejected_returns).float().mean()}
+            bar.update()
+            if i % args.log_every == 0 or i == args.reward_pretrain_steps - 1:
+                writer.add_scalar("losses/reward_pretrain_loss", loss.item(), i)
+                writer.add_scalar("rewards/pretrain_accuracies", stats["rewards/accuracies"].item(), i)
+                bar.set_postfix(loss=f"{loss.item():.4f}", accuracy=f"{stats['rewards/accuracies'].item():.3f}")
+        bar.close()
+        if args.bc_steps > 0:
+            bc_ret, _, corr = evaluate_policy(agent.actor, args.env_id, args.eval_episodes, args.seed + 50_000,
+                                              reward_of)
+            writer.add_scalar("charts/bc_return", bc_ret, 0)
+            writer.add_scalar("charts/reward_corr", corr, 0)
+            print(f"BC policy return {bc_ret:.1f}, learned reward's correlation with the true reward {corr:.3f}")
+
+    # ---- the loop: (aihf/irl) reward steps every sac_steps_per_iter, a SAC (ipl: IPL critic) update every step ----
+    obs, _ = env.reset(seed=args.seed + start_step)
+    warm_actor = args.bc_steps > 0  # a behaviour-cloned actor collects the warm-up steps, else random actions
+    update_from = start_step + (0 if (resumed_buffer or start_step == 0) else args.learning_starts)
+    update_from = max(update_from, args.learning_starts)
+    ep_ret, ep_len, last_eval = 0.0, 0, (float("nan"), float("nan"), float("nan"))
+    t0, step0 = time.time(), start_step
+    actor_loss = alpha_loss = None
+    bar = progress_bar(args.total_timesteps, f"{args.algo} {args.env_id}", initial=start_step)
+    for global_step in range(start_step, args.total_timesteps):
+        if learn_reward and global_step >= update_from and \
+                (global_step - args.learning_starts) % args.sac_steps_per_iter == 0:
+            pol_obs, pol_act = policy_samples(global_step)
+            for _ in range(args.reward_steps):
+                i, j = minibatch(len(pol_obs), args.reward_batch_size), minibatch(len(demo_obs), args.reward_batch_size)
+                policy_rewards = reward_net(reward_features(pol_obs[i], pol_act[i], args.reward_input))
+                demo_rewards = reward_net(reward_features(demo_obs[j], demo_act[j], args.reward_input))
+                chosen_returns, rejected_returns = pref_returns() if args.pref_weight != 0 else (None, None)
+                loss, stats = aihf_reward_loss(policy_rewards, demo_rewards, chosen_returns, rejected_returns,
+                                               args.pref_weight)
+                adam_step(reward_opt, loss)
+            writer.add_scalar("losses/reward_loss", loss.item(), global_step)
+            for name, value in stats.items():
+                writer.add_scalar(name, value.item(), global_step)
+
+        # act
+        if global_step < args.learning_starts and not warm_actor:
+            action = rng.uniform(low, high).astype(np.float32)
+        else:
+            with torch.no_grad():
+                action = agent.actor.sample(torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0))[0][0].numpy()
+        obs, reward, episode_over, _ = env_step(env, obs, action, rb, absorbing)
+        ep_ret += reward
+        ep_len += 1
+        if episode_over:
+            writer.add_scalar("charts/episodic_return", ep_ret, global_step)
+            writer.add_scalar("charts/episodic_length", ep_len, global_step)
+            ep_ret, ep_len = 0.0, 0
+
+        # SAC update on the true reward (sac), the learned reward relabelled at sample time (aihf, irl, rlhf), or
+        # IPL's critic step on preference segments plus this replay batch (ipl)
+        if global_step >= update_from:
+            b_obs, b_act, b_rew, b_next, b_done = rb.sample(args.batch_size, sample_gen)
+            if args.algo == "ipl":
+                stats = agent.update_critic_ipl(*ipl_segments(), (b_obs, b_act, b_next, b_done), args.ipl_reg_weight,
+                                                args.ipl_replay_weight)
+                qf_loss = stats.pop("losses/qf_loss")
+            else:
+                if reward_net is not None:
+                    with torch.no_grad():
+                        b_rew = reward_net(reward_features(b_obs, b_act, args.reward_input))
+                qf_loss, q = agent.update_critic(b_obs, b_act, b_rew, b_next, b_done)
+                stats = {"losses/qf1_values": q[0], "losses/qf2_values": q[1]}  # logged as their means
+            if global_step % args.policy_frequency == 0:
+                for _ in range(args.policy_frequency):
+                    actor_loss, alpha_loss = agent.update_actor(b_obs)
+            if global_step % args.target_network_frequency == 0:
+                agent.update_target()
+            if global_step % args.log_every == 0:
+                writer.add_scalar("losses/qf_loss", qf_loss.item() / 2, global_step)
+                for name, value in stats.items():
+                    writer.add_scalar(name, value.mean().item(), global_step)
+                if actor_loss is not None:
+                    writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
+                writer.add_scalar("losses/alpha", agent.alpha.item(), global_step)
+                if alpha_loss is not None:
+                    writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
+                writer.add_scalar("charts/SPS", int((global_step + 1 - step0) / (time.time() - t0)), global_step)
+                bar.set_postfix(qf_loss=f"{qf_loss.item() / 2:.3f}",
+                                actor_loss="-" if actor_loss is None else f"{actor_loss.item():.2f}")
+        bar.update()
+
+        step = global_step + 1
+        if step % args.eval_every == 0 or step == args.total_timesteps:
+            last_eval = evaluate_policy(agent.actor, args.env_id, args.eval_episodes, args.seed + 40_000 + step,
+                                        reward_of)
+            eval_history.append((step, last_eval[0]))
+            writer.add_scalar("charts/eval_return", last_eval[0], step)
+            writer.add_scalar("charts/eval_return_std", last_eval[1], step)
+            if reward_net is not None:
+                writer.add_scalar("charts/reward_corr", last_eval[2], step)
+            print(f"step {step}: eval return {last_eval[0]:.1f} +- {last_eval[1]:.1f}  "
+                  f"SPS {int((step - step0) / (time.time() - t0))}", flush=True)
+            if last_eval[0] > best_eval:
+                best_eval = last_eval[0]
+                record_expert(args, agent.actor, run_dir, step, last_eval[0])
+        if args.save_every and (step % args.save_every == 0 or step == args.total_timesteps):
+            save_checkpoint(args, run_dir, step, agent, reward_net, reward_opt, sample_gen, rng, rb, best_eval,
+                            eval_history, None if data is None else data["key"], wall_s(ckpt, started))
+    bar.close()
+
+    env.close()
+    save_actor(agent.actor, args.env_id, os.path.join(run_dir, "actor.pt"), dict(step=args.total_timesteps))
+    metrics = dict(algo=args.algo, task=args.env_id, seed=args.seed, steps=args.total_timesteps,
+                   wall_s=round(wall_s(ckpt, started), 1),
+                   sps=round((args.total_timesteps - step0) / (time.time() - t0), 1),
+                   eval_return_mean=last_eval[0], eval_return_std=last_eval[1],
+                   last10_mean=last_tenth_mean([r for _, r in eval_history]), best_eval_return=best_eval,
+                   reward_corr=None if reward_net is None else last_eval[2],
+                   expert_return=None if data is None else data["expert_return"],
+                   expert_return_std=None if data is None else data["expert_return_std"],
+                   demo_return=None if data is None else data["demo_return"],
+                   num_demos=None if data is None else args.num_demos,
+                   num_prefs=None if data is None else args.num_prefs)
+    write_json(metrics, os.path.join(run_dir, "metrics.json"))
+    writer.close()
+    print(json.dumps(metrics))
+    return metrics
+
+
+def last_tenth_mean(returns):
+    """Mean of the last 10% of the evaluations (at least one): one evaluation alone can mislead either way."""
+    if not returns:
+        return float("nan")
+    return float(np.mean(returns[-max(1, math.ceil(len(returns) / 10)):]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Machinery: input validation, run folder, checkpoint/resume, expert files, shared helpers
+# ----------------------------------------------------------------------------------------------------------
+def validate_args(args: Args) -> Args:
+    """Fill algorithm-dependent defaults and reject bad input (one line, exit code 2) before anything is written."""
+    check_ranges(args, RANGES)
+    for noise in args.pool_noises:  # a tuple flag: each element by hand
+        if not 0 <= noise <= 100:
+            fail(f"--pool_noises must each be in [0, 100] (got {noise})")
+    paper = args.algo != "sac"
+    learns_from_policy = args.algo in ("aihf", "irl")
+    if args.batch_size is None:
+        args.batch_size = 100 if paper else 256
+    if args.policy_lr is None:
+        args.policy_lr = 1e-3 if paper else 3e-4
+    if args.autotune is None:
+        args.autotune = not paper
+    if args.reward_input is None:
+        args.reward_input = "state" if args.env_id.startswith("HalfCheetah") else "state_action"
+    if args.algo == "irl":  # ML-IRL: demonstrations alone
+        args.pref_weight, args.num_prefs = 0.0, 0
+    if args.termination is None:
+        args.termination = "absorbing" if learns_from_policy else "replay"
+    if args.policy_samples is None:
+        args.policy_samples = 10_000 if args.termination == "rollouts" else 5000
+    if args.reward_pretrain_steps is None:
+        args.reward_pretrain_steps = 3000 if args.algo == "rlhf" else 0
+    if args.bc_steps is None:
+        args.bc_steps = 10000 if args.algo == "rlhf" else 0
+    if args.demo_actions is None:
+        args.demo_actions = "mean" if args.algo == "rlhf" else "sample"
+    if args.expert_path is None:
+        args.expert_path = f"experts/{args.env_id}.pt"
+    if args.learning_starts >= args.total_timesteps:
+        fail(f"--learning_starts must be < --total_timesteps (got {args.learning_starts} >= {args.total_timesteps})")
+    if args.buffer_size < args.policy_samples and args.termination != "rollouts":
+        fail(f"--buffer_size {args.buffer_size} must be >= --policy_samples {args.policy_samples}")
+    if args.termination != "replay" and not learns_from_policy:
+        fail(f"--termination {args.termination} applies to --algo aihf/irl only (their reward learns from the "
+             "policy's samples); drop it")
+    if args.bc_steps > 0 and args.algo == "sac":
+        fail("--bc_steps clones the demos, and --algo sac has none; drop it")
+    if args.reward_pretrain_steps > 0 and (args.algo == "sac" or args.num_prefs == 0):
+        fail(f"--reward_pretrain_steps trains on the preferences, and --algo {args.algo} has none; drop it")
+    if args.algo == "ipl" and args.ipl_window > args.segment_len:
+        fail(f"--ipl_window {args.ipl_window} must be <= --segment_len {args.segment_len}")
+    try:
+        env = gym.make(args.env_id)
+    except Exception as e:  # unknown id, missing mujoco, ...
+        fail(f"cannot make env {args.env_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+             "use e.g. --env_id Hopper-v5")
+    if not isinstance(env.action_space, gym.spaces.Box):
+        fail(f"{args.env_id} has a {type(env.action_space).__name__} action space; SAC needs a continuous "
+             "Box action space (use a MuJoCo task such as Hopper-v5)")
+    if not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):
+        fail(f"{args.env_id} needs a flat Box observation space")
+    max_steps = env.spec.max_episode_steps or 1000
+    env.close()
+    if args.fixed_horizon and not has_healthy_termination(args.env_id):
+        fail(f"--fixed_horizon: {args.env_id} has no terminate_when_unhealthy option (its episodes never end "
+             "early anyway); drop --fixed_horizon")
+    if args.algo != "sac":
+        if args.segment_len > max_steps:
+            fail(f"--segment_len {args.segment_len} is longer than a {args.env_id} episode ({max_steps} "
+                 f"steps); use --segment_len <= {max_steps}")
+        if args.num_demos > args.demo_episodes * max_steps:
+            fail(f"--num_demos {args.num_demos} exceeds what --demo_episodes {args.demo_episodes} expert episodes "
+                 f"of at most {max_steps} steps allow; raise --demo_episodes or lower --num_demos")
+        if args.algo in ("aihf", "rlhf", "ipl") and args.num_prefs <= 0:
+            fail(f"--algo {args.algo} needs --num_prefs > 0")
+        if args.num_prefs > 0 and (not args.pool_noises or args.pool_steps < args.segment_len):
+            fail("preferences need a segment pool: give --pool_noises and --pool_steps >= --segment_len")
+        if not os.path.isfile(args.expert_path):
+            fail(f"no expert checkpoint at {args.expert_path}; make one with: python aihf_mujoco.py --algo sac "
+                 f"--env_id {args.env_id} --expert_out {args.expert_path}  (or pass --expert_path)")
+    if args.resume is not None:
+        ckpt = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, "checkpoint.pt")
+        if not os.path.isfile(ckpt):
+            fail(f"--resume: no checkpoint at {ckpt}; pass a checkpoint.pt or a run folder holding one")
+        args.resume = ckpt
+    return args
+
+
+def has_healthy_termination(env_id):
+    """Whether the env can end an episode early (a fall) and has gymnasium's terminate_when_unhealthy switch."""
+    creator = gym.envs.registration.load_env_creator(gym.spec(env_id).entry_point)
+    return "terminate_when_unhealthy" in inspect.signature(creator).parameters
+
+
+def make_train_env(args: Args):
+    """The env SAC trains in; --fixed_horizon turns off early termination (evaluation never does)."""
+    return gym.make(args.env_id, **(dict(terminate_when_unhealthy=False) if args.fixed_horizon else {}))
+
+
+# Flags renamed since a checkpoint may have been written, and what a checkpoint written before a flag existed ran
+# with: a resumed run is compared under today's names and refused if today's command changes its algorithm.
+RENAMED_FLAGS = {"threads": "num_threads", "checkpoint_every": "save_every"}
+
+
+def saved_args(saved: dict) -> dict:
+    """A checkpoint's args under today's flag names, with the behaviour of flags it predates filled in."""
+    saved = {RENAMED_FLAGS.get(k, k): v for k, v in saved.items()}
+    if "rlhf_reward_steps" in saved:  # the rlhf-only pre-training flag became --reward_pretrain_steps for all
+        steps = saved.pop("rlhf_reward_steps")
+        saved.setdefault("reward_pretrain_steps", steps if saved.get("algo") == "rlhf" else 0)
+    saved.setdefault("termination", "replay")
+    saved.setdefault("demo_actions", "mean")
+    return saved
+
+
+def open_run(args: Args, data_key):
+    """Check a --resume checkpoint against this command, then make the run folder and write config.json.
+    Returns (run_dir, checkpoint or None)."""
     ckpt = None
     if args.resume:
         ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+        saved = saved_args(ckpt["args"])
         # A resumed run may change how long it runs and what it logs; any other knob would splice two different
         # runs into one curve. The data flags are checked through the data key below, whose message names them.
-        may_change = {"exp_name", "run_name", "threads", "total_timesteps", "buffer_size", "learning_starts",
-                      "eval_every", "eval_episodes", "log_every", "checkpoint_every", "save_buffer", "resume",
-                      "cache_dir", "expert_out"}
-        if data is not None:
+        may_change = {"exp_name", "run_name", "num_threads", "total_timesteps", "buffer_size", "learning_starts",
+                      "eval_every", "eval_episodes", "log_every", "save_every", "save_buffer", "resume",
+                      "cache_dir", "expert_out", "demo_actions"}  # demos: compared through the data key, below
+        if data_key is not None:
             may_change |= {"seed", "expert_path", "num_demos", "demo_episodes", "num_prefs", "segment_len",
                            "pref_noise", "pool_noises", "pool_steps"}
         for k, value in asdict(args).items():
-            if k in may_change or k not in ckpt["args"]:  # a field newer than the checkpoint: nothing to compare
+            if k in may_change or k not in saved:  # a field newer than the checkpoint: nothing to compare
                 continue
-            saved = ckpt["args"][k]
-            if saved != value:
-                fail(f"--resume: checkpoint has --{k} {saved!r} but this command has {value!r}; "
+            if saved[k] != value:
+                fail(f"--resume: checkpoint has --{k} {saved[k]!r} but this command has {value!r}; "
                      "repeat the original command's flags")
-        if data is not None and ckpt.get("data_key", data["key"]) != data["key"]:
+        if data_key is not None and ckpt.get("data_key", data_key) != data_key:
             fail("--resume: this command's demos/preferences differ from the checkpoint's (another --seed, expert or "
                  "data flag); repeat the original command's data flags")
         if ckpt["step"] >= args.total_timesteps:
@@ -689,198 +1082,133 @@ def main(args: Args):
         run_name = args.run_name or f"{args.exp_name}__{args.algo}__{args.env_id}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join("runs", run_name)
     os.makedirs(run_dir, exist_ok=True)
-    atomic_write_json(asdict(args), os.path.join(run_dir, "config.json"))
-    from torch.utils.tensorboard import SummaryWriter  # imported late: keeps --help fast
+    write_json(asdict(args), os.path.join(run_dir, "config.json"))
+    return run_dir, ckpt
 
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    if data is not None:
-        writer.add_scalar("charts/expert_return", data["expert_return"], 0)
-        writer.add_scalar("charts/demo_return", data["demo_return"], 0)
 
-    if ckpt is not None:
-        agent.load_state_dict(ckpt["agent"])
-        for name in ("q_opt", "actor_opt", "alpha_opt"):
-            getattr(agent, name).load_state_dict(ckpt[name])
-        if reward_net is not None:
-            reward_net.load_state_dict(ckpt["reward_net"])
-            reward_opt.load_state_dict(ckpt["reward_opt"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        sample_gen.set_state(ckpt["sample_rng"])
-        rng.bit_generator.state = ckpt["np_rng"]
-        start_step, best_eval = ckpt["step"], ckpt["best_eval"]
-        rpath = os.path.join(os.path.dirname(args.resume), "replay.pt")
-        if os.path.isfile(rpath):
-            rstate = torch.load(rpath, weights_only=False)
-            if rstate["step"] == start_step:
-                rb.load_state_dict(rstate["buffer"])
-                resumed_buffer = True
-        print(f"resumed at step {start_step} ({'with' if resumed_buffer else 'refilling'} the replay buffer)")
-    elif args.algo == "rlhf":
-        # ---- RLHF baseline, stage 1: behaviour cloning on the demos (MSE on the mean action) ----
-        bc_opt = torch.optim.Adam(agent.actor.parameters(), lr=args.policy_lr)
-        for i in range(args.bc_steps):
-            j = torch.randint(len(demo_obs), (256,), generator=sample_gen)
-            bc_loss = F.mse_loss(agent.actor.act_mean(demo_obs[j]), demo_act[j])
-            bc_opt.zero_grad(set_to_none=True)
-            bc_loss.backward()
-            bc_opt.step()
-            if i % args.log_every == 0 or i == args.bc_steps - 1:
-                writer.add_scalar("losses/bc_loss", bc_loss.item(), i)
-        # ---- stage 2: Bradley-Terry reward from the preferences alone ----
-        for i in range(args.rlhf_reward_steps):
-            r_b, r_w = pref_batch()
-            loss = bt_loss(r_b, r_w)
-            reward_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            reward_opt.step()
-            if i % args.log_every == 0 or i == args.rlhf_reward_steps - 1:
-                writer.add_scalar("losses/reward_loss", loss.item(), i)
-                writer.add_scalar("rewards/accuracies", (r_b > r_w).float().mean().item(), i)
-        bc_ret, _, corr = evaluate(agent.actor, args.env_id, args.eval_episodes, args.seed + 50_000, reward_net,
-                                   args.reward_input)
-        writer.add_scalar("charts/bc_return", bc_ret, 0)
-        writer.add_scalar("charts/reward_corr", corr, 0)
-        print(f"rlhf: BC policy return {bc_ret:.1f}, BT reward correlation with true reward {corr:.3f}")
+def wall_s(ckpt, started):
+    """Wall-clock seconds of the whole run (data, pre-training stages, SAC, evals), including time before any
+    --resume."""
+    return (0.0 if ckpt is None else ckpt.get("wall_s", 0.0)) + time.time() - started
 
-    def wall_s():
-        """Wall-clock seconds of the whole run (data, pre-training stages, SAC, evals), over all its sessions."""
-        return (0.0 if ckpt is None else ckpt.get("wall_s", 0.0)) + time.time() - started
 
-    def checkpoint(step):
-        state = dict(step=step, args=asdict(args), agent=agent.state_dict(), q_opt=agent.q_opt.state_dict(),
-                     actor_opt=agent.actor_opt.state_dict(), alpha_opt=agent.alpha_opt.state_dict(),
-                     torch_rng=torch.get_rng_state(), sample_rng=sample_gen.get_state(), np_rng=rng.bit_generator.state,
-                     best_eval=best_eval, data_key=None if data is None else data["key"], wall_s=wall_s())
-        if reward_net is not None:
-            state.update(reward_net=reward_net.state_dict(), reward_opt=reward_opt.state_dict())
-        if args.save_buffer:  # buffer first: a checkpoint never points at a stale buffer
-            atomic_save(dict(step=step, buffer=rb.state_dict()), os.path.join(run_dir, "replay.pt"))
-        atomic_save(state, os.path.join(run_dir, "checkpoint.pt"))
-        save_actor(agent.actor, args.env_id, os.path.join(run_dir, "actor.pt"), dict(step=step))
+def save_checkpoint(args, run_dir, step, agent, reward_net, reward_opt, sample_gen, rng, rb, best_eval, eval_history,
+                    data_key, wall):
+    state = dict(step=step, args=asdict(args), agent=agent.state_dict(), q_opt=agent.q_opt.state_dict(),
+                 actor_opt=agent.actor_opt.state_dict(), alpha_opt=agent.alpha_opt.state_dict(),
+                 torch_rng=torch.get_rng_state(), sample_rng=sample_gen.get_state(), np_rng=rng.bit_generator.state,
+                 best_eval=best_eval, eval_history=list(eval_history), data_key=data_key, wall_s=wall)
+    if reward_net is not None:
+        state.update(reward_net=reward_net.state_dict(), reward_opt=reward_opt.state_dict())
+    if args.save_buffer:  # buffer first: a checkpoint never points at a stale buffer
+        atomic_save(dict(step=step, buffer=rb.state_dict()), os.path.join(run_dir, "replay.pt"))
+    atomic_save(state, os.path.join(run_dir, "checkpoint.pt"))
+    save_actor(agent.actor, args.env_id, os.path.join(run_dir, "actor.pt"), dict(step=step))
 
-    def record_expert(step, quick_mean):
-        """A new best: re-measure on fresh seeds (the max over evals is optimistic) and save the actor."""
-        mean, std, _ = evaluate(agent.actor, args.env_id, 10, args.seed + 70_000 + step)
-        save_actor(agent.actor, args.env_id, os.path.join(run_dir, "actor_best.pt"), dict(step=step))
-        print(f"step {step}: new best policy, fresh 10-episode return {mean:.1f} +- {std:.1f}")
-        if not args.expert_out:
-            return
-        jpath = os.path.join(os.path.dirname(os.path.abspath(args.expert_out)), "returns.json")
-        table = json.load(open(jpath)) if os.path.isfile(jpath) else {}
-        name = os.path.basename(args.expert_out)
-        shipped = table.get(name, {}).get("return_mean", -float("inf"))
-        # a resumed run restarts its best-so-far from its last checkpoint: never replace a better shipped expert
-        if os.path.isfile(args.expert_out) and mean <= shipped:
-            print(f"step {step}: kept {args.expert_out} ({shipped:.1f} >= {mean:.1f})")
-            return
-        os.makedirs(os.path.dirname(os.path.abspath(args.expert_out)), exist_ok=True)
-        save_actor(agent.actor, args.env_id, args.expert_out, dict(step=step))
-        table[name] = dict(env_id=args.env_id, return_mean=round(mean, 1), return_std=round(std, 1), episodes=10,
-                           train_steps=step, selection_eval_mean=round(quick_mean, 1), seed=args.seed,
-                           command=f"python aihf_mujoco.py --algo sac --env_id {args.env_id} --seed {args.seed} "
-                                   f"--expert_out {args.expert_out}")
-        atomic_write_json(table, jpath)
 
-    # ---- the loop: (AIHF/IRL) reward step(s) every sac_steps_per_iter, SAC every step ----
-    obs, _ = env.reset(seed=args.seed + start_step)
-    warm_actor = args.algo == "rlhf"  # rlhf warms up with its behaviour-cloned actor, the others act randomly
-    update_from = start_step + (0 if (resumed_buffer or start_step == 0) else args.learning_starts)
-    update_from = max(update_from, args.learning_starts)
-    ep_ret, ep_len, last_eval = 0.0, 0, (float("nan"), float("nan"), float("nan"))
-    t0, step0 = time.time(), start_step
-    actor_loss = alpha_loss = None
-    for global_step in range(start_step, args.total_timesteps):
-        if learn_reward and global_step >= update_from and \
-                (global_step - args.learning_starts) % args.sac_steps_per_iter == 0:
-            pol_obs, pol_act = rb.recent(args.policy_samples)
-            pol_f = reward_features(pol_obs, pol_act, args.reward_input)
-            for _ in range(args.reward_steps):
-                i, j = minibatch(len(pol_f), args.reward_batch_size), minibatch(len(demo_obs), args.reward_batch_size)
-                r_pol = reward_net(pol_f[i])
-                r_demo = reward_net(reward_features(demo_obs[j], demo_act[j], args.reward_input))
-                r_b = r_w = None
-                if args.pref_weight != 0:
-                    r_b, r_w = pref_batch()
-                loss = aihf_reward_loss(r_pol, r_demo, r_b, r_w, args.pref_weight)
-                reward_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                reward_opt.step()
-            writer.add_scalar("losses/reward_loss", loss.item(), global_step)
-            writer.add_scalar("rewards/demo_minus_policy", (r_demo.mean() - r_pol.mean()).item(), global_step)
-            if r_b is not None:
-                writer.add_scalar("rewards/accuracies", (r_b > r_w).float().mean().item(), global_step)
+def restore(ckpt, args, agent, reward_net, reward_opt, sample_gen, rng, rb):
+    """Load a checkpoint (and its replay.pt when it matches). Returns (step, best_eval, eval_history, buffer_loaded)."""
+    agent.load_state_dict(ckpt["agent"])
+    for name in ("q_opt", "actor_opt", "alpha_opt"):
+        getattr(agent, name).load_state_dict(ckpt[name])
+    if reward_net is not None:
+        reward_net.load_state_dict(ckpt["reward_net"])
+        reward_opt.load_state_dict(ckpt["reward_opt"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    sample_gen.set_state(ckpt["sample_rng"])
+    rng.bit_generator.state = ckpt["np_rng"]
+    buffer_loaded = False
+    rpath = os.path.join(os.path.dirname(args.resume), "replay.pt")
+    if os.path.isfile(rpath):
+        rstate = torch.load(rpath, weights_only=False)
+        if rstate["step"] == ckpt["step"]:
+            rb.load_state_dict(rstate["buffer"])
+            buffer_loaded = True
+    history = [tuple(x) for x in ckpt.get("eval_history", [])]  # checkpoints of older versions keep none
+    return ckpt["step"], ckpt["best_eval"], history, buffer_loaded
 
-        # act
-        if global_step < args.learning_starts and not warm_actor:
-            action = rng.uniform(low, high).astype(np.float32)
-        else:
-            with torch.no_grad():
-                action = agent.actor.sample(torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0))[0][0].numpy()
-        prev_obs = obs
-        obs, reward, episode_over, _ = env_step(env, prev_obs, action, rb)
-        ep_ret += reward
-        ep_len += 1
-        if episode_over:
-            writer.add_scalar("charts/episodic_return", ep_ret, global_step)
-            writer.add_scalar("charts/episodic_length", ep_len, global_step)
-            ep_ret, ep_len = 0.0, 0
 
-        # SAC update on the true reward (sac) or on the current learned reward (relabelled at sample time)
-        if global_step >= update_from:
-            b_obs, b_act, b_rew, b_next, b_done = rb.sample(args.batch_size, sample_gen)
-            if reward_net is not None:
-                with torch.no_grad():
-                    b_rew = reward_net(reward_features(b_obs, b_act, args.reward_input))
-            qf_loss, q = agent.update_critic(b_obs, b_act, b_rew, b_next, b_done)
-            if global_step % args.policy_frequency == 0:
-                for _ in range(args.policy_frequency):
-                    actor_loss, alpha_loss = agent.update_actor(b_obs)
-            if global_step % args.target_network_frequency == 0:
-                agent.update_target()
-            if global_step % args.log_every == 0:
-                writer.add_scalar("losses/qf_loss", qf_loss.item() / 2, global_step)
-                writer.add_scalar("losses/qf1_values", q[0].mean().item(), global_step)
-                writer.add_scalar("losses/qf2_values", q[1].mean().item(), global_step)
-                if actor_loss is not None:
-                    writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
-                writer.add_scalar("losses/alpha", agent.alpha.item(), global_step)
-                if alpha_loss is not None:
-                    writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
-                writer.add_scalar("charts/SPS", int((global_step + 1 - step0) / (time.time() - t0)), global_step)
+def save_actor(actor, env_id, path, extra=None):
+    atomic_save(dict(env_id=env_id, state_dict=actor.state_dict(), obs_dim=actor.fc1.in_features,
+                     act_dim=actor.fc_mean.out_features, hidden=actor.fc1.out_features,
+                     low=(actor.action_bias - actor.action_scale).tolist(),
+                     high=(actor.action_bias + actor.action_scale).tolist(), **(extra or {})), path)
 
-        step = global_step + 1
-        if step % args.eval_every == 0 or step == args.total_timesteps:
-            last_eval = evaluate(agent.actor, args.env_id, args.eval_episodes, args.seed + 40_000 + step, reward_net,
-                                 args.reward_input)
-            writer.add_scalar("charts/eval_return", last_eval[0], step)
-            writer.add_scalar("charts/eval_return_std", last_eval[1], step)
-            if reward_net is not None:
-                writer.add_scalar("charts/reward_corr", last_eval[2], step)
-            print(f"step {step}: eval return {last_eval[0]:.1f} +- {last_eval[1]:.1f}  "
-                  f"SPS {int((step - step0) / (time.time() - t0))}", flush=True)
-            if last_eval[0] > best_eval:
-                best_eval = last_eval[0]
-                record_expert(step, last_eval[0])
-        if args.checkpoint_every and (step % args.checkpoint_every == 0 or step == args.total_timesteps):
-            checkpoint(step)
 
-    env.close()
-    save_actor(agent.actor, args.env_id, os.path.join(run_dir, "actor.pt"), dict(step=args.total_timesteps))
-    metrics = dict(algo=args.algo, task=args.env_id, seed=args.seed, steps=args.total_timesteps,
-                   wall_s=round(wall_s(), 1), sps=round((args.total_timesteps - step0) / (time.time() - t0), 1),
-                   eval_return_mean=last_eval[0], eval_return_std=last_eval[1], best_eval_return=best_eval,
-                   reward_corr=None if reward_net is None else last_eval[2],
-                   expert_return=None if data is None else data["expert_return"],
-                   expert_return_std=None if data is None else data["expert_return_std"],
-                   demo_return=None if data is None else data["demo_return"],
-                   num_demos=None if data is None else args.num_demos,
-                   num_prefs=None if data is None else args.num_prefs)
-    atomic_write_json(metrics, os.path.join(run_dir, "metrics.json"))
-    writer.close()
-    print(json.dumps(metrics))
-    return metrics
+def load_actor(path):
+    d = torch.load(path, map_location="cpu", weights_only=False)
+    actor = Actor(d["obs_dim"], d["act_dim"], d["hidden"], d["low"], d["high"])
+    actor.load_state_dict(d["state_dict"])
+    return actor.eval()
+
+
+def record_expert(args, actor, run_dir, step, quick_mean):
+    """A new best: re-measure on fresh seeds (the max over evals is optimistic) and save the actor."""
+    mean, std, _ = evaluate_policy(actor, args.env_id, 10, args.seed + 70_000 + step)
+    save_actor(actor, args.env_id, os.path.join(run_dir, "actor_best.pt"), dict(step=step))
+    print(f"step {step}: new best policy, fresh 10-episode return {mean:.1f} +- {std:.1f}")
+    if not args.expert_out:
+        return
+    jpath = os.path.join(os.path.dirname(os.path.abspath(args.expert_out)), "returns.json")
+    table = json.load(open(jpath)) if os.path.isfile(jpath) else {}
+    name = os.path.basename(args.expert_out)
+    shipped = table.get(name, {}).get("return_mean", -float("inf"))
+    # a resumed run restarts its best-so-far from its last checkpoint: never replace a better shipped expert
+    if os.path.isfile(args.expert_out) and mean <= shipped:
+        print(f"step {step}: kept {args.expert_out} ({shipped:.1f} >= {mean:.1f})")
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(args.expert_out)), exist_ok=True)
+    save_actor(actor, args.env_id, args.expert_out, dict(step=step))
+    table[name] = dict(env_id=args.env_id, return_mean=round(mean, 1), return_std=round(std, 1), episodes=10,
+                       train_steps=step, selection_eval_mean=round(quick_mean, 1), seed=args.seed,
+                       command=f"python aihf_mujoco.py --algo sac --env_id {args.env_id} --seed {args.seed} "
+                               f"--expert_out {args.expert_out}")
+    write_json(table, jpath)
+
+
+# shared helpers: identical copies in every top-level script
+def fail(message: str):
+    """Bad input: one line on stderr that names the problem and the fix; exit code 2, as for tyro's own errors."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_ranges(config, ranges: dict, prefix: str = "--"):
+    """fail() unless each numeric flag lies in its interval, written like "(0, inf)" or "[0, 1)": a round bracket
+    excludes its end. NaN lies in no interval; None passes (an Optional flag left unset)."""
+    for name, interval in ranges.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        low, high = (float(end) for end in interval[1:-1].split(","))
+        above = low <= value if interval[0] == "[" else low < value
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (above and below):
+            fail(f"{prefix}{name} must be in {interval} (got {value})")
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file, then rename: a killed run never leaves a truncated checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path: str):
+    """json.dump with the same write-then-rename as atomic_save."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def progress_bar(total: int, desc: str, initial: int = 0):
+    """A tqdm bar (set_postfix shows the running loss) when stderr is a terminal; in logs and tests a silent
+    stand-in, and the plain status lines carry the progress. tqdm comes with transformers and datasets."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
 
 
 if __name__ == "__main__":
-    main(resolve_and_validate(tyro.cli(Args, use_underscores=True)))
+    main()

@@ -8,7 +8,7 @@ samples are copied into new tensors). Same networks (256x256), batch 256, same h
 Rounds alternate (ref, ours, ref, ours, ...) so load from other processes hits both; the medians are reported.
 
     python benchmarks/bench_sac.py                      # updates/s and end-to-end env steps/s, 1 thread
-    python benchmarks/bench_sac.py --threads 2 --rounds 5
+    python benchmarks/bench_sac.py --num_threads 2 --rounds 5
 """
 
 import argparse
@@ -190,13 +190,13 @@ def time_end_to_end(impl, env, n, step0):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env_id", default="Hopper-v5")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--num_threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per implementation")
     p.add_argument("--updates", type=int, default=300, help="timed updates per round")
     p.add_argument("--env_steps", type=int, default=300, help="timed end-to-end env steps per round (0: skip)")
     p.add_argument("--bf16", action="store_true", help="also time aihf_mujoco.py --bf16")
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.num_threads)
     torch.manual_seed(0)
     np.random.seed(0)
     env = gym.make(a.env_id)
@@ -221,7 +221,7 @@ def main():
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
                platform.processor())
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"machine: {cpu}, {os.cpu_count()} cores visible, torch threads {a.threads}; python {platform.python_version()}, "
+    print(f"machine: {cpu}, {os.cpu_count()} cores visible, torch threads {a.num_threads}; python {platform.python_version()}, "
           f"torch {torch.__version__}, gymnasium {gym.__version__}, mujoco {mujoco.__version__}")
     print(f"{a.env_id}, nets 256x256, batch 256, policy_frequency 2, autotune; median of {a.rounds} alternating rounds\n")
     print("| implementation | SAC updates/s | ratio | end-to-end env steps/s (1 update/step) | ratio |")

@@ -1,25 +1,32 @@
-"""Tests for aihf_mujoco.py: math against hand-written references, env-boundary handling on a crafted env,
-Bradley-Terry labelling, and subprocess smoke runs of every --algo that really train, plus the bad-input errors.
-A tiny expert is trained here (a ~1k-step SAC run) so nothing depends on a long run."""
+"""Tests for aihf_mujoco.py: every loss and target against numbers worked out by hand, the agent's update steps
+against a reference written here, env-boundary and absorbing-state handling on a crafted env, Bradley-Terry
+labelling, the range check of every numeric flag, and subprocess smoke runs of every --algo that really train
+(with resume, and directional checks on the learned reward). A tiny expert is trained here (a ~1k-step SAC run)
+so nothing depends on a long run."""
 
 import json
 import math
 import os
 import subprocess
 import sys
+import typing
+from dataclasses import asdict
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "aihf_mujoco.py")
 sys.path.insert(0, ROOT)
 import aihf_mujoco as am  # noqa: E402
 
-TINY = ["--hidden", "32", "--batch_size", "32", "--eval_episodes", "2", "--threads", "1"]
+TINY = ["--hidden", "32", "--batch_size", "32", "--eval_episodes", "2", "--num_threads", "1"]
+HOPPER_EXPERT = os.path.join(ROOT, "experts", "Hopper-v5.pt")
 
 
 def run(args, cwd, check=True):
@@ -35,6 +42,15 @@ def metrics(cwd, run_name):
         return json.load(f)
 
 
+def scalars(run_dir, tag):
+    """[(step, value)] of one TensorBoard scalar of a run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("aihf_mujoco")
@@ -44,17 +60,19 @@ def workdir(tmp_path_factory):
 def tiny_expert(workdir):
     """SAC smoke run that really trains (learning_starts < total_timesteps); its actor is the tests' expert."""
     run(["--algo", "sac", "--total_timesteps", "1200", "--learning_starts", "400", "--eval_every", "600",
-         "--checkpoint_every", "600", "--run_name", "sac", *TINY], workdir)
+         "--save_every", "600", "--run_name", "sac", *TINY], workdir)
     return workdir / "runs" / "sac"
 
 
 # ------------------------------------------------------------------ smoke runs --------------------------------------
 def test_sac_smoke_trains_and_writes_metrics(tiny_expert):
     m = json.loads((tiny_expert / "metrics.json").read_text())
-    for k in ("algo", "task", "seed", "steps", "wall_s", "eval_return_mean", "eval_return_std", "expert_return"):
+    for k in ("algo", "task", "seed", "steps", "wall_s", "eval_return_mean", "eval_return_std", "expert_return",
+              "last10_mean"):
         assert k in m
     assert m["algo"] == "sac" and m["task"] == "Hopper-v5" and m["steps"] == 1200
     assert math.isfinite(m["eval_return_mean"]) and m["eval_return_std"] >= 0
+    assert m["last10_mean"] == m["eval_return_mean"]  # two evaluations: the last 10% is the last one
     config = json.loads((tiny_expert / "config.json").read_text())
     assert config["learning_starts"] < config["total_timesteps"]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tiny_expert))
@@ -66,36 +84,65 @@ def test_sac_smoke_trains_and_writes_metrics(tiny_expert):
     assert not torch.equal(fresh.fc1.weight, trained.fc1.weight)
 
 
-def test_sac_deterministic_and_resume(tiny_expert, workdir):
+def old_style_checkpoint(path):
+    """Rewrite a checkpoint's saved args as a version before the flag renames wrote them."""
+    ckpt = torch.load(path, weights_only=False)
+    a = ckpt["args"]
+    a["threads"], a["checkpoint_every"], a["rlhf_reward_steps"] = a.pop("num_threads"), a.pop("save_every"), 3000
+    for k in ("reward_pretrain_steps", "termination", "demo_actions", "ipl_reg_weight", "ipl_replay_weight",
+              "ipl_pairs", "ipl_window"):
+        a.pop(k)
+    ckpt.pop("eval_history")
+    torch.save(ckpt, path)
+
+
+def test_sac_deterministic_and_resume(tiny_expert, workdir, monkeypatch, capsys):
     """Same seed, same command -> same result; --resume continues a run from its checkpoint."""
     common = ["--algo", "sac", "--total_timesteps", "1200", "--learning_starts", "400", "--eval_every", "600",
-              "--checkpoint_every", "600", *TINY]
+              "--save_every", "600", *TINY]
     run([*common, "--run_name", "sac_again"], workdir)
     assert metrics(workdir, "sac_again")["eval_return_mean"] == metrics(workdir, "sac")["eval_return_mean"]
     ckpt_path = workdir / "runs" / "sac_again" / "checkpoint.pt"
     first = torch.load(ckpt_path, weights_only=False)
-    assert first["step"] == 1200 and first["wall_s"] > 0
+    assert first["step"] == 1200 and first["wall_s"] > 0 and [s for s, _ in first["eval_history"]] == [600, 1200]
     p = run([*common, "--total_timesteps", "1800", "--resume", str(ckpt_path)], workdir)
     assert "resumed at step 1200 (with the replay buffer)" in p.stdout
     m = metrics(workdir, "sac_again")  # resumed into the same run folder
     assert m["steps"] == 1800 and math.isfinite(m["eval_return_mean"])
-    assert m["wall_s"] > first["wall_s"]  # the whole run's time, its first session included
-    # a finished run resumed without a larger --total_timesteps: refused, metrics.json left as it was
-    p = run([*common, "--total_timesteps", "1800", "--resume", str(ckpt_path)], workdir, check=False)
-    assert p.returncode != 0 and "raise --total_timesteps" in p.stderr
-    assert metrics(workdir, "sac_again") == m
-    # another training knob on resume would splice two runs into one curve: refused, before anything is written
-    p = run([*common, "--total_timesteps", "2400", "--q_lr", "3e-4", "--resume", str(ckpt_path)], workdir, check=False)
-    assert p.returncode != 0 and "checkpoint has --q_lr 0.001" in p.stderr, p.stderr
-    assert metrics(workdir, "sac_again") == m
-    # cross-session resume: the compact checkpoint alone (no replay.pt beside it) refills the buffer first
+    assert m["wall_s"] > first["wall_s"]  # the whole run's time, its time before the resume included
+    history = torch.load(ckpt_path, weights_only=False)["eval_history"]
+    assert [s for s, _ in history] == [600, 1200, 1800] and m["last10_mean"] == history[-1][1]
+    # refused before anything is written (in-process, as main calls it): a finished run resumed without a larger
+    # --total_timesteps, and another training knob, which would splice two runs into one curve
+    import tyro
+
+    monkeypatch.chdir(workdir)
+    for extra, needle in [([], "raise --total_timesteps"), (["--total_timesteps", "2400", "--q_lr", "3e-4"],
+                                                             "checkpoint has --q_lr 0.001")]:
+        capsys.readouterr()
+        args = am.validate_args(tyro.cli(am.Args, args=[*common, "--total_timesteps", "1800", *extra, "--resume",
+                                                        str(ckpt_path)], use_underscores=True))
+        with pytest.raises(SystemExit) as e:
+            am.open_run(args, None)
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert metrics(workdir, "sac_again") == m and sorted(os.listdir(workdir / "runs")) == ["sac", "sac_again"]
+    # a checkpoint written before the flag renames (--threads, --checkpoint_every, --rlhf_reward_steps), alone
+    # (no replay.pt beside it): still resumes, refilling the buffer first
     compact = workdir / "compact"
     compact.mkdir()
     (compact / "trainer.pt").write_bytes(ckpt_path.read_bytes())
+    old_style_checkpoint(compact / "trainer.pt")
     p = run([*common, "--total_timesteps", "2000", "--learning_starts", "100", "--resume", str(compact / "trainer.pt"),
              "--run_name", "cont"], workdir)  # refill 100 steps with the restored actor, then 100 updates
     assert "resumed at step 1800 (refilling the replay buffer)" in p.stdout
     assert metrics(workdir, "cont")["steps"] == 2000
+
+
+def test_saved_args_of_older_checkpoints():
+    old = dict(algo="aihf", threads=1, checkpoint_every=10000, rlhf_reward_steps=3000, reward_steps=10)
+    assert am.saved_args(old) == dict(algo="aihf", num_threads=1, save_every=10000, reward_pretrain_steps=0,
+                                      reward_steps=10, termination="replay", demo_actions="mean")
+    assert am.saved_args(dict(algo="rlhf", rlhf_reward_steps=3000))["reward_pretrain_steps"] == 3000
 
 
 def test_expert_out_never_replaced_by_a_worse_policy(workdir):
@@ -103,7 +150,7 @@ def test_expert_out_never_replaced_by_a_worse_policy(workdir):
     whose best is below the shipped expert's return leaves the expert alone."""
     out = workdir / "experts_out" / "Hopper-v5.pt"
     common = ["--algo", "sac", "--total_timesteps", "600", "--learning_starts", "300", "--eval_every", "300",
-              "--checkpoint_every", "0", "--expert_out", str(out), *TINY]
+              "--save_every", "0", "--expert_out", str(out), *TINY]
     run([*common, "--run_name", "expert_a"], workdir)
     table = json.loads((out.parent / "returns.json").read_text())
     entry = table["Hopper-v5.pt"]
@@ -124,73 +171,215 @@ def data_args(expert, workdir):
 
 def test_rlhf_smoke(tiny_expert, workdir):
     run(["--algo", "rlhf", "--total_timesteps", "800", "--learning_starts", "300", "--eval_every", "800",
-         "--bc_steps", "100", "--rlhf_reward_steps", "100", "--run_name", "rlhf", *TINY,
+         "--bc_steps", "100", "--reward_pretrain_steps", "100", "--run_name", "rlhf", *TINY,
          *data_args(tiny_expert, workdir)], workdir)
     m = metrics(workdir, "rlhf")
     assert m["algo"] == "rlhf" and m["steps"] == 800 and m["num_prefs"] == 300
     for k in ("eval_return_mean", "expert_return", "demo_return", "reward_corr"):
         assert math.isfinite(m[k]), k
+    config = json.loads((workdir / "runs" / "rlhf" / "config.json").read_text())
+    assert config["demo_actions"] == "mean" and config["termination"] == "replay"
+    # the Bradley-Terry pre-training (rlhf's reward model) learns to rank the pairs
+    assert scalars(workdir / "runs" / "rlhf", "rewards/pretrain_accuracies")[-1][1] > 0.8
 
 
-def test_aihf_smoke_and_data_cache(tiny_expert, workdir):
-    run(["--algo", "aihf", "--total_timesteps", "900", "--learning_starts", "300", "--sac_steps_per_iter", "200",
-         "--eval_every", "900", "--run_name", "aihf", *TINY, *data_args(tiny_expert, workdir)], workdir)
+def test_aihf_learns_its_reward_in_the_right_direction(tiny_expert, workdir):
+    """AIHF (absorbing state) with a fast reward, from a random reward: in the loop the reward rises on the demos
+    above the policy's samples, and it ranks the preference pairs. A flipped contrast, a flipped or dropped
+    preference term fails here."""
+    run(["--algo", "aihf", "--total_timesteps", "1500", "--learning_starts", "300", "--sac_steps_per_iter", "300",
+         "--reward_steps", "20", "--reward_lr", "1e-3", "--eval_every", "1500", "--run_name", "aihf", *TINY,
+         *data_args(tiny_expert, workdir)], workdir)
     m = metrics(workdir, "aihf")
-    assert m["algo"] == "aihf" and m["steps"] == 900 and math.isfinite(m["reward_corr"])
-    cached = list((workdir / "cache").iterdir())
-    assert len(cached) == 1  # rlhf and aihf with the same data arguments share one cache file
-    data = torch.load(cached[0], weights_only=False)
-    assert len(data["demo_obs"]) == 600 and len(data["better"]) == 300
+    assert m["algo"] == "aihf" and m["steps"] == 1500 and m["reward_corr"] > 0
+    run_dir = workdir / "runs" / "aihf"
+    accuracies = scalars(run_dir, "rewards/accuracies")
+    gaps = scalars(run_dir, "rewards/demo_minus_policy")
+    assert [s for s, _ in gaps] == [300, 600, 900, 1200]  # one reward iteration per sac_steps_per_iter
+    assert len(accuracies) == 4 and min(v for _, v in accuracies) > 0.8
+    assert gaps[-1][1] > 0.5 and gaps[-1][1] > gaps[0][1]
+    data = torch.load(next((workdir / "cache").iterdir()), weights_only=False)
+    assert len(data["demo_obs"]) == 600 and len(data["chosen"]) == 300
+    assert len(data["pool_next_obs"]) == len(data["pool_obs"]) == len(data["pool_terminated"]) >= 1200
     assert data["pref_teacher_agreement"] == 1.0  # noiseless teacher
     # resuming with other data (here another seed) would train the old reward on new demos: refused
-    p = run(["--algo", "aihf", "--total_timesteps", "1200", "--learning_starts", "300", "--sac_steps_per_iter", "200",
-             "--seed", "2", "--resume", str(workdir / "runs" / "aihf"), *TINY, *data_args(tiny_expert, workdir)],
-            workdir, check=False)
-    assert p.returncode != 0 and "differ from the checkpoint" in p.stderr, p.stderr
-    assert metrics(workdir, "aihf")["steps"] == 900  # the finished run is untouched
+    p = run(["--algo", "aihf", "--total_timesteps", "1800", "--learning_starts", "300", "--sac_steps_per_iter", "300",
+             "--reward_steps", "20", "--reward_lr", "1e-3", "--seed", "2",
+             "--resume", str(run_dir), *TINY, *data_args(tiny_expert, workdir)], workdir, check=False)
+    assert p.returncode == 2 and "differ from the checkpoint" in p.stderr, p.stderr
+    assert metrics(workdir, "aihf")["steps"] == 1500  # the finished run is untouched
+
+
+def test_sac_trains_on_the_learned_reward(tiny_expert, workdir, monkeypatch):
+    """AIHF's SAC updates use the learned reward (each replayed transition relabelled), not the env's: with a reward
+    net that says -5 everywhere, the critic's values go negative, where Hopper's true rewards would make them
+    positive. In-process, a short run."""
+    import tyro
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(am.RewardNet, "forward", lambda self, x: self.net(x).squeeze(-1) * 0 - 5.0)
+    args = tyro.cli(am.Args, use_underscores=True, args=[
+        "--algo", "aihf", "--total_timesteps", "700", "--learning_starts", "300", "--sac_steps_per_iter", "200",
+        "--eval_every", "700", "--run_name", "constant_reward", *TINY, *data_args(tiny_expert, workdir)])
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    rng = torch.get_rng_state()
+    try:
+        am.main(args)
+    finally:  # main sets these for its process: give the rest of the test session its own back
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_rng_state(rng)
+    assert scalars(workdir / "runs" / "constant_reward", "losses/qf1_values")[-1][1] < -2
+
+
+def test_aihf_rollouts_and_ipl_smoke_and_resume(tiny_expert, workdir):
+    """--termination rollouts and --algo ipl train, and a resumed ipl run continues its curve."""
+    run(["--algo", "aihf", "--termination", "rollouts", "--policy_samples", "1000", "--total_timesteps", "700",
+         "--learning_starts", "300", "--sac_steps_per_iter", "200", "--eval_every", "700", "--run_name", "rollouts",
+         *TINY, *data_args(tiny_expert, workdir)], workdir)
+    assert [s for s, _ in scalars(workdir / "runs" / "rollouts", "rewards/demo_minus_policy")] == [300, 500]
+    common = ["--algo", "ipl", "--learning_starts", "300", "--eval_every", "300", "--save_every", "300",
+              "--ipl_pairs", "4", "--ipl_window", "5", "--reward_pretrain_steps", "20", *TINY,
+              *data_args(tiny_expert, workdir)]
+    run([*common, "--total_timesteps", "600", "--run_name", "ipl"], workdir)
+    m = metrics(workdir, "ipl")
+    assert m["algo"] == "ipl" and m["reward_corr"] is None and math.isfinite(m["eval_return_mean"])
+    assert len(scalars(workdir / "runs" / "ipl", "losses/ipl_reg")) > 0
+    p = run([*common, "--total_timesteps", "900", "--resume", str(workdir / "runs" / "ipl")], workdir)
+    assert "resumed at step 600 (with the replay buffer)" in p.stdout
+    m = metrics(workdir, "ipl")
+    assert m["steps"] == 900 and m["last10_mean"] == m["eval_return_mean"]
+
+
+
+@pytest.mark.parametrize("flag, value", [("ipl_reg_weight", 1.0), ("termination", "rollouts"),
+                                         ("reward_pretrain_steps", 5), ("demo_actions", "mean")])
+def test_resume_refuses_a_changed_new_flag(tiny_expert, workdir, monkeypatch, capsys, flag, value):
+    """The resume check covers the new flags: a changed IPL or termination knob is refused before anything is
+    written; the demos through the data key."""
+    base = dict(algo="aihf", seed=1, total_timesteps=3000, learning_starts=300, reward_pretrain_steps=0,
+                hidden=32, batch_size=32, eval_episodes=2, expert_path=str(tiny_expert / "actor.pt"))
+    ckpt = dict(step=1000, args=asdict(am.validate_args(am.Args(**base))), data_key="k")
+    path = workdir / f"fake_{flag}.pt"
+    torch.save(ckpt, path)
+    args = am.validate_args(am.Args(**dict(base, **{flag: value}), resume=str(path)))
+    monkeypatch.chdir(workdir)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        am.open_run(args, "k2" if flag == "demo_actions" else "k")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and (f"--{flag}" in err or "differ from the checkpoint" in err), err
 
 
 # ------------------------------------------------------------------ bad input ---------------------------------------
+def test_bad_input_cli_fails_fast_and_writes_nothing(tmp_path):
+    """The real CLI: one line on stderr starting "error:" that names the flag, exit code 2, nothing written."""
+    for extra, needle in [(["--q_lr", "-1"], "--q_lr"), (["--env_id", "CartPole-v1"], "Box action space")]:
+        p = run(["--algo", "aihf", "--expert_path", HOPPER_EXPERT, "--cache_dir", str(tmp_path / "c"), *extra],
+                tmp_path, check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], p.stderr
+    assert os.listdir(tmp_path) == []  # no runs/, no cache
+
+
 BAD_INPUTS = [
-    (["--env_id", "CartPole-v1"], "Box action space"),
     (["--num_demos", "5000", "--demo_episodes", "2"], "--num_demos"),
     (["--segment_len", "1001"], "--segment_len"),
     (["--expert_path", "nowhere/none.pt"], "python aihf_mujoco.py --algo sac"),
     (["--reward_steps", "0"], "--reward_steps"),
     (["--env_id", "HalfCheetah-v5", "--fixed_horizon"], "--fixed_horizon"),
+    (["--learning_starts", "2000", "--total_timesteps", "2000"], "--learning_starts"),
+    (["--algo", "rlhf", "--termination", "absorbing"], "--termination"),
+    (["--algo", "irl", "--reward_pretrain_steps", "10"], "--reward_pretrain_steps"),
+    (["--algo", "ipl", "--num_prefs", "0"], "--num_prefs"),
+    (["--algo", "ipl", "--ipl_window", "60"], "--ipl_window"),
+    (["--pool_noises", "0.1", "nan"], "--pool_noises"),
+    (["--resume", "nowhere"], "--resume"),
 ]
 
 
-def test_bad_input_cli_fails_fast_and_writes_nothing(tiny_expert, tmp_path):
-    """The real CLI: one-line error, exit code != 0, nothing written."""
-    extra, needle = BAD_INPUTS[0]
-    p = run(["--algo", "aihf", "--expert_path", str(tiny_expert / "actor.pt"), "--cache_dir", str(tmp_path / "c"),
-             *extra], tmp_path, check=False)
-    assert p.returncode != 0
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], p.stderr
-    assert os.listdir(tmp_path) == []  # no runs/, no cache
-
-
-@pytest.mark.parametrize("extra, needle", BAD_INPUTS[1:])
-def test_bad_input_rejected_before_anything_is_written(tiny_expert, tmp_path, monkeypatch, capsys, extra, needle):
-    """The same validation in-process (fast): SystemExit != 0 from resolve_and_validate, one stderr line."""
+@pytest.mark.parametrize("extra, needle", BAD_INPUTS)
+def test_bad_input_rejected_before_anything_is_written(tmp_path, monkeypatch, capsys, extra, needle):
+    """The same validation in-process (fast): SystemExit 2 from validate_args, one stderr line."""
     import tyro
 
     monkeypatch.chdir(tmp_path)
-    argv = ["--algo", "aihf", "--expert_path", str(tiny_expert / "actor.pt"), "--cache_dir", str(tmp_path / "c"), *extra]
+    argv = ["--algo", "aihf", "--expert_path", HOPPER_EXPERT, "--cache_dir", str(tmp_path / "c"), *extra]
     with pytest.raises(SystemExit) as e:
-        am.resolve_and_validate(tyro.cli(am.Args, args=argv, use_underscores=True))
-    assert e.value.code not in (0, None)
+        am.validate_args(tyro.cli(am.Args, args=argv, use_underscores=True))
+    assert e.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
     # MuJoCo itself logs a model deprecation warning of HalfCheetah to ./MUJOCO_LOG.TXT; nothing of ours is written
     assert [f for f in os.listdir(tmp_path) if f != "MUJOCO_LOG.TXT"] == []
 
 
+def numeric_fields():
+    """{name: int or float} of every numeric Args field, Optional ones included (bools excluded)."""
+    out = {}
+    for name, hint in typing.get_type_hints(am.Args).items():
+        base = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is typing.Union \
+            else [hint]
+        if len(base) == 1 and base[0] in (int, float):
+            out[name] = base[0]
+    return out
+
+
+def test_every_numeric_flag_has_a_range():
+    fields = numeric_fields()
+    assert len(fields) > 30 and set(fields) == set(am.RANGES), set(fields) ^ set(am.RANGES)
+    for interval in am.RANGES.values():  # well-formed, and inf never inside
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        assert interval[0] in "[(" and interval[-1] in ")]" and low < high
+        assert not (high == math.inf and interval[-1] == "]")
+
+
+def in_interval(value, interval):
+    """Written independently of the script's check_ranges."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    above = low <= value if interval[0] == "[" else low < value
+    return above and (value <= high if interval[-1] == "]" else value < high)
+
+
+SPECIAL = [0, -1, 1, math.nan, math.inf, -math.inf, 10 ** 30]
+
+
+@pytest.mark.parametrize("name", sorted(numeric_fields()))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_range_check_property(name, data, tmp_path, monkeypatch, capsys):
+    """Each numeric flag, set to 0, -1, NaN, +-inf, a huge value or random values: validate_args either exits with
+    code 2 and one line naming the flag (the value is outside its declared range), or the value lies in the range
+    (and validation returns, or exits 2 in one line on a cross-field check). Nothing is ever written."""
+    kind = numeric_fields()[name]
+    values = st.sampled_from(SPECIAL) | (st.integers(-10 ** 12, 10 ** 12) if kind is int else
+                                         st.floats(allow_nan=True, allow_infinity=True))
+    value = data.draw(values)
+    if kind is float and isinstance(value, int):
+        value = float(value)
+    workdir = tmp_path
+    monkeypatch.chdir(workdir)
+    capsys.readouterr()
+    args = am.Args(algo="aihf", expert_path=HOPPER_EXPERT, cache_dir=str(workdir / "c"), **{name: value})
+    try:
+        am.validate_args(args)
+        exited = False
+    except SystemExit as e:
+        exited = True
+        assert e.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), lines
+        if not in_interval(value, am.RANGES[name]):
+            assert f"--{name} " in lines[0], lines
+    assert exited or in_interval(value, am.RANGES[name]), (name, value)
+    assert [f for f in os.listdir(workdir) if f != "MUJOCO_LOG.TXT"] == []
+
+
 def test_help_is_fast():
     p = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=20)
-    assert p.returncode == 0 and "--total_timesteps" in p.stdout and "--pref_noise" in p.stdout
+    assert p.returncode == 0 and "--total_timesteps" in p.stdout and "--num_threads" in p.stdout
 
 
 # ------------------------------------------------------------------ env boundaries ------------------------------------
@@ -237,6 +426,49 @@ def test_env_step_never_crosses_episode_boundary():
     assert np.all(o[starts, 1] == 0) and np.all(o[starts, 0] == o[starts - 1, 0] + 1)
 
 
+def test_env_step_enters_the_absorbing_state_on_termination_only():
+    """Episode 0 is truncated at t = 5 (no absorbing state); episode 1 terminates at t = 3: (s_3 -> s_abs), then
+    (s_abs, action 0 -> s_abs); every done flag 0, so the critic bootstraps through the absorbing state."""
+    env = gym.wrappers.TimeLimit(Tiny(), max_episode_steps=5)
+    rb = am.ReplayBuffer(100, 3, 1)
+    obs, _ = env.reset(seed=0)
+    for _ in range(8):  # 5 steps of episode 0, 3 of episode 1
+        obs, _, _, _ = am.env_step(env, obs, np.full(1, 0.5, np.float32), rb, absorbing=True)
+    assert rb.size == 9
+    o, a, o2, d = rb.np["obs"][:9], rb.np["act"][:9], rb.np["next_obs"][:9], rb.np["done"][:9]
+    s_abs = [0, 0, 1]
+    np.testing.assert_array_equal(o[:8, 2], 0)  # real observations carry the flag 0
+    np.testing.assert_array_equal(o2[4], [0, 5, 0])  # truncation: the real final observation, no absorbing state
+    np.testing.assert_array_equal(o[7], [1, 2, 0])
+    np.testing.assert_array_equal(o2[7], s_abs)  # termination leads to the absorbing state
+    np.testing.assert_array_equal(o[8], s_abs)
+    np.testing.assert_array_equal(o2[8], s_abs)
+    assert a[8, 0] == 0 and a[7, 0] == 0.5 and rb.np["rew"][8] == 0
+    np.testing.assert_array_equal(d, 0)
+
+
+def test_demos_get_absorbing_rows_after_each_termination():
+    obs = np.arange(8, dtype=np.float32).reshape(4, 2)
+    act = np.ones((4, 1), np.float32)
+    o, a = am.with_absorbing_rows(obs, act, np.array([0, 1, 0, 1], np.float32))
+    np.testing.assert_array_equal(o, [[0, 1, 0], [2, 3, 0], [0, 0, 1], [4, 5, 0], [6, 7, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(a[:, 0], [1, 1, 0, 1, 1, 0])
+
+
+def test_fixed_length_rollouts_ignore_falls():
+    """ML-IRL's policy samples: exactly n x length steps; a random Hopper falls within ~100 steps, and the rollout
+    goes on with the fallen body (torso height below the healthy range) instead of resetting."""
+    torch.manual_seed(0)
+    env = gym.make("Hopper-v5")
+    actor = am.Actor(11, 3, 16, env.action_space.low, env.action_space.high)
+    obs, act = am.fixed_length_rollouts(actor, "Hopper-v5", 2, 300, seed=0)
+    assert obs.shape == (600, 11) and act.shape == (600, 3)
+    height = obs[:, 0].reshape(300, 2)  # the rollouts run side by side: row t holds step t of each
+    assert (height[-50:] < 0.7).all()  # Hopper's healthy z range starts at 0.7
+    with torch.no_grad():
+        assert (act - actor.act_mean(obs)).abs().mean() > 0.1  # the policy's sampled actions, not its mean
+
+
 @pytest.mark.parametrize("new_capacity", [10, 25, 6])
 def test_replay_buffer_state_survives_a_capacity_change(new_capacity):
     """A wrapped buffer saved and loaded into another capacity (a resumed run with a larger --total_timesteps
@@ -277,6 +509,12 @@ def test_segments_stay_inside_episodes():
     assert len(am.segment_starts(ep, 6)) == 0
 
 
+def test_last_tenth_mean():
+    assert am.last_tenth_mean(list(range(1, 31))) == 29.0  # 30 evaluations: the last 3
+    assert am.last_tenth_mean([5.0, 7.0]) == 7.0 and am.last_tenth_mean(list(range(11))) == 9.5
+    assert math.isnan(am.last_tenth_mean([]))
+
+
 # ------------------------------------------------------------------ math ---------------------------------------------
 def test_bt_teacher_labels():
     ra, rb = np.array([3.0, 1.0, 5.0, 2.0]), np.array([1.0, 4.0, 5.0, -1.0])
@@ -293,15 +531,201 @@ def test_bt_teacher_labels():
     assert abs(freq - 1 / (1 + math.exp(-0.5))) < 0.015
 
 
+def log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+def test_bt_loss_per_pair_and_direction():
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.5])
+    torch.testing.assert_close(am.bt_loss(chosen, rejected), torch.tensor([-log_sigmoid(1.0), -log_sigmoid(-1.5)]))
+    assert am.bt_loss(torch.tensor(3.0), torch.tensor(0.0)) < am.bt_loss(torch.tensor(0.0), torch.tensor(3.0))
+
+
 def test_aihf_reward_loss_matches_formula():
     r_pol, r_demo = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([3.0, -1.0])
-    r_b, r_w = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.5])
-    alpha = 0.7
-    log_sig = [math.log(1 / (1 + math.exp(-(2.0 - 1.0)))), math.log(1 / (1 + math.exp(-(0.0 - 1.5))))]
-    expected = (3.5 / 3) - (2.0 / 2) - alpha * sum(log_sig) / 2
-    assert am.aihf_reward_loss(r_pol, r_demo, r_b, r_w, alpha).item() == pytest.approx(expected, rel=1e-6)
-    assert am.aihf_reward_loss(r_pol, r_demo, None, None, 0.0).item() == pytest.approx(3.5 / 3 - 1.0, rel=1e-6)
-    assert am.bt_loss(r_b, r_w).item() == pytest.approx(-sum(log_sig) / 2, rel=1e-6)
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.5])
+    w = 0.7
+    pref = -(log_sigmoid(1.0) + log_sigmoid(-1.5)) / 2
+    expected = (3.5 / 3) - (2.0 / 2) + w * pref
+    loss, stats = am.aihf_reward_loss(r_pol, r_demo, chosen, rejected, w)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert stats["rewards/demo_minus_policy"].item() == pytest.approx(1.0 - 3.5 / 3, rel=1e-6)
+    assert stats["losses/pref_loss"].item() == pytest.approx(pref, rel=1e-6)
+    assert stats["rewards/accuracies"].item() == 0.5 and stats["rewards/margins"].item() == pytest.approx(-0.25)
+    loss0, stats0 = am.aihf_reward_loss(r_pol, r_demo, None, None, 0.0)
+    assert loss0.item() == pytest.approx(3.5 / 3 - 1.0, rel=1e-6) and "rewards/accuracies" not in stats0
+    assert am.irl_contrast(r_pol, r_demo).item() == pytest.approx(3.5 / 3 - 1.0, rel=1e-6)
+
+
+def test_sac_math_by_hand():
+    r, d = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0])
+    next_q, next_logp = torch.tensor([10.0, 10.0]), torch.tensor([-1.0, 3.0])
+    # y = r + 0.9 * (1 - done) * (Q' - 0.5 * logp): 1 + 0.9 * 10.5 = 10.45, and 2 (terminal)
+    torch.testing.assert_close(am.soft_q_target(r, d, next_q, next_logp, 0.9, 0.5), torch.tensor([10.45, 2.0]))
+    q = torch.tensor([[1.0, 2.0], [0.0, 4.0]])
+    torch.testing.assert_close(am.sac_critic_loss(q, torch.tensor([2.0, 2.0])), torch.tensor((1 + 0) / 2 + (4 + 4) / 2))
+    logp, qa = torch.tensor([-1.0, 2.0]), torch.tensor([3.0, 1.0])
+    torch.testing.assert_close(am.sac_actor_loss(logp, qa, 0.5), torch.tensor(((-0.5 - 3) + (1 - 1)) / 2))
+    torch.testing.assert_close(am.sac_actor_loss(logp, qa, 0.5, torch.tensor([1.0, 0.0])), torch.tensor(-3.5))
+    log_alpha = torch.tensor([math.log(2.0)])
+    # -alpha * (logp + target_entropy) with target -1: -2 * (-2) = 4 and -2 * 1 = -2
+    torch.testing.assert_close(am.sac_alpha_loss(log_alpha, logp, -1.0), torch.tensor(1.0))
+    torch.testing.assert_close(am.sac_alpha_loss(log_alpha, logp, -1.0, torch.tensor([0.0, 1.0])), torch.tensor(-2.0))
+    target, online = [torch.tensor([0.0, 10.0])], [torch.tensor([1.0, 0.0])]
+    am.polyak_update(target, online, 0.1)
+    torch.testing.assert_close(target[0], torch.tensor([0.1, 9.0]))
+    act, logp2 = am.absorbing_next_action(torch.ones(3, 2), torch.tensor([1.0, 2.0, 3.0]),
+                                          torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(act, torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]))
+    torch.testing.assert_close(logp2, torch.tensor([1.0, 0.0, 3.0]))
+
+
+def test_ipl_math_by_hand():
+    q, next_v, term = torch.tensor([[2.0, 1.0]]), torch.tensor([1.0, 5.0]), torch.tensor([0.0, 1.0])
+    torch.testing.assert_close(am.ipl_implicit_reward(q, next_v, term, 0.5), torch.tensor([[1.5, 1.0]]))
+    chosen = torch.tensor([[[1.0, 1.0]]])  # (members, pairs, steps): segment return 2
+    rejected = torch.tensor([[[0.0, 1.0]]])  # return 1
+    replay = torch.tensor([[2.0, 0.0]])
+    loss, stats = am.ipl_loss(chosen, rejected, replay, 0.5, 0.25)
+    segment_sq = (1.0 + 0.5) / 2  # (E chosen r^2 + E rejected r^2) / 2
+    reg = 0.75 * segment_sq + 0.25 * 2.0  # E replay r^2 = 2
+    assert loss.item() == pytest.approx(-log_sigmoid(1.0) + 0.5 * reg, rel=1e-6)
+    assert stats["losses/ipl_reg"].item() == pytest.approx(reg) and stats["rewards/accuracies"].item() == 1.0
+    loss_pref_only, _ = am.ipl_loss(chosen, rejected, None, 0.5, 0.25)
+    assert loss_pref_only.item() == pytest.approx(-log_sigmoid(1.0) + 0.5 * segment_sq, rel=1e-6)
+
+
+def small_agent(algo="aihf", absorbing=False, autotune=True):
+    torch.manual_seed(0)
+    args = am.validate_args(am.Args(algo=algo, hidden=16, gamma=0.9, alpha=0.3, autotune=autotune,
+                                    expert_path=HOPPER_EXPERT))
+    return am.SAC(3, 2, np.array([-1.0, -1.0]), np.array([1.0, 1.0]), args, absorbing), args
+
+
+def first_adam_step_follows(params_before, params_after, grads, lr):
+    """Adam's first step moves each weight by -lr * sign(its gradient) (up to eps): the update took this gradient."""
+    for before, after, g in zip(params_before, params_after, grads):
+        big = g.abs() > 1e-5
+        assert big.any()
+        torch.testing.assert_close((after - before)[big], -lr * g[big].sign(), rtol=1e-2, atol=lr * 1e-2)
+
+
+def test_update_critic_trains_towards_the_soft_target():
+    """update_critic's loss is sum_j mean (Q_j - y)^2 with y = r + gamma (1 - done)(min_j Qbar_j(s',a') - alpha logp)
+    computed here from the networks themselves (same random draw of a')."""
+    agent, _ = small_agent()
+    obs, act, next_obs = torch.randn(6, 3), torch.rand(6, 2) * 2 - 1, torch.randn(6, 3)
+    rew, done = torch.randn(6), torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    with torch.no_grad():
+        agent.qf_target.bs[2].add_(torch.tensor([[[1.0]], [[-2.0]]]))  # targets differ from the critics
+        torch.manual_seed(5)
+        next_act, next_logp = agent.actor.sample(next_obs)
+        q_next = agent.qf_target(next_obs, next_act)
+        y = rew + 0.9 * (1 - done) * (torch.minimum(q_next[0], q_next[1]) - agent.alpha * next_logp)
+        q = agent.qf(obs, act)
+        expected = F.mse_loss(q[0], y) + F.mse_loss(q[1], y)
+    before = [p.clone() for p in agent.qf.parameters()]
+    q = agent.qf(obs, act)
+    grads = torch.autograd.grad(F.mse_loss(q[0], y) + F.mse_loss(q[1], y), list(agent.qf.parameters()))
+    torch.manual_seed(5)
+    loss, q_out = agent.update_critic(obs, act, rew, next_obs, done)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(q_out, q.detach())
+    first_adam_step_follows(before, list(agent.qf.parameters()), grads, 1e-3)
+
+
+def test_update_critic_bootstraps_through_the_absorbing_state():
+    """With an absorbing state, rows whose s' is absorbing bootstrap from Qbar(s_abs, 0) without entropy term;
+    done stays 0."""
+    agent, _ = small_agent(absorbing=True)
+    obs = torch.cat([torch.randn(4, 3), torch.zeros(4, 1)], 1)
+    act = torch.rand(4, 2) * 2 - 1
+    s_abs = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    next_obs = torch.stack([torch.cat([torch.randn(3), torch.zeros(1)]), s_abs, s_abs, torch.cat([torch.randn(3),
+                                                                                                   torch.zeros(1)])])
+    rew, done = torch.randn(4), torch.zeros(4)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        next_act, next_logp = agent.actor.sample(next_obs[:, :3])
+        next_act[1:3], next_logp[1:3] = 0.0, 0.0
+        q_next = agent.qf_target(next_obs, next_act).min(0).values
+        y = rew + 0.9 * (q_next - agent.alpha * next_logp)
+        q = agent.qf(obs, act)
+        expected = F.mse_loss(q[0], y) + F.mse_loss(q[1], y)
+    torch.manual_seed(3)
+    loss, _ = agent.update_critic(obs, act, rew, next_obs, done)
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("absorbing", [False, True])
+def test_update_actor_and_alpha(absorbing):
+    """Actor loss mean(alpha logp - min_j Q_j(s, a~)) and alpha loss mean(-alpha (logp + target_entropy)), over the
+    non-absorbing rows; the Polyak step moves the targets by tau towards the critics."""
+    agent, _ = small_agent(absorbing=absorbing)
+    obs = torch.randn(5, 3 + absorbing)
+    keep = torch.ones(5)
+    if absorbing:
+        obs[:, -1] = 0
+        obs[3] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+        keep[3] = 0
+    with torch.no_grad():
+        agent.log_alpha.fill_(math.log(0.4))
+        agent.qf.ws[2].mul_(100)  # a steep critic: the actor's gradient comes mostly through Q(s, a~)
+    torch.manual_seed(7)
+    act, logp = agent.actor.sample(obs[:, :3])
+    q = agent.qf(obs, act).min(0).values
+    expected_actor = ((0.4 * logp - q) * keep).sum() / keep.sum()
+    expected_alpha = ((-0.4 * (logp.detach() - 2.0)) * keep).sum() / keep.sum()  # target entropy -|A| = -2
+    before = [p.detach().clone() for p in agent.actor.parameters()]
+    grads = torch.autograd.grad(expected_actor, list(agent.actor.parameters()))
+    torch.manual_seed(7)
+    actor_loss, alpha_loss = agent.update_actor(obs)
+    torch.testing.assert_close(actor_loss, expected_actor.detach())
+    torch.testing.assert_close(alpha_loss.detach(), expected_alpha)
+    first_adam_step_follows(before, list(agent.actor.parameters()), grads, 1e-3)
+    assert agent.alpha.item() != pytest.approx(0.4, abs=1e-7)  # the temperature took a step
+    with torch.no_grad():
+        for p in agent.qf.parameters():
+            p.add_(1.0)
+    old = [p.clone() for p in agent.qf_target.parameters()]
+    agent.update_target()
+    for o, p, t in zip(old, agent.qf.parameters(), agent.qf_target.parameters()):
+        torch.testing.assert_close(t, 0.995 * o + 0.005 * p)
+
+
+def test_update_critic_ipl_matches_a_reference():
+    """IPL's critic step: r = Q(s,a) - gamma (1 - terminated) mean_j Qbar_j(s', a'), then BT on segment sums per
+    member plus lambda [(1 - w)(E r_c^2 + E r_r^2)/2 + w E r_replay^2], all written out here."""
+    agent, _ = small_agent(algo="ipl", autotune=False)
+    with torch.no_grad():
+        agent.qf_target.bs[2].add_(torch.tensor([[[1.0]], [[-2.0]]]))
+    P, W, B = 3, 4, 5
+
+    def part(*lead):
+        return (torch.randn(*lead, 3), torch.rand(*lead, 2) * 2 - 1, torch.randn(*lead, 3),
+                (torch.rand(*lead) < 0.3).float())
+
+    chosen, rejected, replay = part(P, W), part(P, W), part(B)
+
+    def implicit(obs, act, next_obs, term):
+        next_a, _ = agent.actor.sample(next_obs)
+        v = agent.qf_target(next_obs, next_a).mean(0)
+        return agent.qf(obs, act) - 0.9 * (1 - term) * v
+
+    torch.manual_seed(11)
+    flat = [torch.cat([x.reshape(-1, *x.shape[2:]) for x in (c, r)] + [b]) for c, r, b in zip(chosen, rejected, replay)]
+    r_all = implicit(*flat)
+    r_c, r_r, r_b = r_all[:, :P * W].reshape(2, P, W), r_all[:, P * W:2 * P * W].reshape(2, P, W), r_all[:, 2 * P * W:]
+    pref = -F.logsigmoid(r_c.sum(-1) - r_r.sum(-1)).mean()
+    reg = 0.8 * (r_c.pow(2).mean() + r_r.pow(2).mean()) / 2 + 0.2 * r_b.pow(2).mean()
+    expected = pref + 0.7 * reg
+    before = [p.detach().clone() for p in agent.qf.parameters()]
+    grads = torch.autograd.grad(expected, list(agent.qf.parameters()))
+    torch.manual_seed(11)
+    stats = agent.update_critic_ipl(chosen, rejected, replay, 0.7, 0.2)
+    torch.testing.assert_close(stats["losses/qf_loss"], expected.detach())
+    torch.testing.assert_close(stats["losses/pref_loss"], pref.detach())
+    first_adam_step_follows(before, list(agent.qf.parameters()), grads, 1e-3)
 
 
 def test_reward_net_clamped():
@@ -322,10 +746,6 @@ def test_ensemble_q_equals_two_separate_mlps():
         h = F.relu(h @ w2[i] + b2[i])
         ref = (h @ w3[i] + b3[i]).squeeze(-1)
         torch.testing.assert_close(q(obs, act)[i], ref)
-    target = torch.randn(7)
-    qv = q(obs, act)
-    naive = F.mse_loss(qv[0], target) + F.mse_loss(qv[1], target)
-    torch.testing.assert_close(am.sac_critic_loss(qv, target), naive)
     # detach_params: gradient reaches the action, not the critic weights
     a = act.clone().requires_grad_(True)
     q(obs, a, detach_params=True).sum().backward()

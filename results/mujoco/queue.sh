@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Runs the aihf_mujoco.py jobs listed in a lane file one after another, resuming any that a previous session
-# left unfinished (runs/<name>/checkpoint.pt) and skipping finished ones (runs/<name>/metrics.json).
+# Runs the aihf_mujoco.py jobs listed in a lane file one after another, resuming any that an earlier, interrupted
+# run left unfinished (runs/<name>/checkpoint.pt) and skipping finished ones (runs/<name>/metrics.json).
 # One lane per core (PYTHON=... picks the interpreter):  nohup bash results/mujoco/queue.sh results/mujoco/lane_a.txt > runs/lane_a.log 2>&1 &
 # A lane file holds one job per line: <run name> <aihf_mujoco.py flags...>; '#' starts a comment.
 # Several lanes may run the same file: each job holds a lock (runs/<name>.lock) while it runs, so a second lane
-# skips it and takes the next one; the lock dies with its process, so a killed session leaves none behind.
+# skips it and takes the next one; the lock dies with its process, so a killed lane leaves none behind.
 set -u
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS=1
