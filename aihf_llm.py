@@ -128,8 +128,8 @@ class Args:
     """rl: sampling temperature; the same temperature divides the logits when scoring (N+)"""
     missing_eos_penalty: float = 1.0
     """rl: subtracted from the score of a response that did not end with EOS within --response_length"""
-    kl_coef: float = 0.05
-    """rl: weight of the per-token KL penalty to pi_ref (AIHF code: 0.05)"""
+    kl_coef: float = 0.02
+    """rl: weight of the per-token KL penalty to pi_ref (embedded task, where pi_ref is the unaligned pi0; AIHF code: 0.05)"""
     gamma: float = 1.0
     """rl: discount of GAE"""
     lam: float = 0.95
@@ -254,6 +254,14 @@ def aihf_direct_loss(policy_logps, ref_logps, seq_weights, beta):
     repeated on its two sequences. Returns the weighted loss of each pair and the implicit rewards."""
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy_logps, ref_logps, beta)
     return seq_weights[0::2] * losses, chosen_rewards, rejected_rewards
+
+
+def direct_pair_weights(num_demo_pairs, num_pref_pairs, args):
+    """The weight of each sequence of a micro-batch of demo pairs then preference pairs, for aihf_direct_loss:
+    w_demo / batch_size on each demo pair and w_pref / batch_size on each preference pair, so that an optimizer step
+    of batch_size pairs of each kind sums to w_demo * mean_D L_DPO + w_pref * mean_P L_DPO."""
+    per_pair = [args.w_demo / args.batch_size] * num_demo_pairs + [args.w_pref / args.batch_size] * num_pref_pairs
+    return torch.tensor(per_pair).repeat_interleave(2)
 
 
 def sft_loss(token_logps):
@@ -661,6 +669,45 @@ def evaluate_gold(task, model, tokenizer, seed, suffix):
     model.train(was_training)
     print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
     return {f"{k}{suffix}": v for k, v in result.items()}
+
+
+@torch.no_grad()
+def reward_accuracies(reward_model, policy, eval_pairs, eval_demos, args, device, autocast, response_length, pad_id, eos_id):
+    """AIHF-RL's learned reward on held-out data: the share of preference pairs it ranks right, and the share of
+    demonstrations it ranks above a sample of the final policy for the same prompt."""
+    out = {}
+    reward_model.eval()
+    if eval_pairs:
+        ids, mask = (t.to(device) for t in pair_rows_batch(eval_pairs, pad_id))
+        with autocast:
+            rewards = torch.cat([sequence_rewards(reward_model, ids[s : s + args.forward_batch_size], mask[s : s + args.forward_batch_size])
+                                 for s in range(0, len(ids), args.forward_batch_size)])
+        out["reward_pref_accuracy"] = (rewards[0::2] > rewards[1::2]).float().mean().item()
+    if eval_demos:
+        queries, query_mask = (t.to(device) for t in left_pad([p for p, _ in eval_demos], pad_id))
+        torch.manual_seed(args.seed)
+        samples, sample_mask, _ = truncate_after_eos(generate(policy, queries, query_mask, response_length, args.temperature,
+                                                              pad_id, eos_id, args.forward_batch_size), eos_id, pad_id)
+        rows = [(p, c, s[m].tolist()) for (p, c), s, m in zip(eval_demos, samples.cpu(), sample_mask.cpu())]
+        ids, mask = (t.to(device) for t in pair_rows_batch(rows, pad_id))
+        with autocast:
+            rewards = torch.cat([sequence_rewards(reward_model, ids[s : s + args.forward_batch_size], mask[s : s + args.forward_batch_size])
+                                 for s in range(0, len(ids), args.forward_batch_size)])
+        out["reward_demo_accuracy"] = (rewards[0::2] > rewards[1::2]).float().mean().item()
+    return out
+
+
+@torch.no_grad()
+def implicit_reward_accuracies(model, data, args, micro, pad_id, device, autocast):
+    """Direct/self-play AIHF's implicit reward beta log(pi / pi_ref) on held-out data: the share of preference pairs it
+    ranks right, and of held-out demonstrations it ranks above a sample of pi_ref (the kind of pair it trains on)."""
+    out = {}
+    for name, pairs, ref in (("reward_pref_accuracy", data["eval_pairs"], data["eval_ref"]),
+                             ("reward_demo_accuracy", data["eval_demo_pairs"], data["eval_demo_ref"])):
+        if pairs:
+            _, chosen, rejected = dpo_loss(pair_logps(model, pairs, micro, pad_id, args, device, autocast), ref, args.beta)
+            out[name] = (chosen > rejected).float().mean().item()
+    return out
 
 
 # ==========================================================================================================
@@ -1102,10 +1149,10 @@ def main():
             torch.manual_seed(args.seed * 1_000_003 + round_)
             demo_pairs = sample_demo_pairs(model, demos if args.w_demo else [], args, response_length, pad_id, eos_id, device)
             eval_demo_pairs = sample_demo_pairs(model, eval_demos, args, response_length, pad_id, eos_id, device)
-            ref = partial(pair_logps, model, micro=micro, pad_id=pad_id, args=args, device=device, autocast=autocast)
-            state["round_data"] = {"demo_pairs": demo_pairs, "demo_ref": ref(demo_pairs), "pref_ref": ref(prefs),
-                                   "eval_pairs": eval_pairs, "eval_ref": ref(eval_pairs),
-                                   "eval_demo_pairs": eval_demo_pairs, "eval_demo_ref": ref(eval_demo_pairs)}
+            ref_logps_of = partial(pair_logps, model, micro=micro, pad_id=pad_id, args=args, device=device, autocast=autocast)
+            state["round_data"] = {"demo_pairs": demo_pairs, "demo_ref": ref_logps_of(demo_pairs), "pref_ref": ref_logps_of(prefs),
+                                   "eval_pairs": eval_pairs, "eval_ref": ref_logps_of(eval_pairs),
+                                   "eval_demo_pairs": eval_demo_pairs, "eval_demo_ref": ref_logps_of(eval_demo_pairs)}
         data = state["round_data"]
         demo_pairs = data["demo_pairs"]
         num_steps = args.num_epochs * max(len(demo_pairs) if args.w_demo else 0, len(prefs) if args.w_pref else 0) // args.batch_size
@@ -1124,10 +1171,9 @@ def main():
                 n_demo = len(pairs) - (micro if args.w_pref else 0)
                 ref = torch.cat([data["demo_ref"].view(-1, 2)[demo_steps[step][part]] if args.w_demo else torch.zeros(0, 2),
                                  data["pref_ref"].view(-1, 2)[pref_steps[step][part]] if args.w_pref else torch.zeros(0, 2)]).reshape(-1)
-                weights = torch.tensor([args.w_demo / args.batch_size] * n_demo + [args.w_pref / args.batch_size] * (len(pairs) - n_demo))
+                weights = direct_pair_weights(n_demo, len(pairs) - n_demo, args)
                 batch = [t.to(device) for t in pair_batch(pairs, pad_id)]
-                loss, chosen_r, rejected_r, _ = direct_batch_loss(model, batch, ref.to(device), weights.repeat_interleave(2).to(device),
-                                                                  args, autocast)
+                loss, chosen_r, rejected_r, _ = direct_batch_loss(model, batch, ref.to(device), weights.to(device), args, autocast)
                 loss.backward()
                 stats += torch.stack([loss.detach() * args.gradient_accumulation_steps,
                                       (chosen_r[:n_demo] - rejected_r[:n_demo]).mean() if n_demo else torch.zeros((), device=device),
@@ -1166,45 +1212,6 @@ def main():
     metrics.update(evaluate_gold(task, model, tokenizer, args.seed, ""))
     algo = {"rl": "aihf_rl", "direct": "aihf_direct", "selfplay": "aihf_selfplay"}[args.algo]
     finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, metrics)
-
-
-@torch.no_grad()
-def reward_accuracies(reward_model, policy, eval_pairs, eval_demos, args, device, autocast, response_length, pad_id, eos_id):
-    """AIHF-RL's learned reward on held-out data: the share of preference pairs it ranks right, and the share of
-    demonstrations it ranks above a sample of the final policy for the same prompt."""
-    out = {}
-    reward_model.eval()
-    if eval_pairs:
-        ids, mask = (t.to(device) for t in pair_rows_batch(eval_pairs, pad_id))
-        with autocast:
-            rewards = torch.cat([sequence_rewards(reward_model, ids[s : s + args.forward_batch_size], mask[s : s + args.forward_batch_size])
-                                 for s in range(0, len(ids), args.forward_batch_size)])
-        out["reward_pref_accuracy"] = (rewards[0::2] > rewards[1::2]).float().mean().item()
-    if eval_demos:
-        queries, query_mask = (t.to(device) for t in left_pad([p for p, _ in eval_demos], pad_id))
-        torch.manual_seed(args.seed)
-        samples, sample_mask, _ = truncate_after_eos(generate(policy, queries, query_mask, response_length, args.temperature,
-                                                              pad_id, eos_id, args.forward_batch_size), eos_id, pad_id)
-        rows = [(p, c, s[m].tolist()) for (p, c), s, m in zip(eval_demos, samples.cpu(), sample_mask.cpu())]
-        ids, mask = (t.to(device) for t in pair_rows_batch(rows, pad_id))
-        with autocast:
-            rewards = torch.cat([sequence_rewards(reward_model, ids[s : s + args.forward_batch_size], mask[s : s + args.forward_batch_size])
-                                 for s in range(0, len(ids), args.forward_batch_size)])
-        out["reward_demo_accuracy"] = (rewards[0::2] > rewards[1::2]).float().mean().item()
-    return out
-
-
-@torch.no_grad()
-def implicit_reward_accuracies(model, data, args, micro, pad_id, device, autocast):
-    """Direct/self-play AIHF's implicit reward beta log(pi / pi_ref) on held-out data: the share of preference pairs it
-    ranks right, and of held-out demonstrations it ranks above a sample of pi_ref (the kind of pair it trains on)."""
-    out = {}
-    for name, pairs, ref in (("reward_pref_accuracy", data["eval_pairs"], data["eval_ref"]),
-                             ("reward_demo_accuracy", data["eval_demo_pairs"], data["eval_demo_ref"])):
-        if pairs:
-            _, chosen, rejected = dpo_loss(pair_logps(model, pairs, micro, pad_id, args, device, autocast), ref, args.beta)
-            out[name] = (chosen > rejected).float().mean().item()
-    return out
 
 
 # ==========================================================================================================

@@ -72,10 +72,10 @@ def jobs(only):
     """(run name, script, flags) of every run of the grid and the sweep."""
     out = []
     points = [(d, p, "default") for d in COUNTS for p in COUNTS] + [(COUNTS[-1], COUNTS[0], q) for q in ("noise_only", "flaw_only")]
-    if only in (None, "grid"):
-        for demos, prefs, quality in points:
-            for name, (script, flags) in methods(demos, prefs).items():
-                for seed in SEEDS:
+    if only in (None, "grid"):  # seed by seed, so that a partial run already covers every point and method
+        for seed in SEEDS:
+            for demos, prefs, quality in points:
+                for name, (script, flags) in methods(demos, prefs).items():
                     out.append((f"{quality}_d{demos}_p{prefs}__{name}__s{seed}", script,
                                 task_flags(demos, prefs, quality) + flags + ["--seed", seed]))
     if only in (None, "sweep"):  # AIHF's weights at the demos >> prefs point

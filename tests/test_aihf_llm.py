@@ -76,6 +76,26 @@ def _grads(loss, model):
     return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
 
 
+def test_direct_pair_weights_make_each_term_a_mean():
+    weights = A.direct_pair_weights(2, 3, SimpleNamespace(w_demo=0.3, w_pref=2.0, batch_size=4))
+    torch.testing.assert_close(weights, torch.tensor([0.075] * 4 + [0.5] * 6))
+
+
+def test_center_reward_sets_the_mean_on_the_samples_to_zero():
+    from transformers import GPTNeoXForSequenceClassification
+
+    torch.manual_seed(0)
+    reward_model = GPTNeoXForSequenceClassification(_tiny_config(num_labels=1)).eval()
+    reward_model.config.reward_bias = 5.0  # the previous round's
+    ids = torch.randint(2, 40, (6, 7))
+    mask = torch.ones_like(ids)
+    raw_mean = A.center_reward(reward_model, ids, mask, SimpleNamespace(forward_batch_size=4), NO_AUTOCAST)
+    with torch.no_grad():
+        rewards = A.sequence_rewards(reward_model, ids, mask)
+    assert rewards.mean().abs() < 1e-5 and rewards.std() > 1e-4
+    assert reward_model.config.reward_bias == pytest.approx(raw_mean)
+
+
 def test_direct_without_demonstrations_is_dpo():
     from transformers import GPTNeoXForCausalLM
 
