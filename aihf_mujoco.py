@@ -10,7 +10,9 @@ problem is soft RL (SAC) on r_phi. Every `--sac_steps_per_iter` SAC env steps, `
 The first two terms are the ML-IRL contrast (the gradient of the demonstrations' log-likelihood under the soft-optimal
 policy of r_phi: push r up on demos, down on the policy's own samples); the last is Bradley-Terry on segment returns
 R_phi (sum of r_phi over `--segment_len` steps), weighted by w_pref = `--pref_weight`. SAC trains on r_phi all the
-while (every replayed transition relabelled with the current r_phi; agent and buffer never reset).
+while (every replayed transition relabelled with the current r_phi; agent and buffer never reset). By default AIHF
+starts where the RLHF baseline starts: a policy cloned from the demos and a reward pre-trained on the preferences
+(the paper's AIHF starts from scratch: --bc_steps 0 --reward_pretrain_steps 0).
 Early termination (Hopper, Walker2d): a learned reward has no fixed level, and SAC's value after a fall is 0, so a
 positive level pays for staying alive and a negative one for falling. `--termination absorbing` (DAC, Kostrikov et
 al. 2019) enters an absorbing state with its own learned reward on `terminated`; `--termination rollouts` draws the
@@ -120,11 +122,11 @@ class Args:
     pref_batch_size: int = 256
     """preference pairs per reward step"""
     reward_pretrain_steps: Optional[int] = None
-    """Bradley-Terry steps on the preferences before SAC (default: 3000 for rlhf, its reward model; 0 for aihf, as
-    the paper; ipl: steps of its critic loss on the preferences alone)"""
+    """Bradley-Terry steps on the preferences before SAC (default: 3000 for rlhf, its reward model, and for aihf, the
+    same budget, README; the paper's aihf: 0; ipl: steps of its critic loss on the preferences alone, default 0)"""
     bc_steps: Optional[int] = None
     """behaviour-cloning steps on the demos (MSE on the actor's mean action) before SAC (default: 10000 for rlhf, the
-    paper's baseline; 0, a random policy, for aihf/irl/ipl as the paper)"""
+    paper's baseline, and for aihf, the same start, README; the paper's aihf, irl and ipl: 0, a random policy)"""
 
     # IPL (Hejna & Sadigh 2023; online SAC version)
     ipl_reg_weight: float = 0.5
@@ -964,9 +966,9 @@ def validate_args(args: Args) -> Args:
     if args.policy_samples is None:
         args.policy_samples = 10_000 if args.termination == "rollouts" else 5000
     if args.reward_pretrain_steps is None:
-        args.reward_pretrain_steps = 3000 if args.algo == "rlhf" else 0
+        args.reward_pretrain_steps = 3000 if args.algo in ("rlhf", "aihf") else 0
     if args.bc_steps is None:
-        args.bc_steps = 10000 if args.algo == "rlhf" else 0
+        args.bc_steps = 10000 if args.algo in ("rlhf", "aihf") else 0
     if args.demo_actions is None:
         args.demo_actions = "mean" if args.algo == "rlhf" else "sample"
     if args.expert_path is None:
@@ -1043,6 +1045,8 @@ def saved_args(saved: dict) -> dict:
     if "rlhf_reward_steps" in saved:  # the rlhf-only pre-training flag became --reward_pretrain_steps for all
         steps = saved.pop("rlhf_reward_steps")
         saved.setdefault("reward_pretrain_steps", steps if saved.get("algo") == "rlhf" else 0)
+        if saved.get("algo") != "rlhf":  # --bc_steps, then rlhf's alone, was ignored by the other methods
+            saved["bc_steps"] = 0
     saved.setdefault("termination", "replay")
     saved.setdefault("demo_actions", "mean")
     return saved
@@ -1060,6 +1064,8 @@ def open_run(args: Args, data_key):
         may_change = {"exp_name", "run_name", "num_threads", "total_timesteps", "buffer_size", "learning_starts",
                       "eval_every", "eval_episodes", "log_every", "save_every", "save_buffer", "resume",
                       "cache_dir", "expert_out", "demo_actions"}  # demos: compared through the data key, below
+        if args.algo != "ipl":  # knobs the run never read
+            may_change |= {"ipl_reg_weight", "ipl_replay_weight", "ipl_pairs", "ipl_window"}
         if data_key is not None:
             may_change |= {"seed", "expert_path", "num_demos", "demo_episodes", "num_prefs", "segment_len",
                            "pref_noise", "pool_noises", "pool_steps"}

@@ -26,6 +26,7 @@ sys.path.insert(0, ROOT)
 import aihf_mujoco as am  # noqa: E402
 
 TINY = ["--hidden", "32", "--batch_size", "32", "--eval_episodes", "2", "--num_threads", "1"]
+SCRATCH = ["--bc_steps", "0", "--reward_pretrain_steps", "0"]  # the paper's AIHF start: random policy and reward
 HOPPER_EXPERT = os.path.join(ROOT, "experts", "Hopper-v5.pt")
 
 
@@ -139,10 +140,11 @@ def test_sac_deterministic_and_resume(tiny_expert, workdir, monkeypatch, capsys)
 
 
 def test_saved_args_of_older_checkpoints():
-    old = dict(algo="aihf", threads=1, checkpoint_every=10000, rlhf_reward_steps=3000, reward_steps=10)
+    old = dict(algo="aihf", threads=1, checkpoint_every=10000, rlhf_reward_steps=3000, bc_steps=10000, reward_steps=10)
     assert am.saved_args(old) == dict(algo="aihf", num_threads=1, save_every=10000, reward_pretrain_steps=0,
-                                      reward_steps=10, termination="replay", demo_actions="mean")
-    assert am.saved_args(dict(algo="rlhf", rlhf_reward_steps=3000))["reward_pretrain_steps"] == 3000
+                                      bc_steps=0, reward_steps=10, termination="replay", demo_actions="mean")
+    old_rlhf = am.saved_args(dict(algo="rlhf", rlhf_reward_steps=3000, bc_steps=10000))
+    assert old_rlhf["reward_pretrain_steps"] == 3000 and old_rlhf["bc_steps"] == 10000
 
 
 def test_expert_out_never_replaced_by_a_worse_policy(workdir):
@@ -188,7 +190,7 @@ def test_aihf_learns_its_reward_in_the_right_direction(tiny_expert, workdir):
     above the policy's samples, and it ranks the preference pairs. A flipped contrast, a flipped or dropped
     preference term fails here."""
     run(["--algo", "aihf", "--total_timesteps", "1500", "--learning_starts", "300", "--sac_steps_per_iter", "300",
-         "--reward_steps", "20", "--reward_lr", "1e-3", "--eval_every", "1500", "--run_name", "aihf", *TINY,
+         "--reward_steps", "20", "--reward_lr", "1e-3", "--eval_every", "1500", "--run_name", "aihf", *SCRATCH, *TINY,
          *data_args(tiny_expert, workdir)], workdir)
     m = metrics(workdir, "aihf")
     assert m["algo"] == "aihf" and m["steps"] == 1500 and m["reward_corr"] > 0
@@ -204,7 +206,7 @@ def test_aihf_learns_its_reward_in_the_right_direction(tiny_expert, workdir):
     assert data["pref_teacher_agreement"] == 1.0  # noiseless teacher
     # resuming with other data (here another seed) would train the old reward on new demos: refused
     p = run(["--algo", "aihf", "--total_timesteps", "1800", "--learning_starts", "300", "--sac_steps_per_iter", "300",
-             "--reward_steps", "20", "--reward_lr", "1e-3", "--seed", "2",
+             "--reward_steps", "20", "--reward_lr", "1e-3", "--seed", "2", *SCRATCH,
              "--resume", str(run_dir), *TINY, *data_args(tiny_expert, workdir)], workdir, check=False)
     assert p.returncode == 2 and "differ from the checkpoint" in p.stderr, p.stderr
     assert metrics(workdir, "aihf")["steps"] == 1500  # the finished run is untouched
@@ -220,7 +222,7 @@ def test_sac_trains_on_the_learned_reward(tiny_expert, workdir, monkeypatch):
     monkeypatch.setattr(am.RewardNet, "forward", lambda self, x: self.net(x).squeeze(-1) * 0 - 5.0)
     args = tyro.cli(am.Args, use_underscores=True, args=[
         "--algo", "aihf", "--total_timesteps", "700", "--learning_starts", "300", "--sac_steps_per_iter", "200",
-        "--eval_every", "700", "--run_name", "constant_reward", *TINY, *data_args(tiny_expert, workdir)])
+        "--eval_every", "700", "--run_name", "constant_reward", *SCRATCH, *TINY, *data_args(tiny_expert, workdir)])
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     rng = torch.get_rng_state()
     try:
@@ -234,7 +236,8 @@ def test_sac_trains_on_the_learned_reward(tiny_expert, workdir, monkeypatch):
 
 def test_aihf_rollouts_and_ipl_smoke_and_resume(tiny_expert, workdir):
     """--termination rollouts and --algo ipl train, and a resumed ipl run continues its curve."""
-    run(["--algo", "aihf", "--termination", "rollouts", "--policy_samples", "1000", "--total_timesteps", "700",
+    run(["--algo", "aihf", "--termination", "rollouts", "--policy_samples", "1000", "--bc_steps", "50",
+         "--reward_pretrain_steps", "20", "--total_timesteps", "700",
          "--learning_starts", "300", "--sac_steps_per_iter", "200", "--eval_every", "700", "--run_name", "rollouts",
          *TINY, *data_args(tiny_expert, workdir)], workdir)
     assert [s for s, _ in scalars(workdir / "runs" / "rollouts", "rewards/demo_minus_policy")] == [300, 500]
@@ -252,12 +255,12 @@ def test_aihf_rollouts_and_ipl_smoke_and_resume(tiny_expert, workdir):
 
 
 
-@pytest.mark.parametrize("flag, value", [("ipl_reg_weight", 1.0), ("termination", "rollouts"),
-                                         ("reward_pretrain_steps", 5), ("demo_actions", "mean")])
-def test_resume_refuses_a_changed_new_flag(tiny_expert, workdir, monkeypatch, capsys, flag, value):
+@pytest.mark.parametrize("algo, flag, value", [("ipl", "ipl_reg_weight", 1.0), ("aihf", "termination", "rollouts"),
+                                               ("aihf", "reward_pretrain_steps", 5), ("aihf", "demo_actions", "mean")])
+def test_resume_refuses_a_changed_new_flag(tiny_expert, workdir, monkeypatch, capsys, algo, flag, value):
     """The resume check covers the new flags: a changed IPL or termination knob is refused before anything is
     written; the demos through the data key."""
-    base = dict(algo="aihf", seed=1, total_timesteps=3000, learning_starts=300, reward_pretrain_steps=0,
+    base = dict(algo=algo, seed=1, total_timesteps=3000, learning_starts=300, reward_pretrain_steps=0, bc_steps=0,
                 hidden=32, batch_size=32, eval_episodes=2, expert_path=str(tiny_expert / "actor.pt"))
     ckpt = dict(step=1000, args=asdict(am.validate_args(am.Args(**base))), data_key="k")
     path = workdir / f"fake_{flag}.pt"

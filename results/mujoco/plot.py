@@ -42,9 +42,9 @@ def variant(config):
     implied = ("pref_weight", "num_prefs") if algo == "irl" else ()  # irl sets both to 0 itself
     if algo != "rlhf" and "reward_pretrain_steps" not in config:
         implied += ("bc_steps",)  # before --bc_steps applied to all methods, only rlhf read it
-    if algo == "ipl":
-        implied += ("demo_actions",)  # ipl reads no demos
-    else:
+    if algo not in ("aihf", "irl"):  # knobs of the reward step in the loop
+        implied += ("reward_steps", "sac_steps_per_iter", "termination", "pref_weight")
+    if algo != "ipl":
         implied += ("ipl_reg_weight", "ipl_replay_weight", "ipl_pairs", "ipl_window")
     changed = []
     for k, ref in VARIANT_KNOBS.items():
@@ -158,9 +158,11 @@ def main():
     p.add_argument("--csv_method", action="append", default=[], help="read only these methods from --csv (default all)")
     p.add_argument("--rename", action="append", default=[], metavar="'LONG NAME->SHORT'",
                    help="show a method under a shorter name in the tables, the curves and summary.csv")
-    p.add_argument("--expert_returns", default="experts/returns.json", help="expert returns table (dashed line)")
+    p.add_argument("--max_step", type=int, help="draw and tabulate evaluations up to this SAC step only")
+    p.add_argument("--expert_return", type=float, help="the expert's return, where no run folder logs one (--csv only)")
+    p.add_argument("--expert_returns", default="experts/returns.json", help="else this table's expert return")
     p.add_argument("--summary", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "summary.csv"),
-                   help="summary CSV whose rows of this environment are replaced")
+                   help="summary CSV whose rows of this environment are replaced ('' for none: an ablation's plot)")
     a = p.parse_args()
     try:
         import matplotlib
@@ -194,6 +196,8 @@ def main():
 
     curves, rows = defaultdict(dict), []  # (env, method) -> {seed: {step: (mean, std)}}
     for (name, env, method, seed), points in sorted(runs.items()):
+        if a.max_step is not None:  # e.g. the 300k table of a run that went on to 1M
+            points = {s: v for s, v in points.items() if s <= a.max_step}
         method = renames.get(method, method)
         curves[(env, method)][seed] = points
         for step in sorted(points):
@@ -208,14 +212,17 @@ def main():
     # the expert's return as the first run measured it (10 evaluation episodes, seeded by the run's seed); else the
     # shipped expert's (sac runs, and curves read from a CSV, carry none)
     expert, expert_source = run_expert_return, "over 10 evaluation episodes (charts/expert_return of the first run)"
+    if expert is None and a.expert_return is not None:
+        expert, expert_source = a.expert_return, "over 10 evaluation episodes (as the seed-1 runs measure it)"
     if expert is None and os.path.isfile(a.expert_returns):
         with open(a.expert_returns) as f:
             expert, expert_source = json.load(f).get(f"{env_id}.pt", {}).get("return_mean"), f"({a.expert_returns})"
     summary = summarise(curves, expert)
     write_table(a.out + ".md", env_id, summary, expert, expert_source)
-    update_summary(a.summary, env_id, summary)
+    if a.summary:
+        update_summary(a.summary, env_id, summary)
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
     variant_styles = iter(["--", ":", "-.", (0, (5, 1, 1, 1)), (0, (3, 1, 1, 1, 1, 1))] * 4)
     for (_, method), seeds in sorted(curves.items()):
         # mean over the seeds that reached each step (a band of one seed is just its line)
@@ -225,7 +232,7 @@ def main():
         base = method.split()[0].lower()
         style = "-" if "=" not in method else next(variant_styles)  # variants (a changed knob): other dashes
         label = f"{method} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
-        ax.plot(np.array(steps) / 1e3, mean, style, color=COLORS.get(base), label=label)
+        ax.plot(np.array(steps) / 1e3, mean, linestyle=style, color=COLORS.get(base), label=label)
         ax.fill_between(np.array(steps) / 1e3, [min(v) for v in vals], [max(v) for v in vals],
                         color=COLORS.get(base), alpha=0.2 if style == "-" else 0.1, linewidth=0)
     if expert is not None:
@@ -235,10 +242,11 @@ def main():
     ax.set_ylabel("true return (deterministic policy, 10 episodes)")
     ax.set_title(f"{env_id}: true return vs SAC steps (mean over seeds, min-max band)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
     fig.tight_layout()
     fig.savefig(a.out + ".png", dpi=110)
-    print(f"wrote {a.out}.csv ({len(rows)} rows), {a.out}.png, {a.out}.md and this env's rows of {a.summary}")
+    print(f"wrote {a.out}.csv ({len(rows)} rows), {a.out}.png, {a.out}.md" + (f" and this env's rows of {a.summary}"
+                                                                            if a.summary else ""))
 
 
 if __name__ == "__main__":
