@@ -37,6 +37,7 @@ from functools import partial
 from typing import Literal, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 
@@ -181,6 +182,8 @@ class Args:
     """cpu, cuda or auto"""
     bf16: bool = False
     """bfloat16 autocast (GPU); master weights stay fp32"""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: ddp (a replica per GPU) or fsdp (FSDP2: parameters, gradients and optimizer state sharded)"""
     num_threads: int = 1
     """torch CPU threads (0 = torch's default, for large models on a CPU; the embedded task's tiny model runs fastest on 1)"""
     task: SortTaskConfig = field(default_factory=SortTaskConfig)
@@ -259,9 +262,10 @@ def aihf_direct_loss(policy_logps, ref_logps, seq_weights, beta):
 def direct_pair_weights(num_demo_pairs, num_pref_pairs, args):
     """The weight of each sequence of a micro-batch of demo pairs then preference pairs, for aihf_direct_loss:
     w_demo / batch_size on each demo pair and w_pref / batch_size on each preference pair, so that an optimizer step
-    of batch_size pairs of each kind sums to w_demo * mean_D L_DPO + w_pref * mean_P L_DPO."""
+    of batch_size pairs of each kind sums to w_demo * mean_D L_DPO + w_pref * mean_P L_DPO. (Under torchrun a process
+    has batch_size / WORLD_SIZE pairs of each kind per step, and DDP and FSDP2 average over processes: WORLD_SIZE x.)"""
     per_pair = [args.w_demo / args.batch_size] * num_demo_pairs + [args.w_pref / args.batch_size] * num_pref_pairs
-    return torch.tensor(per_pair).repeat_interleave(2)
+    return WORLD_SIZE * torch.tensor(per_pair).repeat_interleave(2)
 
 
 def sft_loss(token_logps):
@@ -310,11 +314,12 @@ def gae(rewards, values, mask, gamma, lam):
 
 
 def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the real tokens (unbiased variance), 0 at padding (N+: advantage whitening)."""
+    """(x - mean) / std over the real tokens (unbiased variance), 0 at padding (N+: advantage whitening). Under
+    torchrun the mean and variance are those of every process's tokens together (global_sum): the whole batch's."""
     mask = mask.to(x.dtype)
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    n = global_sum(mask.sum())
+    mean = global_sum((x * mask).sum()) / n
+    var = global_sum((((x - mean) * mask) ** 2).sum()) / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -390,9 +395,10 @@ def scored_tokens(model, ids, mask, targets):
 
 def sft_batch_loss(model, batch, args, autocast):
     """The SFT loss of one micro-batch (ids, mask, targets): mean over its response tokens, divided by the
-    micro-batches per optimizer step. The LM head and the loss run fused, chunk by chunk (machinery)."""
+    micro-batches per optimizer step. The LM head and the loss run fused, chunk by chunk (machinery). (Under torchrun:
+    the tokens of every process's share of the micro-batch, global_sum; DDP and FSDP2 average over processes.)"""
     ids, mask, targets = batch
-    scale = 1.0 / ((targets != -100).sum() * args.gradient_accumulation_steps)
+    scale = WORLD_SIZE / (global_sum((targets != -100).sum()) * args.gradient_accumulation_steps)
     with autocast:
         hidden, targets, _ = scored_tokens(model, ids, mask, targets)
     token_ids = torch.arange(len(targets), device=targets.device)  # each token its own sequence: any chunking is exact
@@ -458,29 +464,39 @@ def sequence_logps(model, batches, chunk_size, device, autocast):
     return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
-def pair_logps(model, pairs, micro, pad_id, args, device, autocast):
-    """log pi(y|x) of both responses of each (prompt, chosen, rejected), in micro-batches: [c0, r0, c1, r1, ...]."""
-    return sequence_logps(model, [pair_batch(pairs[i : i + micro], pad_id) for i in range(0, len(pairs), micro)],
-                          args.logprob_chunk_size, device, autocast)
+def pair_logps(policy, pairs, micro, pad_id, args, device, autocast):
+    """log pi(y|x) of both responses of each (prompt, chosen, rejected), in micro-batches: [c0, r0, c1, r1, ...].
+    policy: parallelize()'s wrapper; each process scores its share of the pairs, and every process gets them all."""
+    mine = this_rank(pairs)
+    return gather(policy(sequence_logps, [pair_batch(mine[i : i + micro], pad_id) for i in range(0, len(mine), micro)],
+                         args.logprob_chunk_size, device, autocast), 2 * len(pairs))
 
 
 @torch.no_grad()
-def sample_demo_pairs(model, demos, args, response_length, pad_id, eos_id, device):
+def sample_demo_pairs(policy, demos, args, response_length, pad_id, eos_id, device):
     """(prompt, demonstration, a sample of the model at temperature 1) for each demonstration: the demo pairs of the
-    implicit-reward forms, y^E preferred to the reference's own response."""
-    pairs = []
-    for s in range(0, len(demos), args.forward_batch_size):
-        chunk = demos[s : s + args.forward_batch_size]
+    implicit-reward forms, y^E preferred to the reference's own response. policy: parallelize()'s wrapper; each process
+    samples for its share of the demonstrations, and every process gets all the pairs."""
+    pairs, mine = [], this_rank(demos)
+    for s in range(0, len(mine), args.forward_batch_size):
+        chunk = mine[s : s + args.forward_batch_size]
         queries, query_mask = (t.to(device) for t in left_pad([p for p, _ in chunk], pad_id))
-        samples, sample_mask, _ = truncate_after_eos(generate(model, queries, query_mask, response_length, 1.0, pad_id, eos_id,
-                                                              args.forward_batch_size), eos_id, pad_id)
+        samples, sample_mask, _ = truncate_after_eos(policy(generate, queries, query_mask, response_length, 1.0, pad_id, eos_id,
+                                                            args.forward_batch_size), eos_id, pad_id)
         pairs += [(p, c, r[m].tolist()) for (p, c), r, m in zip(chunk, samples.cpu(), sample_mask.cpu())]
-    return pairs
+    return gather(pairs, len(demos))
 
 
 def policy_logprobs_entropy(hidden, weight, targets, temperature, chunk_size):
     """Per-token log pi(y_t) and entropy of the policy at `temperature`: logits / T as (hidden / T) @ W^T (N+)."""
     return ChunkedLogprobsEntropy.apply(hidden / temperature, weight, targets, chunk_size)
+
+
+def response_logprobs(model, ids, mask, context, resp, targets, args):
+    """policy_logprobs_entropy of the response tokens `targets` of sequences (ids, mask) whose responses start at
+    `context` (resp: their real tokens). Hidden state t emits token t + 1: the states at context-1 .. T-2 emit them."""
+    hidden = hidden_states(model, ids, mask)[:, context - 1 : -1][resp]
+    return policy_logprobs_entropy(hidden, model.get_output_embeddings().weight, targets, args.temperature, args.logprob_chunk_size)
 
 
 def load_reward_model(path: str, device):
@@ -528,6 +544,14 @@ def token_values(value_model, ids, mask):
     return value_model.score(hidden_states(value_model, ids, mask)).squeeze(-1).float() - value_model.config.reward_bias
 
 
+def copy_weights(model, source):
+    """model's parameters and reward bias := source's (two models of one architecture; also FSDP2 shards of one layout)."""
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), source.parameters()):
+            p.copy_(q)
+    model.config.reward_bias = source.config.reward_bias
+
+
 def reward_batch_loss(reward_model, demo_rows, pref_rows, args, autocast):
     """L(phi) of one reward step. demo_rows / pref_rows: `pair_rows_batch`es of (demonstration, policy sample) and of
     (chosen, rejected) pairs, or None where that term's weight is 0. Returns the loss and its statistics."""
@@ -550,12 +574,12 @@ def reward_batch_loss(reward_model, demo_rows, pref_rows, args, autocast):
 def center_reward(reward_model, sequences, attention, args, autocast):
     """N+ normalises the reward once, to mean 0 on the starting policy's samples. Here the reward moves every round and
     its level is free (Bradley-Terry sees differences only), so each round fixes it at mean 0 on that round's samples:
-    the scale PPO's hyper-parameters assume. Returns the raw mean."""
+    the scale PPO's hyper-parameters assume. Returns the raw mean (under torchrun, of every process's samples)."""
     reward_model.config.reward_bias = 0.0
     with autocast:
-        raw = torch.cat([sequence_rewards(reward_model, sequences[s : s + args.forward_batch_size],
-                                          attention[s : s + args.forward_batch_size])
-                         for s in range(0, len(sequences), args.forward_batch_size)])
+        raw = gather(torch.cat([sequence_rewards(reward_model, sequences[s : s + args.forward_batch_size],
+                                                 attention[s : s + args.forward_batch_size])
+                                for s in range(0, len(sequences), args.forward_batch_size)]))
     reward_model.config.reward_bias = raw.mean().item()
     return raw.mean().item()
 
@@ -572,7 +596,10 @@ def generate(policy, queries, query_mask, response_length, temperature, pad_id, 
     out = torch.full((queries.shape[0], response_length), pad_id, dtype=torch.long, device=queries.device)
     for s in range(0, queries.shape[0], forward_batch_size):
         q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
-        generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config)[:, q.shape[1] :]
+        # synced_gpus: under torchrun a process whose responses all ended keeps stepping with the others (FSDP2's
+        # forward passes need every process)
+        generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config,
+                                    synced_gpus=DISTRIBUTED)[:, q.shape[1] :]
         out[s : s + len(q), : generated.shape[1]] = generated
     return out
 
@@ -580,7 +607,8 @@ def generate(policy, queries, query_mask, response_length, temperature, pad_id, 
 @torch.no_grad()
 def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query_mask, responses, args, pad_id, eos_id, autocast):
     """Everything PPO needs about a batch of rollouts, computed once with no grad: old log-probs and values,
-    reference log-probs, scores, KL-shaped rewards, advantages and returns."""
+    reference log-probs, scores, KL-shaped rewards, advantages and returns. The models: parallelize()'s wrappers."""
+    policy, ref_policy, reward_model, value_model = map(as_parallel, (policy, ref_policy, reward_model, value_model))
     responses, response_mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)  # N+: truncate after EOS
     sequences = torch.cat([queries, responses], 1)
     attention = torch.cat([query_mask, response_mask.long()], 1)
@@ -593,16 +621,13 @@ def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query
             response_mask[s : s + args.forward_batch_size]
         targets = responses[s : s + args.forward_batch_size][resp]
         with autocast:
-            # hidden state t emits token t + 1: the states at context-1 .. T-2 emit the response tokens
             for model, out_logprobs, out_entropy in ((policy, logprobs, entropy), (ref_policy, ref_logprobs, None)):
-                hidden = hidden_states(model, ids, mask)[:, context - 1 : -1][resp]
-                lp, ent = policy_logprobs_entropy(hidden, model.get_output_embeddings().weight, targets, args.temperature,
-                                                  args.logprob_chunk_size)  # N+: logits / temperature for pi and pi_ref
+                lp, ent = model(response_logprobs, ids, mask, context, resp, targets, args)  # N+: logits / T for pi and pi_ref
                 out_logprobs[s : s + len(ids)][resp] = lp
                 if out_entropy is not None:
                     out_entropy[s : s + len(ids)][resp] = ent
-            values[s : s + len(ids)] = token_values(value_model, ids, mask)[:, context - 1 : -1] * resp
-            scores[s : s + len(ids)] = sequence_rewards(reward_model, ids, mask)  # N+: score at the EOS token
+            values[s : s + len(ids)] = value_model(token_values, ids, mask)[:, context - 1 : -1] * resp
+            scores[s : s + len(ids)] = reward_model(sequence_rewards, ids, mask)  # N+: score at the EOS token
     scores = scores - args.missing_eos_penalty * (~has_eos).float()  # N+: penalise responses without EOS
     rewards, k1, k3 = kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask, args.kl_coef)
     advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
@@ -612,14 +637,18 @@ def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query
             "has_eos": has_eos, "kl": k1.sum(1), "kl_k3": k3.sum(1), "entropy": (entropy * response_mask).sum(1),
             "non_score_reward": (-args.kl_coef * k1).sum(1)}
 
+# The entries of score_rollouts' batch, one per rollout, that the logs average; gathered from every process first.
+ROLLOUT_STATISTICS = ("scores", "has_eos", "response_mask", "kl", "kl_k3", "entropy", "non_score_reward")
+
 
 def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
-    """num_ppo_epochs epochs over the rollout batch in shuffled minibatches; returns the averaged diagnostics."""
+    """num_ppo_epochs epochs over the rollout batch in shuffled minibatches; returns the averaged diagnostics.
+    policy, value_model: parallelize()'s wrappers; under torchrun each process's minibatch is its share of one."""
+    policy, value_model = as_parallel(policy), as_parallel(value_model)
     B, context = batch["sequences"].shape[0], batch["sequences"].shape[1] - batch["responses"].shape[1]
     minibatch_size = B // args.num_mini_batches
     micro = minibatch_size // args.gradient_accumulation_steps
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    head_weight = policy.get_output_embeddings().weight
     totals, count = {}, 0
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(args.num_ppo_epochs):
@@ -631,10 +660,8 @@ def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
                 idx = order[u0 : u0 + micro]
                 ids, mask, resp = batch["sequences"][idx], batch["attention"][idx], batch["response_mask"][idx]
                 with autocast:
-                    hidden = hidden_states(policy, ids, mask)[:, context - 1 : -1][resp]
-                    vpred = token_values(value_model, ids, mask)[:, context - 1 : -1][resp]
-                logprobs, entropy = policy_logprobs_entropy(hidden, head_weight, batch["responses"][idx][resp],
-                                                            args.temperature, args.logprob_chunk_size)
+                    logprobs, entropy = policy(response_logprobs, ids, mask, context, resp, batch["responses"][idx][resp], args)
+                    vpred = value_model(token_values, ids, mask)[:, context - 1 : -1][resp]
                 pg_loss, vf_loss, stats = ppo_losses(logprobs, batch["logprobs"][idx][resp], batch["advantages"][idx][resp],
                                                      vpred, batch["values"][idx][resp], batch["returns"][idx][resp],
                                                      args.cliprange, args.cliprange_value)
@@ -649,24 +676,28 @@ def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
             for k, v in step_stats.items():
                 totals[k] = totals.get(k, 0) + v
             count += 1
-            # Early stop (optional): the policy moved too far from the one that sampled the batch.
-            if args.target_kl is not None and step_stats["policy/approxkl"] > args.target_kl:
+            # Early stop (optional): the policy moved too far from the one that sampled the batch (every process's
+            # share of the minibatch together: the processes stop at the same step).
+            if args.target_kl is not None and global_mean(step_stats["policy/approxkl"]) > args.target_kl:
                 stop = True
                 break
         if stop:
             break
     # TRL's names: averages over minibatches get "_avg", except val/ratio and val/ratio_var
-    return {(k if k.startswith("val/ratio") else f"{k}_avg"): (v / count).item() for k, v in totals.items()} | {"policy/epochs": epoch + 1}
+    return {(k if k.startswith("val/ratio") else f"{k}_avg"): global_mean(v / count).item() for k, v in totals.items()} \
+        | {"policy/epochs": epoch + 1}
 
 
-def evaluate_gold(task, model, tokenizer, seed, suffix):
-    """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only)."""
+def evaluate_gold(task, policy, tokenizer, seed, suffix):
+    """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only).
+    policy: parallelize()'s wrapper; every process runs the same evaluation and gets the same result."""
     if task is None:
         return {}
-    was_training = model.training
-    model.eval()
-    result = task.evaluate(model, tokenizer, seed=seed)
-    model.train(was_training)
+    policy = as_parallel(policy)
+    was_training = policy.training
+    policy.eval()
+    result = policy(task.evaluate, tokenizer, seed=seed)
+    policy.train(was_training)
     print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
     return {f"{k}{suffix}": v for k, v in result.items()}
 
@@ -674,38 +705,40 @@ def evaluate_gold(task, model, tokenizer, seed, suffix):
 @torch.no_grad()
 def reward_accuracies(reward_model, policy, eval_pairs, eval_demos, args, device, autocast, response_length, pad_id, eos_id):
     """AIHF-RL's learned reward on held-out data: the share of preference pairs it ranks right, and the share of
-    demonstrations it ranks above a sample of the final policy for the same prompt."""
+    demonstrations it ranks above a sample of the final policy for the same prompt. The models: parallelize()'s
+    wrappers (every process computes the same)."""
     out = {}
     reward_model.eval()
     if eval_pairs:
         ids, mask = (t.to(device) for t in pair_rows_batch(eval_pairs, pad_id))
         with autocast:
-            rewards = torch.cat([sequence_rewards(reward_model, ids[s : s + args.forward_batch_size], mask[s : s + args.forward_batch_size])
+            rewards = torch.cat([reward_model(sequence_rewards, ids[s : s + args.forward_batch_size], mask[s : s + args.forward_batch_size])
                                  for s in range(0, len(ids), args.forward_batch_size)])
         out["reward_pref_accuracy"] = (rewards[0::2] > rewards[1::2]).float().mean().item()
     if eval_demos:
         queries, query_mask = (t.to(device) for t in left_pad([p for p, _ in eval_demos], pad_id))
         torch.manual_seed(args.seed)
-        samples, sample_mask, _ = truncate_after_eos(generate(policy, queries, query_mask, response_length, args.temperature,
-                                                              pad_id, eos_id, args.forward_batch_size), eos_id, pad_id)
+        samples, sample_mask, _ = truncate_after_eos(policy(generate, queries, query_mask, response_length, args.temperature,
+                                                            pad_id, eos_id, args.forward_batch_size), eos_id, pad_id)
         rows = [(p, c, s[m].tolist()) for (p, c), s, m in zip(eval_demos, samples.cpu(), sample_mask.cpu())]
         ids, mask = (t.to(device) for t in pair_rows_batch(rows, pad_id))
         with autocast:
-            rewards = torch.cat([sequence_rewards(reward_model, ids[s : s + args.forward_batch_size], mask[s : s + args.forward_batch_size])
+            rewards = torch.cat([reward_model(sequence_rewards, ids[s : s + args.forward_batch_size], mask[s : s + args.forward_batch_size])
                                  for s in range(0, len(ids), args.forward_batch_size)])
         out["reward_demo_accuracy"] = (rewards[0::2] > rewards[1::2]).float().mean().item()
     return out
 
 
 @torch.no_grad()
-def implicit_reward_accuracies(model, data, args, micro, pad_id, device, autocast):
+def implicit_reward_accuracies(policy, data, args, micro, pad_id, device, autocast):
     """Direct/self-play AIHF's implicit reward beta log(pi / pi_ref) on held-out data: the share of preference pairs it
-    ranks right, and of held-out demonstrations it ranks above a sample of pi_ref (the kind of pair it trains on)."""
+    ranks right, and of held-out demonstrations it ranks above a sample of pi_ref (the kind of pair it trains on).
+    policy: parallelize()'s wrapper."""
     out = {}
     for name, pairs, ref in (("reward_pref_accuracy", data["eval_pairs"], data["eval_ref"]),
                              ("reward_demo_accuracy", data["eval_demo_pairs"], data["eval_demo_ref"])):
         if pairs:
-            _, chosen, rejected = dpo_loss(pair_logps(model, pairs, micro, pad_id, args, device, autocast), ref, args.beta)
+            _, chosen, rejected = dpo_loss(pair_logps(policy, pairs, micro, pad_id, args, device, autocast), ref, args.beta)
             out[name] = (chosen > rejected).float().mean().item()
     return out
 
@@ -953,6 +986,7 @@ def main():
         if len(demo_prompts) else []
     demos, eval_demos = demos[: len(demos) - args.num_eval_demos], demos[len(demos) - args.num_eval_demos :]
     micro = args.batch_size // args.gradient_accumulation_steps
+    rank_batch = args.batch_size // WORLD_SIZE  # examples per optimizer step on this process (all of them on one)
     check_batches_fit([("demonstrations", len(demos), args.sft_epochs or args.w_demo, args.batch_size, "--batch_size"),
                        ("preference pairs", len(prefs), args.w_pref or (args.algo == "rl" and args.reward_pretrain_steps),
                         args.batch_size, "--batch_size"),
@@ -961,9 +995,8 @@ def main():
     check_context(model, [p for p, _ in demos], response_length)
 
     run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "start")
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(run_dir)
+    policy = parallelize(model, args)  # policy(fn, *args) runs fn(model, *args); under torchrun with DDP or FSDP2
+    writer = summary_writer(run_dir)
     metrics = state["metrics"]
     start_path = os.path.join(run_dir, "sft_model") if args.sft_epochs else model_path  # pi_ref, and the reward's backbone
     print(f"[run] {run_dir}: AIHF-{args.algo}, {len(demos)} demonstrations (+{len(eval_demos)} held out), {len(prefs)} pairs, "
@@ -971,7 +1004,7 @@ def main():
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
           f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
     if "gold_reward_init" not in metrics:
-        metrics.update(evaluate_gold(task, model, tokenizer, args.seed, "_init"))
+        metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_init"))
 
     # ---- optional warm start: SFT on the demonstrations, -mean log pi(y_t | x, y_<t) ----
     if state["stage"] == "sft":
@@ -982,13 +1015,14 @@ def main():
         for step in range(state["step"], len(steps)):
             total_loss = torch.zeros((), device=device)
             for m in range(args.gradient_accumulation_steps):
-                batch = sft_batch([demos[i] for i in steps[step][m * micro : (m + 1) * micro]], pad_id)
-                loss = sft_batch_loss(model, [t.to(device) for t in batch], args, autocast)
+                batch = sft_batch([demos[i] for i in this_rank(steps[step][m * micro : (m + 1) * micro])], pad_id)
+                loss = policy(sft_batch_loss, [t.to(device) for t in batch], args, autocast)
                 loss.backward()
                 total_loss += loss.detach()
             grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
             bar.update()
             if step % 20 == 0 or step + 1 == len(steps):
+                total_loss = global_mean(total_loss)
                 writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
                 writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
                 bar.set_postfix(loss=f"{total_loss.item():.4f}")
@@ -996,9 +1030,8 @@ def main():
             if args.save_every and (step + 1) % args.save_every == 0:
                 save_checkpoint(run_dir, state, model, optimizer, scheduler)
         bar.close()
-        model.save_pretrained(start_path)
-        tokenizer.save_pretrained(start_path)
-        metrics.update(evaluate_gold(task, model, tokenizer, args.seed, "_sft"))
+        save_model(start_path, model, tokenizer)
+        metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_sft"))
         state.update(stage="start", step=0)
         save_checkpoint(run_dir, state, model, optimizer, scheduler)
     if state["stage"] == "start":
@@ -1014,6 +1047,11 @@ def main():
         # N+: no dropout anywhere (the ratio pi / pi_old is exactly 1 on the first minibatch); eval() mode throughout.
         for m in (model, ref_policy, reward_model):
             m.eval()
+        value_model = copy.deepcopy(reward_model)  # N+: the value model starts as the reward model (when the RL stage starts)
+        if "value_model" in state:
+            value_model.load_state_dict(state["value_model"])
+            value_model.config.reward_bias = state["value_bias"]
+        ref, reward, value = (parallelize(m, args) for m in (ref_policy, reward_model, value_model))
 
     # ---- rl, optional warm start of the reward: Bradley-Terry on the preferences ----
     if state["stage"] == "reward_pretrain":
@@ -1023,16 +1061,17 @@ def main():
         for step in range(state["step"], len(steps)):
             stats = torch.zeros(2, device=device)
             for m in range(args.gradient_accumulation_steps):
-                ids, mask = (t.to(device) for t in pair_rows_batch([prefs[i] for i in steps[step][m * micro : (m + 1) * micro]], pad_id))
+                rows = pair_rows_batch([prefs[i] for i in this_rank(steps[step][m * micro : (m + 1) * micro])], pad_id)
+                ids, mask = (t.to(device) for t in rows)
                 with autocast:
-                    rewards = sequence_rewards(reward_model, ids, mask)
-                loss = bt_loss(rewards[0::2], rewards[1::2]).sum() / args.batch_size
+                    rewards = reward(sequence_rewards, ids, mask)
+                loss = bt_loss(rewards[0::2], rewards[1::2]).sum() / rank_batch
                 loss.backward()
-                stats += torch.stack([loss.detach(), (rewards[0::2] > rewards[1::2]).float().sum() / args.batch_size])
+                stats += torch.stack([loss.detach(), (rewards[0::2] > rewards[1::2]).float().sum() / rank_batch])
             grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, args, state)
             bar.update()
             if step % 20 == 0 or step + 1 == len(steps):
-                loss_v, acc = stats.tolist()
+                loss_v, acc = global_mean(stats).tolist()
                 for k, v in {"reward_pretrain/loss": loss_v, "reward_pretrain/accuracy": acc, "reward_pretrain/grad_norm": grad_norm.item()}.items():
                     writer.add_scalar(k, v, state["global_step"])
                 bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc:.2f}")
@@ -1046,14 +1085,13 @@ def main():
     # ---- AIHF-RL: each round, a reward step on demonstrations vs the policy's samples and on the preferences,
     #      then a PPO iteration on the current reward with a per-token KL penalty to pi_ref ----
     if state["stage"] == "rl":
-        value_model = copy.deepcopy(reward_model)  # N+: the value model starts as the reward model (its bias included)
-        if "value_model" in state:
-            value_model.load_state_dict(state["value_model"])
-            value_model.config.reward_bias = state["value_bias"]
+        if "value_model" not in state:
+            copy_weights(value_model, reward_model)  # N+: the value model starts as the reward model (its bias included)
         rl_rounds = args.total_episodes // args.rollout_batch_size
         policy_optimizer, scheduler = new_optimizer(list(model.parameters()) + list(value_model.parameters()),
                                                     args.learning_rate, max(1, rl_rounds), args)  # N+: lr annealed
         reward_optimizer = torch.optim.AdamW(reward_model.parameters(), lr=args.rm_learning_rate, weight_decay=args.weight_decay)
+        reward_optimizer.register_load_state_dict_post_hook(shard_optimizer_state)  # (FSDP2: each process keeps its shards)
         if state["step"]:  # (each round draws its own seeds: no RNG state to restore)
             policy_optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -1071,10 +1109,10 @@ def main():
             timings, round_seed = {}, args.seed * 1_000_003 + round_
             # 1. roll out: y ~ pi for a batch of demonstration prompts (the reward's negatives and PPO's rollouts)
             t0 = time.time()
-            index = draw(len(demos), args.rollout_batch_size, round_seed)
+            index = this_rank(draw(len(demos), args.rollout_batch_size, round_seed))  # this process's share of the prompts
             queries, query_mask = (t.to(device) for t in left_pad([demos[i][0] for i in index], pad_id))
-            torch.manual_seed(round_seed)  # the sampling of round `round_`, also after --resume
-            responses = generate(model, queries, query_mask, response_length, args.temperature, pad_id, eos_id, args.forward_batch_size)
+            seed_share(round_seed)  # the sampling of round `round_`, also after --resume
+            responses = policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id, args.forward_batch_size)
             samples, sample_mask, _ = truncate_after_eos(responses, eos_id, pad_id)
             timings["time/generate"] = time.time() - t0
             # 2. reward: --reward_steps steps on L(phi) = w_demo mean BT(y^E > y~pi) + w_pref mean BT(y_w > y_l)
@@ -1087,24 +1125,26 @@ def main():
             for k in range(args.reward_steps):
                 pref_rows = None
                 if args.w_pref:
-                    pref_rows = [t.to(device) for t in pair_rows_batch([prefs[i] for i in pref_steps[round_ * args.reward_steps + k]], pad_id)]
-                loss, reward_stats = reward_batch_loss(reward_model, demo_rows, pref_rows, args, autocast)
+                    pref_rows = [t.to(device) for t in pair_rows_batch([prefs[i] for i in this_rank(pref_steps[round_ * args.reward_steps + k])],
+                                                                       pad_id)]
+                loss, reward_stats = reward(reward_batch_loss, demo_rows, pref_rows, args, autocast)
                 loss.backward()
-                reward_stats["reward/grad_norm"] = torch.nn.utils.clip_grad_norm_(reward_model.parameters(), args.max_grad_norm)
+                reward_stats["reward/grad_norm"] = whole(torch.nn.utils.clip_grad_norm_(reward_model.parameters(), args.max_grad_norm))
                 reward_optimizer.step()
                 reward_optimizer.zero_grad(set_to_none=True)
+            reward_stats = {k: global_mean(v) for k, v in reward_stats.items()}  # over every process's pairs
             sequences, attention = torch.cat([queries, samples], 1), torch.cat([query_mask, sample_mask.long()], 1)
-            reward_stats["reward/raw_mean_on_samples"] = center_reward(reward_model, sequences, attention, args, autocast)
+            reward_stats["reward/raw_mean_on_samples"] = reward(center_reward, sequences, attention, args, autocast)
             timings["time/reward"] = time.time() - t0
             # 3. policy: one PPO iteration on the current (frozen) reward
             t0 = time.time()
-            batch = score_rollouts(model, ref_policy, reward_model, value_model, queries, query_mask, responses, args,
-                                   pad_id, eos_id, autocast)
-            stats = ppo_update(model, value_model, policy_optimizer, batch, args, autocast, seed=round_seed)
+            batch = score_rollouts(policy, ref, reward, value, queries, query_mask, responses, args, pad_id, eos_id, autocast)
+            stats = ppo_update(policy, value, policy_optimizer, batch, args, autocast, seed=round_seed)
             scheduler.step()
             timings["time/train"] = time.time() - t0
             state["step"], state["global_step"] = round_ + 1, state["global_step"] + 1
             bar.update()
+            batch.update({k: gather(batch[k]) for k in ROLLOUT_STATISTICS})  # every process's rollouts, for the logs
             mean_kl, scores = batch["kl"].mean().item(), batch["scores"].mean().item()
             logs = {"objective/kl": mean_kl, "objective/kl_k3": batch["kl_k3"].mean().item(),
                     "objective/entropy": batch["entropy"].mean().item(),
@@ -1117,26 +1157,27 @@ def main():
             if task is not None:  # the gold reward of the round's samples themselves (the task's "human")
                 text = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
                 prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
-                logs["objective/gold_reward"] = task.gold_reward(prompts, [" " + r.strip() for r in text]).mean().item()
+                logs["objective/gold_reward"] = global_mean(task.gold_reward(prompts, [" " + r.strip() for r in text]).mean()).item()
             for k, v in logs.items():
                 writer.add_scalar(k, v, state["global_step"])
             metrics.update(kl=mean_kl)
             bar.set_postfix(kl=f"{mean_kl:.3f}", demo_margin=f"{logs.get('reward/demo_margin', 0):.3f}")
             if round_ % 10 == 0 or round_ + 1 == rl_rounds:
-                bar.write(f"[aihf-rl] round {round_ + 1}/{rl_rounds} reward loss {logs['reward/loss']:.4f}"
-                          + (f" demo margin {logs['reward/demo_margin']:.3f}" if args.w_demo else "")
-                          + (f" pref acc {logs['reward/pref_accuracy']:.2f}" if args.w_pref else "")
+                bar.write(f"[aihf-rl] round {round_ + 1}/{rl_rounds}"
+                          + (f" reward loss {logs['reward/loss']:.4f}" if args.reward_steps else "")
+                          + (f" demo margin {logs['reward/demo_margin']:.3f}" if args.w_demo and args.reward_steps else "")
+                          + (f" pref acc {logs['reward/pref_accuracy']:.2f}" if args.w_pref and args.reward_steps else "")
                           + f" kl {mean_kl:.3f} entropy {logs['objective/entropy']:.2f} approxkl {stats['policy/approxkl_avg']:.4f}"
                           + (f" gold {logs['objective/gold_reward']:.3f}" if task is not None else "")
                           + f" ({time.time() - rl_started:.0f}s)")
             if args.eval_every and (round_ + 1) % args.eval_every == 0 and round_ + 1 < rl_rounds:
-                for k, v in evaluate_gold(task, model, tokenizer, args.seed, "_rl").items():
+                for k, v in evaluate_gold(task, policy, tokenizer, args.seed, "_rl").items():
                     writer.add_scalar(f"eval/{k}", v, state["global_step"])
             if args.save_every and (round_ + 1) % args.save_every == 0:
                 rl_checkpoint()
                 bar.write(f"[aihf-rl] checkpoint at round {round_ + 1}")
         bar.close()
-        reward_model.save_pretrained(os.path.join(run_dir, "reward_model"))
+        save_model(os.path.join(run_dir, "reward_model"), reward_model)
         state.update(stage="done")
         rl_checkpoint()
 
@@ -1146,10 +1187,10 @@ def main():
         round_ = state.get("round", 0)
         if "round_data" not in state:  # the round's pairs and pi_ref log-probs, once (no second model in memory)
             # demo pairs: y^E preferred to a sample of this round's pi_ref (pi_ref = the policy as the round starts)
-            torch.manual_seed(args.seed * 1_000_003 + round_)
-            demo_pairs = sample_demo_pairs(model, demos if args.w_demo else [], args, response_length, pad_id, eos_id, device)
-            eval_demo_pairs = sample_demo_pairs(model, eval_demos, args, response_length, pad_id, eos_id, device)
-            ref_logps_of = partial(pair_logps, model, micro=micro, pad_id=pad_id, args=args, device=device, autocast=autocast)
+            seed_share(args.seed * 1_000_003 + round_)
+            demo_pairs = sample_demo_pairs(policy, demos if args.w_demo else [], args, response_length, pad_id, eos_id, device)
+            eval_demo_pairs = sample_demo_pairs(policy, eval_demos, args, response_length, pad_id, eos_id, device)
+            ref_logps_of = partial(pair_logps, policy, micro=micro, pad_id=pad_id, args=args, device=device, autocast=autocast)
             state["round_data"] = {"demo_pairs": demo_pairs, "demo_ref": ref_logps_of(demo_pairs), "pref_ref": ref_logps_of(prefs),
                                    "eval_pairs": eval_pairs, "eval_ref": ref_logps_of(eval_pairs),
                                    "eval_demo_pairs": eval_demo_pairs, "eval_demo_ref": ref_logps_of(eval_demo_pairs)}
@@ -1166,14 +1207,15 @@ def main():
             for m in range(args.gradient_accumulation_steps):
                 # one micro-batch: its demo pairs weighted w_demo / batch_size each, its preference pairs w_pref / batch_size
                 part = slice(m * micro, (m + 1) * micro)
-                pairs = [demo_pairs[i] for i in (demo_steps[step][part] if args.w_demo else [])] + \
-                        [prefs[i] for i in (pref_steps[step][part] if args.w_pref else [])]
-                n_demo = len(pairs) - (micro if args.w_pref else 0)
-                ref = torch.cat([data["demo_ref"].view(-1, 2)[demo_steps[step][part]] if args.w_demo else torch.zeros(0, 2),
-                                 data["pref_ref"].view(-1, 2)[pref_steps[step][part]] if args.w_pref else torch.zeros(0, 2)]).reshape(-1)
+                demo_index = this_rank(demo_steps[step][part]) if args.w_demo else []  # this process's share
+                pref_index = this_rank(pref_steps[step][part]) if args.w_pref else []
+                pairs = [demo_pairs[i] for i in demo_index] + [prefs[i] for i in pref_index]
+                n_demo = len(demo_index)
+                ref = torch.cat([data["demo_ref"].view(-1, 2)[demo_index] if args.w_demo else torch.zeros(0, 2),
+                                 data["pref_ref"].view(-1, 2)[pref_index] if args.w_pref else torch.zeros(0, 2)]).reshape(-1)
                 weights = direct_pair_weights(n_demo, len(pairs) - n_demo, args)
                 batch = [t.to(device) for t in pair_batch(pairs, pad_id)]
-                loss, chosen_r, rejected_r, _ = direct_batch_loss(model, batch, ref.to(device), weights.to(device), args, autocast)
+                loss, chosen_r, rejected_r, _ = policy(direct_batch_loss, batch, ref.to(device), weights.to(device), args, autocast)
                 loss.backward()
                 stats += torch.stack([loss.detach() * args.gradient_accumulation_steps,
                                       (chosen_r[:n_demo] - rejected_r[:n_demo]).mean() if n_demo else torch.zeros((), device=device),
@@ -1182,7 +1224,7 @@ def main():
             grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
             bar.update()
             if step % 10 == 0 or step + 1 == num_steps:
-                loss_v, demo_margin, pref_margin, acc = (stats / args.gradient_accumulation_steps).tolist()
+                loss_v, demo_margin, pref_margin, acc = (global_mean(stats) / args.gradient_accumulation_steps).tolist()
                 logs = {"loss": loss_v, "reward/demo_margin": demo_margin, "rewards/margins": pref_margin,
                         "rewards/accuracies": acc, "grad_norm": grad_norm.item(), "learning_rate": scheduler.get_last_lr()[0]}
                 for k, v in logs.items():
@@ -1192,7 +1234,7 @@ def main():
                           + (f" demo margin {demo_margin:.3f}" if args.w_demo else "")
                           + (f" pref margin {pref_margin:.3f}" if args.w_pref else ""))
             if args.eval_every and (step + 1) % args.eval_every == 0:
-                for k, v in evaluate_gold(task, model, tokenizer, args.seed, f"_{args.algo}").items():
+                for k, v in evaluate_gold(task, policy, tokenizer, args.seed, f"_{args.algo}").items():
                     writer.add_scalar(f"eval/{k}", v, state["global_step"])
             if args.save_every and (step + 1) % args.save_every == 0:
                 save_checkpoint(run_dir, state, model, optimizer, scheduler)
@@ -1200,16 +1242,16 @@ def main():
         bar.close()
         final_round = round_ + 1 == num_rounds
         if final_round:  # the held-out rankings of this round's implicit reward (pi_ref = the round's start)
-            metrics.update(implicit_reward_accuracies(model, data, args, micro, pad_id, device, autocast))
+            metrics.update(implicit_reward_accuracies(policy, data, args, micro, pad_id, device, autocast))
         state.update(round=round_ + 1, step=0, stage="done" if final_round else state["stage"])
         state.pop("round_data")
         save_checkpoint(run_dir, state, model, optimizer, scheduler)
 
     # ---- final evaluation, model, metrics ----
     if args.algo == "rl" and "reward_pref_accuracy" not in metrics:
-        metrics.update(reward_accuracies(reward_model, model, eval_pairs, eval_demos, args, device, autocast, response_length,
+        metrics.update(reward_accuracies(reward, policy, eval_pairs, eval_demos, args, device, autocast, response_length,
                                          pad_id, eos_id))
-    metrics.update(evaluate_gold(task, model, tokenizer, args.seed, ""))
+    metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, ""))
     algo = {"rl": "aihf_rl", "direct": "aihf_direct", "selfplay": "aihf_selfplay"}[args.algo]
     finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, metrics)
 
@@ -1538,8 +1580,9 @@ class ChunkedLogprobsEntropy(torch.autograd.Function):
 
 # ---- training plumbing ----
 def setup_torch(args):
-    """Threads, device, the log-prob kernel, bf16 autocast and the seeds; quiet library logging."""
-    global LOGPROB_KERNEL
+    """Threads, device, the log-prob kernel, bf16 autocast and the seeds; quiet library logging; under torchrun, this
+    process's place among the others (init_distributed)."""
+    global LOGPROB_KERNEL, SHARDED
     import datasets
     import transformers
 
@@ -1549,6 +1592,9 @@ def setup_torch(args):
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if DISTRIBUTED:
+        device = init_distributed(device)
+        SHARDED = args.parallel == "fsdp"
     LOGPROB_KERNEL = args.logprob_kernel
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1558,6 +1604,7 @@ def setup_torch(args):
 def new_optimizer(parameters, lr, steps, args, state=None):
     """AdamW with linear warm-up then linear decay to 0 over `steps`; restored from `state` on a resume."""
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=args.weight_decay)
+    optimizer.register_load_state_dict_post_hook(shard_optimizer_state)  # (FSDP2: each process keeps its shards)
     warmup = max(1, int(steps * args.warmup_ratio))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
@@ -1575,7 +1622,7 @@ def optimizer_step(parameters, optimizer, scheduler, args, state):
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     state["step"], state["global_step"] = state["step"] + 1, state["global_step"] + 1
-    return grad_norm
+    return whole(grad_norm)
 
 
 def progress_bar(total: int, desc: str, initial: int = 0):
@@ -1586,22 +1633,269 @@ def progress_bar(total: int, desc: str, initial: int = 0):
     return tqdm(total=total, initial=initial, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
 
 
+# ---- several processes: torchrun, DDP or FSDP2, data shards, reductions, whole weights for saving ----
+# `torchrun --nproc_per_node N script.py ...` starts N copies of the script, one per GPU (--nnodes and a rendezvous
+# endpoint span several machines). Every copy reads the same data in the same order and takes its share of each batch
+# (this_rank); DDP or FSDP2 (--parallel) average the gradients over the processes, so an optimizer step sees the whole
+# batch, and each process scales its loss as its share of the whole batch's. Statistics are averaged over the
+# processes before they are logged. Evaluations run alike on every process (FSDP2's forward passes need all of them);
+# only the first process prints, logs and writes files. Forward passes run through parallelize()'s wrapper:
+# parallel(fn, *args) runs fn(model, *args) as the forward that DDP and FSDP2 hook. A plain `python script.py` is one
+# process, and none of this changes what it computes.
+DISTRIBUTED = "WORLD_SIZE" in os.environ  # started by torchrun (also with one process: DDP or FSDP2 of world size 1)
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
+RANK = int(os.environ.get("RANK", 0))  # this process among all of them; 0 prints, logs and writes
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))  # this process among those of its node: its GPU
+SHARDED = False  # parameters sharded by FSDP2 (DTensors); setup_torch() sets it
+
+
+def init_distributed(device):
+    """Joins the processes that torchrun started (NCCL between GPUs, gloo between CPU processes), on this process's
+    GPU; the processes other than the first print nothing (their errors still reach stderr)."""
+    if device.type == "cuda":
+        device = torch.device("cuda", LOCAL_RANK)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if RANK:
+        sys.stdout, sys.stderr = open(os.devnull, "w"), NoTerminal(sys.stderr)
+    return device
+
+
+class NoTerminal:
+    """The stderr of the processes other than the first: what is written still shows (errors), but it is no terminal,
+    so that their progress bars stay off (progress_bar)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def isatty(self):
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class Parallel(torch.nn.Module):
+    """A model whose forward runs any function of it: parallel(fn, *args) = fn(model, *args). DDP and FSDP2 hook the
+    forward of the module they wrap, and the losses here call the backbone and read the LM head's weight themselves."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def parallelize(model, args):
+    """The model wrapped for `parallel(fn, *args)` calls. One process: Parallel(model). Under torchrun, --parallel ddp:
+    DistributedDataParallel, a replica per process whose gradients are averaged during the backward (a frozen model,
+    which has none, stays a plain replica); --parallel fsdp: FSDP2 (fully_shard) shards parameters, gradients and
+    optimizer state over the processes, one unit per transformer block and one root unit with the rest (embeddings,
+    final norm, LM or scalar head), each gathered for its forward and again for its backward, and freed after. With
+    --bf16, FSDP2 gathers the weights in bf16, reduces the gradients in fp32 and updates fp32 shards.
+
+    The fused LM-head losses run inside the root's forward, so under FSDP2 they see the head's weight whole, compute
+    its gradient exactly as on one process, and FSDP2 reduce-scatters that gradient like any other. Whole, because
+    the log-softmax of a token needs every row (vocabulary entry) of the head: a head sharded by rows would need a
+    log-sum-exp across processes for every token (vocabulary parallelism, another algorithm). The price: the whole
+    head and its gradient on every GPU during a step, and the root's all-gathers."""
+    parallel = Parallel(model)
+    if not DISTRIBUTED:
+        return parallel
+    if args.parallel == "ddp":
+        trained = any(p.requires_grad for p in model.parameters())
+        return torch.nn.parallel.DistributedDataParallel(parallel) if trained else parallel
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    bf16 = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32} if args.bf16 else {}
+    for module in model.modules():
+        if type(module).__name__ in (model._no_split_modules or []):  # the transformer blocks (HF's list of them)
+            fully_shard(module, mp_policy=MixedPrecisionPolicy(**bf16))
+    # The root's inputs are the function's own (reference log-probs, weights): FSDP2 must not cast them to bf16. The
+    # root is freed after each forward too (gathered again for the backward): outside a forward every parameter is a
+    # shard, which is what an optimizer made after an evaluation (a forward without backward) must see.
+    fully_shard(parallel, mp_policy=MixedPrecisionPolicy(**bf16, cast_forward_inputs=False), reshard_after_forward=True)
+    return parallel
+
+
+def as_parallel(model):
+    """parallelize()'s wrapper as it is, or a bare model wrapped as one process wraps it: the helpers that take
+    wrappers (score_rollouts, ppo_update, ...) also take models, as the tests and benchmarks call them."""
+    return model if isinstance(getattr(model, "module", model), Parallel) else Parallel(model)
+
+
+def this_rank(items):
+    """This process's share of a batch or a list: the RANK-th of WORLD_SIZE equal, contiguous slices. A list that does
+    not split evenly gets copies of its last item first, so that every process runs as many forward passes as the
+    others (FSDP2 needs all of them in each); gather() drops the copies again."""
+    if WORLD_SIZE == 1:
+        return items
+    share = -(-len(items) // WORLD_SIZE)
+    items = list(items) + list(items[-1:]) * (share * WORLD_SIZE - len(items))
+    return items[RANK * share : (RANK + 1) * share]
+
+
+def gather(local, total=None):
+    """Every process's `local` (the rows of a tensor, the same shape on each; or a list), concatenated in process order
+    and cut to `total` items (dropping this_rank's copies); the same result on every process."""
+    if not DISTRIBUTED:
+        return local if total is None else local[:total]
+    if torch.is_tensor(local):
+        parts = [torch.empty_like(local, device=_comm_device()) for _ in range(WORLD_SIZE)]
+        dist.all_gather(parts, local.to(_comm_device()))
+        out = torch.cat(parts).to(local.device)
+    else:
+        parts = [None] * WORLD_SIZE
+        dist.all_gather_object(parts, list(local))
+        out = [item for part in parts for item in part]
+    return out if total is None else out[:total]
+
+
+def global_sum(x):
+    """The sum of a tensor over the processes (the tensor itself on one process)."""
+    if not DISTRIBUTED:
+        return x
+    total = x.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(total)
+    return total.to(x.device)
+
+
+def global_mean(x):
+    """The mean of a tensor over the processes: of a statistic that each process measured on its equal share."""
+    return global_sum(x) / WORLD_SIZE if DISTRIBUTED else x
+
+
+def seed_share(seed):
+    """torch.manual_seed for sampling this process's share of the prompts: each process a stream of its own (the
+    first process, like a single one, that of the seed itself; the others one seeded by a hash of seed and rank)."""
+    torch.manual_seed(seed if RANK == 0 else hash((seed, RANK)) % 2**32)
+
+
+def _comm_device():
+    return torch.device("cuda", LOCAL_RANK) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def same_everywhere(obj):
+    """The first process's value of obj on every process (e.g. a run directory named after its clock)."""
+    if DISTRIBUTED:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj
+
+
+def barrier():
+    """Wait here for every process (e.g. until the first has written a model that the others load)."""
+    if DISTRIBUTED:
+        dist.barrier()
+
+
+def whole(x):
+    """A tensor computed over FSDP2 shards (e.g. the gradient norm), whole; any other tensor as it is."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def whole_state(state):
+    """A (nested) state dict with each FSDP2-sharded tensor gathered whole onto the first process's CPU (None in its
+    place on the others): what a checkpoint or save_pretrained holds, as on one process. Every process calls it."""
+    if isinstance(state, dict):
+        return type(state)((k, whole_state(v)) for k, v in state.items())
+    if isinstance(state, (list, tuple)):
+        return type(state)(whole_state(v) for v in state)
+    if hasattr(state, "full_tensor"):  # a DTensor shard
+        full = state.full_tensor()
+        return full.cpu() if RANK == 0 else None
+    return state
+
+
+def shard_optimizer_state(optimizer):
+    """After optimizer.load_state_dict() of a whole state (a checkpoint, from any number of processes): under FSDP2
+    each process keeps the shards of its parameters (a load_state_dict post-hook, see new_optimizer)."""
+    if not SHARDED:
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for k, v in optimizer.state[p].items():
+                if hasattr(p, "device_mesh") and torch.is_tensor(v) and not hasattr(v, "device_mesh") and v.shape == p.shape:
+                    optimizer.state[p][k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+
+
+def save_whole(obj, path):
+    """atomic_save by the first process, under FSDP2 of the shards gathered whole (every process calls it)."""
+    obj = whole_state(obj) if SHARDED else obj
+    if RANK == 0:
+        atomic_save(obj, path)
+
+
+def save_model(path, model, tokenizer=None):
+    """model.save_pretrained(path) and the tokenizer's, written by the first process; under FSDP2 with the whole
+    weights gathered from every process (each calls it). The others wait until it is written."""
+    state = whole_state(model.state_dict()) if SHARDED else None
+    if RANK == 0:
+        model.save_pretrained(path, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+    barrier()
+
+
+def summary_writer(run_dir):
+    """TensorBoard's SummaryWriter on the first process; on the others one that drops what it is given."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(run_dir) if RANK == 0 else NoWriter()
+
+
+class NoWriter:
+    """What the processes other than the first log to: nothing."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def check_processes(args, batches):
+    """Under torchrun, before anything is built: each batch splits evenly over the processes ((what, examples) pairs),
+    --parallel fsdp has FSDP2, and a GPU run has a GPU for each process of its node."""
+    if not DISTRIBUTED:
+        return
+    for what, examples in batches:
+        if examples % WORLD_SIZE:
+            fail(f"{what} = {examples} examples do not split evenly over {WORLD_SIZE} processes (torchrun's "
+                 f"--nproc_per_node x --nnodes); make it a multiple of {WORLD_SIZE}")
+    if args.parallel == "fsdp":
+        from torch.distributed import fsdp
+
+        if not hasattr(fsdp, "fully_shard"):
+            fail(f"--parallel fsdp needs FSDP2 (torch >= 2.6; this is {torch.__version__}); upgrade torch or use --parallel ddp")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if (args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()) and local > torch.cuda.device_count():
+        fail(f"torchrun starts {local} processes on this node, which has {torch.cuda.device_count()} GPUs; "
+             f"use --nproc_per_node {torch.cuda.device_count()} or fewer")
+
+
 # ---- run directory and checkpoints ----
 def open_run(args, model, first_stage):
-    """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model."""
+    """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model (whole,
+    loaded before parallelize() shards it). Every process reads the checkpoint; the first writes the directory."""
     if args.resume:
         state = torch.load(os.path.join(args.resume, "checkpoint.pt"), weights_only=False)
         model.load_state_dict(state["model"])
         return args.resume, state
-    run_dir = os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(asdict(args), os.path.join(run_dir, "config.json"))
+    run_dir = same_everywhere(os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"))
+    if RANK == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(asdict(args), os.path.join(run_dir, "config.json"))
     return run_dir, {"stage": first_stage, "step": 0, "metrics": {}, "global_step": 0}
 
 
 def save_checkpoint(run_dir, state, model, optimizer, scheduler, **extra):
-    """The run's state, model, optimizer, schedule and RNG (+ extra models), written atomically."""
-    atomic_save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    """The run's state, model, optimizer, schedule and RNG (+ extra models), written atomically (save_whole)."""
+    save_whole({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
                 os.path.join(run_dir, "checkpoint.pt"))
 
@@ -1610,13 +1904,15 @@ def finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, me
     """The final model, metrics.json (the contract: algo, task, seed, steps, wall_s + the final evaluation)."""
     for k, v in metrics.items():
         writer.add_scalar(f"final/{k}", v, state["global_step"])
-    model.save_pretrained(os.path.join(run_dir, "model"))
-    tokenizer.save_pretrained(os.path.join(run_dir, "model"))
+    save_model(os.path.join(run_dir, "model"), model, tokenizer)
     result = {"algo": algo, "task": "sort" if args.dataset_name is None else args.dataset_name, "seed": args.seed,
               "steps": state["global_step"], "wall_s": round(time.time() - started, 1), **metrics}
-    write_json(result, os.path.join(run_dir, "metrics.json"))
+    if RANK == 0:
+        write_json(result, os.path.join(run_dir, "metrics.json"))
     writer.close()
     print(json.dumps(result))
+    if DISTRIBUTED:
+        dist.destroy_process_group()
 
 
 def atomic_save(obj, path: str):
@@ -1680,6 +1976,9 @@ def validate_args(args: Args):
     for ok, message in checks:
         if not ok:
             fail(message)
+    check_processes(args, [("--batch_size / --gradient_accumulation_steps", args.batch_size // args.gradient_accumulation_steps),
+                           ("--rollout_batch_size / --num_mini_batches / --gradient_accumulation_steps",
+                            minibatch_size // args.gradient_accumulation_steps)])
     if embedded:
         check_embedded_task(args)
         demos = max(0, args.task.num_demos - args.num_eval_demos)

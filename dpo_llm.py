@@ -31,6 +31,7 @@ from functools import partial
 from typing import Literal, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 
@@ -121,6 +122,8 @@ class Args:
     """cpu, cuda or auto"""
     bf16: bool = False
     """bfloat16 autocast (GPU); master weights stay fp32"""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: ddp (a replica per GPU) or fsdp (FSDP2: parameters, gradients and optimizer state sharded)"""
     num_threads: int = 1
     """torch CPU threads (0 = torch's default, for large models on a CPU; the embedded task's tiny model runs fastest on 1)"""
     task: SortTaskConfig = field(default_factory=SortTaskConfig)
@@ -247,9 +250,10 @@ def pair_scored_tokens(model, prompt_ids, prompt_mask, response_ids, response_ma
 
 def sft_batch_loss(model, batch, args, autocast):
     """The SFT loss of one micro-batch (ids, mask, targets): mean over its response tokens, divided by the
-    micro-batches per optimizer step. The LM head and the loss run fused, chunk by chunk (machinery)."""
+    micro-batches per optimizer step. The LM head and the loss run fused, chunk by chunk (machinery). (Under torchrun:
+    the tokens of every process's share of the micro-batch, global_sum; DDP and FSDP2 average over processes.)"""
     ids, mask, targets = batch
-    scale = 1.0 / ((targets != -100).sum() * args.gradient_accumulation_steps)
+    scale = WORLD_SIZE / (global_sum((targets != -100).sum()) * args.gradient_accumulation_steps)
     with autocast:
         hidden, targets, _ = scored_tokens(model, ids, mask, targets)
     token_ids = torch.arange(len(targets), device=targets.device)  # each token its own sequence: any chunking is exact
@@ -268,7 +272,7 @@ def dpo_batch_loss(model, batch, ref_logps, args, autocast):
     loss, (chosen_rewards, rejected_rewards), logps = fused_linear_loss(
         partial(dpo_loss, beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing),
         hidden, model.get_output_embeddings().weight, targets, seq_ids, ref_logps,
-        group_size=2, scale=1.0 / args.batch_size, chunk_size=args.logprob_chunk_size)
+        group_size=2, scale=WORLD_SIZE / args.batch_size, chunk_size=args.logprob_chunk_size)
     return loss, chosen_rewards, rejected_rewards, logps
 
 
@@ -287,14 +291,24 @@ def sequence_logps(model, batches, chunk_size, device, autocast):
     return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
-def evaluate_gold(task, model, tokenizer, seed, suffix):
-    """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only)."""
+def pair_logps(policy, pairs, micro, pad_id, args, device, autocast):
+    """log pi(y|x) of both responses of each (prompt, chosen, rejected), in micro-batches: [c0, r0, c1, r1, ...].
+    policy: parallelize()'s wrapper; each process scores its share of the pairs, and every process gets them all."""
+    mine = this_rank(pairs)
+    return gather(policy(sequence_logps, [pair_batch(mine[i : i + micro], pad_id) for i in range(0, len(mine), micro)],
+                         args.logprob_chunk_size, device, autocast), 2 * len(pairs))
+
+
+def evaluate_gold(task, policy, tokenizer, seed, suffix):
+    """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only).
+    policy: parallelize()'s wrapper; every process runs the same evaluation and gets the same result."""
     if task is None:
         return {}
-    was_training = model.training
-    model.eval()
-    result = task.evaluate(model, tokenizer, seed=seed)
-    model.train(was_training)
+    policy = as_parallel(policy)
+    was_training = policy.training
+    policy.eval()
+    result = policy(task.evaluate, tokenizer, seed=seed)
+    policy.train(was_training)
     print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
     return {f"{k}{suffix}": v for k, v in result.items()}
 
@@ -510,15 +524,14 @@ def main():
                        ("demonstrations", len(sft_examples), args.sft_epochs, args.batch_size, "--batch_size")])
 
     run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "dpo")
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(run_dir)
+    policy = parallelize(model, args)  # policy(fn, *args) runs fn(model, *args); under torchrun with DDP or FSDP2
+    writer = summary_writer(run_dir)
     metrics = state["metrics"]
     print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(train_pairs)} pairs, {len(eval_pairs)} held-out pairs, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
           f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
     if "gold_reward_init" not in metrics:
-        metrics.update(evaluate_gold(task, model, tokenizer, args.seed, "_init"))
+        metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_init"))
 
     # ---- stage 1: SFT on the demonstrations, -mean log pi(y_t | x, y_<t) over response tokens ----
     if state["stage"] == "sft":
@@ -529,13 +542,14 @@ def main():
         for step in range(state["step"], len(steps)):
             total_loss = torch.zeros((), device=device)
             for m in range(args.gradient_accumulation_steps):
-                batch = sft_batch([sft_examples[i] for i in steps[step][m * micro : (m + 1) * micro]], pad_id)
-                loss = sft_batch_loss(model, [t.to(device) for t in batch], args, autocast)
+                batch = sft_batch([sft_examples[i] for i in this_rank(steps[step][m * micro : (m + 1) * micro])], pad_id)
+                loss = policy(sft_batch_loss, [t.to(device) for t in batch], args, autocast)
                 loss.backward()
                 total_loss += loss.detach()
             grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
             bar.update()
             if step % 20 == 0 or step + 1 == len(steps):
+                total_loss = global_mean(total_loss)
                 writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
                 writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
                 bar.set_postfix(loss=f"{total_loss.item():.4f}")
@@ -543,22 +557,18 @@ def main():
             if args.save_every and (step + 1) % args.save_every == 0:
                 save_checkpoint(run_dir, state, model, optimizer, scheduler)
         bar.close()
-        model.save_pretrained(os.path.join(run_dir, "sft_model"))
-        tokenizer.save_pretrained(os.path.join(run_dir, "sft_model"))
-        metrics.update(evaluate_gold(task, model, tokenizer, args.seed, "_sft"))
+        save_model(os.path.join(run_dir, "sft_model"), model, tokenizer)
+        metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_sft"))
         state.update(stage="dpo", step=0)
         save_checkpoint(run_dir, state, model, optimizer, scheduler)
 
     # ---- stage 2: DPO against the frozen reference pi_ref = the model as it enters this stage ----
     dpo_started, dpo_tokens = time.time(), torch.zeros((), dtype=torch.long, device=device)
     steps = batch_order(len(train_pairs), args.batch_size, args.num_epochs, args.seed + 1)
-    eval_batches = [pair_batch(eval_pairs[i : i + micro], pad_id) for i in range(0, len(eval_pairs), micro)]
     if state["step"] == 0 or "ref_logps" not in state:
         # log pi_ref of every sequence, once: no second model in memory while training
-        state["ref_logps"] = sequence_logps(model, [pair_batch(train_pairs[i : i + micro], pad_id)
-                                                    for i in range(0, len(train_pairs), micro)],
-                                            args.logprob_chunk_size, device, autocast)
-        state["eval_ref_logps"] = sequence_logps(model, eval_batches, args.logprob_chunk_size, device, autocast)
+        state["ref_logps"] = pair_logps(policy, train_pairs, micro, pad_id, args, device, autocast)
+        state["eval_ref_logps"] = pair_logps(policy, eval_pairs, micro, pad_id, args, device, autocast)
     optimizer, scheduler = new_optimizer(model.parameters(), args.learning_rate, len(steps), args, state)
     ref_logps = state["ref_logps"].view(-1, 2)  # (pairs, [chosen, rejected])
 
@@ -566,7 +576,7 @@ def main():
         """Held-out pairs where the implicit reward ranks chosen above rejected, and the mean reward margin."""
         if not eval_pairs:
             return {}
-        logps = sequence_logps(model, eval_batches, args.logprob_chunk_size, device, autocast)
+        logps = pair_logps(policy, eval_pairs, micro, pad_id, args, device, autocast)
         _, chosen_rewards, rejected_rewards = dpo_loss(logps, state["eval_ref_logps"], args.beta)
         return {"eval/rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
                 "eval/rewards/margins": (chosen_rewards - rejected_rewards).mean().item()}
@@ -576,18 +586,18 @@ def main():
     for step in range(state["step"], len(steps)):
         stats = torch.zeros(6, device=device)
         for m in range(args.gradient_accumulation_steps):
-            index = steps[step][m * micro : (m + 1) * micro]
+            index = this_rank(steps[step][m * micro : (m + 1) * micro])  # this process's share of the micro-batch
             batch = [t.to(device) for t in pair_batch([train_pairs[i] for i in index], pad_id)]
             dpo_tokens += 2 * batch[1].sum() + batch[3].sum()  # tokens of the chosen and rejected sequences
-            loss, chosen_rewards, rejected_rewards, logps = dpo_batch_loss(
-                model, batch, ref_logps[index].reshape(-1).to(device), args, autocast)
+            loss, chosen_rewards, rejected_rewards, logps = policy(
+                dpo_batch_loss, batch, ref_logps[index].reshape(-1).to(device), args, autocast)
             loss.backward()
             stats += torch.stack([loss.detach() * args.gradient_accumulation_steps, chosen_rewards.mean(), rejected_rewards.mean(),
                                   (chosen_rewards > rejected_rewards).float().mean(), logps[0::2].mean(), logps[1::2].mean()])
         grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
         bar.update()
         if step % 10 == 0 or step + 1 == len(steps):
-            stats = (stats / args.gradient_accumulation_steps).tolist()
+            stats = (global_mean(stats) / args.gradient_accumulation_steps).tolist()
             logs = {"loss": stats[0], "rewards/chosen": stats[1], "rewards/rejected": stats[2], "rewards/accuracies": stats[3],
                     "rewards/margins": stats[1] - stats[2], "logps/chosen": stats[4], "logps/rejected": stats[5],
                     "grad_norm": grad_norm.item(), "learning_rate": scheduler.get_last_lr()[0]}
@@ -604,12 +614,12 @@ def main():
 
     # ---- final evaluation, model, metrics ----
     if state["stage"] == "dpo":  # not when resuming a run killed during its final evaluation: no DPO step ran here
-        # Throughput of this process's DPO stage, reference log-probs included (the figure the benchmarks compare).
-        metrics["dpo_tokens_per_s"] = round(dpo_tokens.item() / (time.time() - dpo_started), 1)
+        # Throughput of the DPO stage, reference log-probs included, all processes together (the benchmarks' figure).
+        metrics["dpo_tokens_per_s"] = round(global_sum(dpo_tokens).item() / (time.time() - dpo_started), 1)
         state.update(stage="done")
         save_checkpoint(run_dir, state, model, optimizer, scheduler)
     final = preference_accuracy()
-    metrics.update(evaluate_gold(task, model, tokenizer, args.seed, ""))
+    metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, ""))
     if final:
         metrics["pref_accuracy"] = final["eval/rewards/accuracies"]
         metrics["eval_reward_margin"] = final["eval/rewards/margins"]
@@ -878,8 +888,9 @@ class FusedLinearLoss(torch.autograd.Function):
 
 # ---- training plumbing ----
 def setup_torch(args):
-    """Threads, device, the log-prob kernel, bf16 autocast and the seeds; quiet library logging."""
-    global LOGPROB_KERNEL
+    """Threads, device, the log-prob kernel, bf16 autocast and the seeds; quiet library logging; under torchrun, this
+    process's place among the others (init_distributed)."""
+    global LOGPROB_KERNEL, SHARDED
     import datasets
     import transformers
 
@@ -889,6 +900,9 @@ def setup_torch(args):
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if DISTRIBUTED:
+        device = init_distributed(device)
+        SHARDED = args.parallel == "fsdp"
     LOGPROB_KERNEL = args.logprob_kernel
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -898,6 +912,7 @@ def setup_torch(args):
 def new_optimizer(parameters, lr, steps, args, state=None):
     """AdamW with linear warm-up then linear decay to 0 over `steps`; restored from `state` on a resume."""
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=args.weight_decay)
+    optimizer.register_load_state_dict_post_hook(shard_optimizer_state)  # (FSDP2: each process keeps its shards)
     warmup = max(1, int(steps * args.warmup_ratio))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
@@ -915,7 +930,7 @@ def optimizer_step(parameters, optimizer, scheduler, args, state):
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     state["step"], state["global_step"] = state["step"] + 1, state["global_step"] + 1
-    return grad_norm
+    return whole(grad_norm)
 
 
 def progress_bar(total: int, desc: str, initial: int = 0):
@@ -926,22 +941,269 @@ def progress_bar(total: int, desc: str, initial: int = 0):
     return tqdm(total=total, initial=initial, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
 
 
+# ---- several processes: torchrun, DDP or FSDP2, data shards, reductions, whole weights for saving ----
+# `torchrun --nproc_per_node N script.py ...` starts N copies of the script, one per GPU (--nnodes and a rendezvous
+# endpoint span several machines). Every copy reads the same data in the same order and takes its share of each batch
+# (this_rank); DDP or FSDP2 (--parallel) average the gradients over the processes, so an optimizer step sees the whole
+# batch, and each process scales its loss as its share of the whole batch's. Statistics are averaged over the
+# processes before they are logged. Evaluations run alike on every process (FSDP2's forward passes need all of them);
+# only the first process prints, logs and writes files. Forward passes run through parallelize()'s wrapper:
+# parallel(fn, *args) runs fn(model, *args) as the forward that DDP and FSDP2 hook. A plain `python script.py` is one
+# process, and none of this changes what it computes.
+DISTRIBUTED = "WORLD_SIZE" in os.environ  # started by torchrun (also with one process: DDP or FSDP2 of world size 1)
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
+RANK = int(os.environ.get("RANK", 0))  # this process among all of them; 0 prints, logs and writes
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))  # this process among those of its node: its GPU
+SHARDED = False  # parameters sharded by FSDP2 (DTensors); setup_torch() sets it
+
+
+def init_distributed(device):
+    """Joins the processes that torchrun started (NCCL between GPUs, gloo between CPU processes), on this process's
+    GPU; the processes other than the first print nothing (their errors still reach stderr)."""
+    if device.type == "cuda":
+        device = torch.device("cuda", LOCAL_RANK)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if RANK:
+        sys.stdout, sys.stderr = open(os.devnull, "w"), NoTerminal(sys.stderr)
+    return device
+
+
+class NoTerminal:
+    """The stderr of the processes other than the first: what is written still shows (errors), but it is no terminal,
+    so that their progress bars stay off (progress_bar)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def isatty(self):
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class Parallel(torch.nn.Module):
+    """A model whose forward runs any function of it: parallel(fn, *args) = fn(model, *args). DDP and FSDP2 hook the
+    forward of the module they wrap, and the losses here call the backbone and read the LM head's weight themselves."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def parallelize(model, args):
+    """The model wrapped for `parallel(fn, *args)` calls. One process: Parallel(model). Under torchrun, --parallel ddp:
+    DistributedDataParallel, a replica per process whose gradients are averaged during the backward (a frozen model,
+    which has none, stays a plain replica); --parallel fsdp: FSDP2 (fully_shard) shards parameters, gradients and
+    optimizer state over the processes, one unit per transformer block and one root unit with the rest (embeddings,
+    final norm, LM or scalar head), each gathered for its forward and again for its backward, and freed after. With
+    --bf16, FSDP2 gathers the weights in bf16, reduces the gradients in fp32 and updates fp32 shards.
+
+    The fused LM-head losses run inside the root's forward, so under FSDP2 they see the head's weight whole, compute
+    its gradient exactly as on one process, and FSDP2 reduce-scatters that gradient like any other. Whole, because
+    the log-softmax of a token needs every row (vocabulary entry) of the head: a head sharded by rows would need a
+    log-sum-exp across processes for every token (vocabulary parallelism, another algorithm). The price: the whole
+    head and its gradient on every GPU during a step, and the root's all-gathers."""
+    parallel = Parallel(model)
+    if not DISTRIBUTED:
+        return parallel
+    if args.parallel == "ddp":
+        trained = any(p.requires_grad for p in model.parameters())
+        return torch.nn.parallel.DistributedDataParallel(parallel) if trained else parallel
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    bf16 = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32} if args.bf16 else {}
+    for module in model.modules():
+        if type(module).__name__ in (model._no_split_modules or []):  # the transformer blocks (HF's list of them)
+            fully_shard(module, mp_policy=MixedPrecisionPolicy(**bf16))
+    # The root's inputs are the function's own (reference log-probs, weights): FSDP2 must not cast them to bf16. The
+    # root is freed after each forward too (gathered again for the backward): outside a forward every parameter is a
+    # shard, which is what an optimizer made after an evaluation (a forward without backward) must see.
+    fully_shard(parallel, mp_policy=MixedPrecisionPolicy(**bf16, cast_forward_inputs=False), reshard_after_forward=True)
+    return parallel
+
+
+def as_parallel(model):
+    """parallelize()'s wrapper as it is, or a bare model wrapped as one process wraps it: the helpers that take
+    wrappers (score_rollouts, ppo_update, ...) also take models, as the tests and benchmarks call them."""
+    return model if isinstance(getattr(model, "module", model), Parallel) else Parallel(model)
+
+
+def this_rank(items):
+    """This process's share of a batch or a list: the RANK-th of WORLD_SIZE equal, contiguous slices. A list that does
+    not split evenly gets copies of its last item first, so that every process runs as many forward passes as the
+    others (FSDP2 needs all of them in each); gather() drops the copies again."""
+    if WORLD_SIZE == 1:
+        return items
+    share = -(-len(items) // WORLD_SIZE)
+    items = list(items) + list(items[-1:]) * (share * WORLD_SIZE - len(items))
+    return items[RANK * share : (RANK + 1) * share]
+
+
+def gather(local, total=None):
+    """Every process's `local` (the rows of a tensor, the same shape on each; or a list), concatenated in process order
+    and cut to `total` items (dropping this_rank's copies); the same result on every process."""
+    if not DISTRIBUTED:
+        return local if total is None else local[:total]
+    if torch.is_tensor(local):
+        parts = [torch.empty_like(local, device=_comm_device()) for _ in range(WORLD_SIZE)]
+        dist.all_gather(parts, local.to(_comm_device()))
+        out = torch.cat(parts).to(local.device)
+    else:
+        parts = [None] * WORLD_SIZE
+        dist.all_gather_object(parts, list(local))
+        out = [item for part in parts for item in part]
+    return out if total is None else out[:total]
+
+
+def global_sum(x):
+    """The sum of a tensor over the processes (the tensor itself on one process)."""
+    if not DISTRIBUTED:
+        return x
+    total = x.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(total)
+    return total.to(x.device)
+
+
+def global_mean(x):
+    """The mean of a tensor over the processes: of a statistic that each process measured on its equal share."""
+    return global_sum(x) / WORLD_SIZE if DISTRIBUTED else x
+
+
+def seed_share(seed):
+    """torch.manual_seed for sampling this process's share of the prompts: each process a stream of its own (the
+    first process, like a single one, that of the seed itself; the others one seeded by a hash of seed and rank)."""
+    torch.manual_seed(seed if RANK == 0 else hash((seed, RANK)) % 2**32)
+
+
+def _comm_device():
+    return torch.device("cuda", LOCAL_RANK) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def same_everywhere(obj):
+    """The first process's value of obj on every process (e.g. a run directory named after its clock)."""
+    if DISTRIBUTED:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj
+
+
+def barrier():
+    """Wait here for every process (e.g. until the first has written a model that the others load)."""
+    if DISTRIBUTED:
+        dist.barrier()
+
+
+def whole(x):
+    """A tensor computed over FSDP2 shards (e.g. the gradient norm), whole; any other tensor as it is."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def whole_state(state):
+    """A (nested) state dict with each FSDP2-sharded tensor gathered whole onto the first process's CPU (None in its
+    place on the others): what a checkpoint or save_pretrained holds, as on one process. Every process calls it."""
+    if isinstance(state, dict):
+        return type(state)((k, whole_state(v)) for k, v in state.items())
+    if isinstance(state, (list, tuple)):
+        return type(state)(whole_state(v) for v in state)
+    if hasattr(state, "full_tensor"):  # a DTensor shard
+        full = state.full_tensor()
+        return full.cpu() if RANK == 0 else None
+    return state
+
+
+def shard_optimizer_state(optimizer):
+    """After optimizer.load_state_dict() of a whole state (a checkpoint, from any number of processes): under FSDP2
+    each process keeps the shards of its parameters (a load_state_dict post-hook, see new_optimizer)."""
+    if not SHARDED:
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for k, v in optimizer.state[p].items():
+                if hasattr(p, "device_mesh") and torch.is_tensor(v) and not hasattr(v, "device_mesh") and v.shape == p.shape:
+                    optimizer.state[p][k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+
+
+def save_whole(obj, path):
+    """atomic_save by the first process, under FSDP2 of the shards gathered whole (every process calls it)."""
+    obj = whole_state(obj) if SHARDED else obj
+    if RANK == 0:
+        atomic_save(obj, path)
+
+
+def save_model(path, model, tokenizer=None):
+    """model.save_pretrained(path) and the tokenizer's, written by the first process; under FSDP2 with the whole
+    weights gathered from every process (each calls it). The others wait until it is written."""
+    state = whole_state(model.state_dict()) if SHARDED else None
+    if RANK == 0:
+        model.save_pretrained(path, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+    barrier()
+
+
+def summary_writer(run_dir):
+    """TensorBoard's SummaryWriter on the first process; on the others one that drops what it is given."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(run_dir) if RANK == 0 else NoWriter()
+
+
+class NoWriter:
+    """What the processes other than the first log to: nothing."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def check_processes(args, batches):
+    """Under torchrun, before anything is built: each batch splits evenly over the processes ((what, examples) pairs),
+    --parallel fsdp has FSDP2, and a GPU run has a GPU for each process of its node."""
+    if not DISTRIBUTED:
+        return
+    for what, examples in batches:
+        if examples % WORLD_SIZE:
+            fail(f"{what} = {examples} examples do not split evenly over {WORLD_SIZE} processes (torchrun's "
+                 f"--nproc_per_node x --nnodes); make it a multiple of {WORLD_SIZE}")
+    if args.parallel == "fsdp":
+        from torch.distributed import fsdp
+
+        if not hasattr(fsdp, "fully_shard"):
+            fail(f"--parallel fsdp needs FSDP2 (torch >= 2.6; this is {torch.__version__}); upgrade torch or use --parallel ddp")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if (args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()) and local > torch.cuda.device_count():
+        fail(f"torchrun starts {local} processes on this node, which has {torch.cuda.device_count()} GPUs; "
+             f"use --nproc_per_node {torch.cuda.device_count()} or fewer")
+
+
 # ---- run directory and checkpoints ----
 def open_run(args, model, first_stage):
-    """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model."""
+    """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model (whole,
+    loaded before parallelize() shards it). Every process reads the checkpoint; the first writes the directory."""
     if args.resume:
         state = torch.load(os.path.join(args.resume, "checkpoint.pt"), weights_only=False)
         model.load_state_dict(state["model"])
         return args.resume, state
-    run_dir = os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(asdict(args), os.path.join(run_dir, "config.json"))
+    run_dir = same_everywhere(os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"))
+    if RANK == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(asdict(args), os.path.join(run_dir, "config.json"))
     return run_dir, {"stage": first_stage, "step": 0, "metrics": {}, "global_step": 0}
 
 
 def save_checkpoint(run_dir, state, model, optimizer, scheduler, **extra):
-    """The run's state, model, optimizer, schedule and RNG (+ extra models), written atomically."""
-    atomic_save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    """The run's state, model, optimizer, schedule and RNG (+ extra models), written atomically (save_whole)."""
+    save_whole({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
                 os.path.join(run_dir, "checkpoint.pt"))
 
@@ -950,13 +1212,15 @@ def finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, me
     """The final model, metrics.json (the contract: algo, task, seed, steps, wall_s + the final evaluation)."""
     for k, v in metrics.items():
         writer.add_scalar(f"final/{k}", v, state["global_step"])
-    model.save_pretrained(os.path.join(run_dir, "model"))
-    tokenizer.save_pretrained(os.path.join(run_dir, "model"))
+    save_model(os.path.join(run_dir, "model"), model, tokenizer)
     result = {"algo": algo, "task": "sort" if args.dataset_name is None else args.dataset_name, "seed": args.seed,
               "steps": state["global_step"], "wall_s": round(time.time() - started, 1), **metrics}
-    write_json(result, os.path.join(run_dir, "metrics.json"))
+    if RANK == 0:
+        write_json(result, os.path.join(run_dir, "metrics.json"))
     writer.close()
     print(json.dumps(result))
+    if DISTRIBUTED:
+        dist.destroy_process_group()
 
 
 def atomic_save(obj, path: str):
@@ -1010,6 +1274,7 @@ def validate_args(args: Args):
     for ok, message in checks:
         if not ok:
             fail(message)
+    check_processes(args, [("--batch_size / --gradient_accumulation_steps", args.batch_size // args.gradient_accumulation_steps)])
     if embedded:
         check_embedded_task(args)
         check_batches_fit([("preference pairs (--task.num_prefs)", args.task.num_prefs, args.num_epochs, args.batch_size, "--batch_size"),

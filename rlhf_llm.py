@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import tyro
 
@@ -157,6 +158,8 @@ class Args:
     """cpu, cuda or auto"""
     bf16: bool = False
     """bfloat16 autocast (GPU); master weights stay fp32"""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: ddp (a replica per GPU) or fsdp (FSDP2: parameters, gradients and optimizer state sharded)"""
     num_threads: int = 1
     """torch CPU threads (0 = torch's default, for large models on a CPU; the embedded task's tiny model runs fastest on 1)"""
     task: SortTaskConfig = field(default_factory=SortTaskConfig)
@@ -236,11 +239,12 @@ def gae(rewards, values, mask, gamma, lam):
 
 
 def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the real tokens (unbiased variance), 0 at padding (N+: advantage whitening)."""
+    """(x - mean) / std over the real tokens (unbiased variance), 0 at padding (N+: advantage whitening). Under
+    torchrun the mean and variance are those of every process's tokens together (global_sum): the whole batch's."""
     mask = mask.to(x.dtype)
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    n = global_sum(mask.sum())
+    mean = global_sum((x * mask).sum()) / n
+    var = global_sum((((x - mean) * mask) ** 2).sum()) / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -316,9 +320,10 @@ def scored_tokens(model, ids, mask, targets):
 
 def sft_batch_loss(model, batch, args, autocast):
     """The SFT loss of one micro-batch (ids, mask, targets): mean over its response tokens, divided by the
-    micro-batches per optimizer step. The LM head and the loss run fused, chunk by chunk (machinery)."""
+    micro-batches per optimizer step. The LM head and the loss run fused, chunk by chunk (machinery). (Under torchrun:
+    the tokens of every process's share of the micro-batch, global_sum; DDP and FSDP2 average over processes.)"""
     ids, mask, targets = batch
-    scale = 1.0 / ((targets != -100).sum() * args.gradient_accumulation_steps)
+    scale = WORLD_SIZE / (global_sum((targets != -100).sum()) * args.gradient_accumulation_steps)
     with autocast:
         hidden, targets, _ = scored_tokens(model, ids, mask, targets)
     token_ids = torch.arange(len(targets), device=targets.device)  # each token its own sequence: any chunking is exact
@@ -330,6 +335,13 @@ def sft_batch_loss(model, batch, args, autocast):
 def policy_logprobs_entropy(hidden, weight, targets, temperature, chunk_size):
     """Per-token log pi(y_t) and entropy of the policy at `temperature`: logits / T as (hidden / T) @ W^T (N+)."""
     return ChunkedLogprobsEntropy.apply(hidden / temperature, weight, targets, chunk_size)
+
+
+def response_logprobs(model, ids, mask, context, resp, targets, args):
+    """policy_logprobs_entropy of the response tokens `targets` of sequences (ids, mask) whose responses start at
+    `context` (resp: their real tokens). Hidden state t emits token t + 1: the states at context-1 .. T-2 emit them."""
+    hidden = hidden_states(model, ids, mask)[:, context - 1 : -1][resp]
+    return policy_logprobs_entropy(hidden, model.get_output_embeddings().weight, targets, args.temperature, args.logprob_chunk_size)
 
 
 def load_reward_model(path: str, device):
@@ -400,7 +412,10 @@ def generate(policy, queries, query_mask, response_length, temperature, pad_id, 
     out = torch.full((queries.shape[0], response_length), pad_id, dtype=torch.long, device=queries.device)
     for s in range(0, queries.shape[0], forward_batch_size):
         q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
-        generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config)[:, q.shape[1] :]
+        # synced_gpus: under torchrun a process whose responses all ended keeps stepping with the others (FSDP2's
+        # forward passes need every process)
+        generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config,
+                                    synced_gpus=DISTRIBUTED)[:, q.shape[1] :]
         out[s : s + len(q), : generated.shape[1]] = generated
     return out
 
@@ -408,10 +423,13 @@ def generate(policy, queries, query_mask, response_length, temperature, pad_id, 
 @torch.no_grad()
 def normalize_reward(reward_model, policy, queries, query_mask, response_length, args, pad_id, eos_id, autocast):
     """N+: shift the reward so that the policy's samples (here: the SFT model's) score 0 on average, the scale PPO's
-    hyper-parameters assume. Sets reward_model.config.reward_bias; returns the raw rewards of the samples."""
+    hyper-parameters assume. Sets reward_model.config.reward_bias; returns the raw rewards of the samples. Runs as
+    reward(normalize_reward, policy, ...): reward_model is the model, policy parallelize()'s wrapper; under torchrun
+    each process samples its share of the prompts, and the mean is over all of them (gather)."""
     reward_model.config.reward_bias = 0.0
+    policy = as_parallel(policy)
     policy.eval()
-    responses = generate(policy, queries, query_mask, response_length, args.temperature, pad_id, eos_id, args.forward_batch_size)
+    responses = policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id, args.forward_batch_size)
     responses, response_mask, _ = truncate_after_eos(responses, eos_id, pad_id)
     raw = []
     with autocast:
@@ -419,7 +437,7 @@ def normalize_reward(reward_model, policy, queries, query_mask, response_length,
             ids = torch.cat([queries, responses], 1)[s : s + args.forward_batch_size]
             mask = torch.cat([query_mask, response_mask.long()], 1)[s : s + args.forward_batch_size]
             raw.append(sequence_rewards(reward_model, ids, mask))
-    raw = torch.cat(raw)
+    raw = gather(torch.cat(raw))
     reward_model.config.reward_bias = raw.mean().item()
     return raw
 
@@ -427,7 +445,8 @@ def normalize_reward(reward_model, policy, queries, query_mask, response_length,
 @torch.no_grad()
 def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query_mask, responses, args, pad_id, eos_id, autocast):
     """Everything PPO needs about a batch of rollouts, computed once with no grad: old log-probs and values,
-    reference log-probs, scores, KL-shaped rewards, advantages and returns."""
+    reference log-probs, scores, KL-shaped rewards, advantages and returns. The models: parallelize()'s wrappers."""
+    policy, ref_policy, reward_model, value_model = map(as_parallel, (policy, ref_policy, reward_model, value_model))
     responses, response_mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)  # N+: truncate after EOS
     sequences = torch.cat([queries, responses], 1)
     attention = torch.cat([query_mask, response_mask.long()], 1)
@@ -440,16 +459,13 @@ def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query
             response_mask[s : s + args.forward_batch_size]
         targets = responses[s : s + args.forward_batch_size][resp]
         with autocast:
-            # hidden state t emits token t + 1: the states at context-1 .. T-2 emit the response tokens
             for model, out_logprobs, out_entropy in ((policy, logprobs, entropy), (ref_policy, ref_logprobs, None)):
-                hidden = hidden_states(model, ids, mask)[:, context - 1 : -1][resp]
-                lp, ent = policy_logprobs_entropy(hidden, model.get_output_embeddings().weight, targets, args.temperature,
-                                                  args.logprob_chunk_size)  # N+: logits / temperature for pi and pi_ref
+                lp, ent = model(response_logprobs, ids, mask, context, resp, targets, args)  # N+: logits / T for pi and pi_ref
                 out_logprobs[s : s + len(ids)][resp] = lp
                 if out_entropy is not None:
                     out_entropy[s : s + len(ids)][resp] = ent
-            values[s : s + len(ids)] = token_values(value_model, ids, mask)[:, context - 1 : -1] * resp
-            scores[s : s + len(ids)] = sequence_rewards(reward_model, ids, mask)  # N+: score at the EOS token
+            values[s : s + len(ids)] = value_model(token_values, ids, mask)[:, context - 1 : -1] * resp
+            scores[s : s + len(ids)] = reward_model(sequence_rewards, ids, mask)  # N+: score at the EOS token
     scores = scores - args.missing_eos_penalty * (~has_eos).float()  # N+: penalise responses without EOS
     rewards, k1, k3 = kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask, args.kl_coef)
     advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
@@ -459,14 +475,18 @@ def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query
             "has_eos": has_eos, "kl": k1.sum(1), "kl_k3": k3.sum(1), "entropy": (entropy * response_mask).sum(1),
             "non_score_reward": (-args.kl_coef * k1).sum(1)}
 
+# The entries of score_rollouts' batch, one per rollout, that the logs average; gathered from every process first.
+ROLLOUT_STATISTICS = ("scores", "has_eos", "response_mask", "kl", "kl_k3", "entropy", "non_score_reward")
+
 
 def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
-    """num_ppo_epochs epochs over the rollout batch in shuffled minibatches; returns the averaged diagnostics."""
+    """num_ppo_epochs epochs over the rollout batch in shuffled minibatches; returns the averaged diagnostics.
+    policy, value_model: parallelize()'s wrappers; under torchrun each process's minibatch is its share of one."""
+    policy, value_model = as_parallel(policy), as_parallel(value_model)
     B, context = batch["sequences"].shape[0], batch["sequences"].shape[1] - batch["responses"].shape[1]
     minibatch_size = B // args.num_mini_batches
     micro = minibatch_size // args.gradient_accumulation_steps
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    head_weight = policy.get_output_embeddings().weight
     totals, count = {}, 0
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(args.num_ppo_epochs):
@@ -478,10 +498,8 @@ def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
                 idx = order[u0 : u0 + micro]
                 ids, mask, resp = batch["sequences"][idx], batch["attention"][idx], batch["response_mask"][idx]
                 with autocast:
-                    hidden = hidden_states(policy, ids, mask)[:, context - 1 : -1][resp]
-                    vpred = token_values(value_model, ids, mask)[:, context - 1 : -1][resp]
-                logprobs, entropy = policy_logprobs_entropy(hidden, head_weight, batch["responses"][idx][resp],
-                                                            args.temperature, args.logprob_chunk_size)
+                    logprobs, entropy = policy(response_logprobs, ids, mask, context, resp, batch["responses"][idx][resp], args)
+                    vpred = value_model(token_values, ids, mask)[:, context - 1 : -1][resp]
                 pg_loss, vf_loss, stats = ppo_losses(logprobs, batch["logprobs"][idx][resp], batch["advantages"][idx][resp],
                                                      vpred, batch["values"][idx][resp], batch["returns"][idx][resp],
                                                      args.cliprange, args.cliprange_value)
@@ -496,24 +514,28 @@ def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
             for k, v in step_stats.items():
                 totals[k] = totals.get(k, 0) + v
             count += 1
-            # Early stop (optional): the policy moved too far from the one that sampled the batch.
-            if args.target_kl is not None and step_stats["policy/approxkl"] > args.target_kl:
+            # Early stop (optional): the policy moved too far from the one that sampled the batch (every process's
+            # share of the minibatch together: the processes stop at the same step).
+            if args.target_kl is not None and global_mean(step_stats["policy/approxkl"]) > args.target_kl:
                 stop = True
                 break
         if stop:
             break
     # TRL's names: averages over minibatches get "_avg", except val/ratio and val/ratio_var
-    return {(k if k.startswith("val/ratio") else f"{k}_avg"): (v / count).item() for k, v in totals.items()} | {"policy/epochs": epoch + 1}
+    return {(k if k.startswith("val/ratio") else f"{k}_avg"): global_mean(v / count).item() for k, v in totals.items()} \
+        | {"policy/epochs": epoch + 1}
 
 
-def evaluate_gold(task, model, tokenizer, seed, suffix):
-    """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only)."""
+def evaluate_gold(task, policy, tokenizer, seed, suffix):
+    """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only).
+    policy: parallelize()'s wrapper; every process runs the same evaluation and gets the same result."""
     if task is None:
         return {}
-    was_training = model.training
-    model.eval()
-    result = task.evaluate(model, tokenizer, seed=seed)
-    model.train(was_training)
+    policy = as_parallel(policy)
+    was_training = policy.training
+    policy.eval()
+    result = policy(task.evaluate, tokenizer, seed=seed)
+    policy.train(was_training)
     print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
     return {f"{k}{suffix}": v for k, v in result.items()}
 
@@ -718,8 +740,9 @@ def left_pad(sequences, pad_id):
 
 
 def sample_prompts(prompts, n, seed, pad_id, device):
-    """n of the tokenized prompts, left-padded: a deterministic draw per seed, so --resume repeats it exactly."""
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    """n of the tokenized prompts, left-padded: a deterministic draw per seed, so --resume repeats it exactly. Under
+    torchrun, this process's share of them (this_rank)."""
+    order = this_rank(torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[:n].tolist())
     return (t.to(device) for t in left_pad([prompts[i] for i in order], pad_id))
 
 
@@ -745,24 +768,23 @@ def main():
     ppo_prompts = [p for p in tokenizer(unique_prompts, add_special_tokens=True)["input_ids"] if 0 < len(p) <= args.max_prompt_length] \
         if unique_prompts else []
     micro = args.batch_size // args.gradient_accumulation_steps
+    rank_batch = args.batch_size // WORLD_SIZE  # examples per optimizer step on this process (all of them on one)
     check_batches_fit([("preference pairs", len(train_pairs), args.rm_epochs, args.batch_size, "--batch_size"),
                        ("demonstrations", len(sft_examples), args.sft_epochs, args.batch_size, "--batch_size"),
                        ("PPO prompts", len(ppo_prompts), args.total_episodes, args.rollout_batch_size, "--rollout_batch_size")])
     check_context(model, ppo_prompts, response_length)
 
     run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "rm")
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(run_dir)
+    policy = parallelize(model, args)  # policy(fn, *args) runs fn(model, *args); under torchrun with DDP or FSDP2
+    writer = summary_writer(run_dir)
     metrics = state["metrics"]
-    head_weight = model.get_output_embeddings().weight
     sft_path = os.path.join(run_dir, "sft_model") if args.sft_epochs else model_path
     rm_path = os.path.join(run_dir, "reward_model")
     print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(train_pairs)} pairs, {len(eval_pairs)} held-out pairs, "
           f"{len(ppo_prompts)} PPO prompts, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
           f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
     if "gold_reward_init" not in metrics:
-        metrics.update(evaluate_gold(task, model, tokenizer, args.seed, "_init"))
+        metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_init"))
 
     # ---- stage 1: SFT on the demonstrations, -mean log pi(y_t | x, y_<t) over response tokens ----
     if state["stage"] == "sft":
@@ -773,13 +795,14 @@ def main():
         for step in range(state["step"], len(steps)):
             total_loss = torch.zeros((), device=device)
             for m in range(args.gradient_accumulation_steps):
-                batch = sft_batch([sft_examples[i] for i in steps[step][m * micro : (m + 1) * micro]], pad_id)
-                loss = sft_batch_loss(model, [t.to(device) for t in batch], args, autocast)
+                batch = sft_batch([sft_examples[i] for i in this_rank(steps[step][m * micro : (m + 1) * micro])], pad_id)
+                loss = policy(sft_batch_loss, [t.to(device) for t in batch], args, autocast)
                 loss.backward()
                 total_loss += loss.detach()
             grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
             bar.update()
             if step % 20 == 0 or step + 1 == len(steps):
+                total_loss = global_mean(total_loss)
                 writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
                 writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
                 bar.set_postfix(loss=f"{total_loss.item():.4f}")
@@ -787,9 +810,8 @@ def main():
             if args.save_every and (step + 1) % args.save_every == 0:
                 save_checkpoint(run_dir, state, model, optimizer, scheduler)
         bar.close()
-        model.save_pretrained(sft_path)
-        tokenizer.save_pretrained(sft_path)
-        metrics.update(evaluate_gold(task, model, tokenizer, args.seed, "_sft"))
+        save_model(sft_path, model, tokenizer)
+        metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_sft"))
         state.update(stage="rm", step=0)
         save_checkpoint(run_dir, state, model, optimizer, scheduler)
 
@@ -798,6 +820,7 @@ def main():
         reward_model, _ = load_reward_model(args.reward_model_path or sft_path, device)
         if state["step"]:
             reward_model.load_state_dict(state["reward_model"])
+        reward = parallelize(reward_model, args)
         eval_batches = [pair_rows_batch(eval_pairs[i : i + micro], pad_id) for i in range(0, len(eval_pairs), micro)]
 
         @torch.no_grad()
@@ -809,7 +832,7 @@ def main():
             rewards = []
             for ids, mask in eval_batches:
                 with autocast:
-                    rewards.append(sequence_rewards(reward_model, ids.to(device), mask.to(device)))
+                    rewards.append(reward(sequence_rewards, ids.to(device), mask.to(device)))
             rewards = torch.cat(rewards).view(-1, 2)
             return {"eval/accuracy": (rewards[:, 0] > rewards[:, 1]).float().mean().item(),
                     "eval/margin": (rewards[:, 0] - rewards[:, 1]).mean().item()}
@@ -821,18 +844,19 @@ def main():
         for step in range(state["step"], len(steps)):
             stats = torch.zeros(3, device=device)
             for m in range(args.gradient_accumulation_steps):
-                ids, mask = (t.to(device) for t in pair_rows_batch([train_pairs[i] for i in steps[step][m * micro : (m + 1) * micro]], pad_id))
+                rows = pair_rows_batch([train_pairs[i] for i in this_rank(steps[step][m * micro : (m + 1) * micro])], pad_id)
+                ids, mask = (t.to(device) for t in rows)
                 with autocast:
-                    rewards = sequence_rewards(reward_model, ids, mask)  # rows [c0, r0, c1, r1, ...]
+                    rewards = reward(sequence_rewards, ids, mask)  # rows [c0, r0, c1, r1, ...]
                 chosen, rejected = rewards[0::2], rewards[1::2]
-                loss = reward_model_loss(chosen, rejected, args.reward_center_coef).sum() / args.batch_size
+                loss = reward_model_loss(chosen, rejected, args.reward_center_coef).sum() / rank_batch
                 loss.backward()
-                stats += torch.stack([loss.detach(), (chosen > rejected).float().sum() / args.batch_size,
-                                      (chosen - rejected).detach().sum() / args.batch_size])
+                stats += torch.stack([loss.detach(), (chosen > rejected).float().sum() / rank_batch,
+                                      (chosen - rejected).detach().sum() / rank_batch])
             grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, args, state)
             bar.update()
             if step % 10 == 0 or step + 1 == len(steps):
-                loss_v, acc, margin = stats.tolist()
+                loss_v, acc, margin = global_mean(stats).tolist()
                 for k, v in {"rm/loss": loss_v, "rm/accuracy": acc, "rm/margin": margin, "rm/grad_norm": grad_norm.item()}.items():
                     writer.add_scalar(k, v, state["global_step"])
                 bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc:.2f}")
@@ -850,15 +874,14 @@ def main():
         # N+: normalise the reward so that SFT samples score 0 on average
         queries, query_mask = sample_prompts(ppo_prompts, min(args.num_reward_norm_samples, len(ppo_prompts)),
                                              args.seed * 7919 + 1, pad_id, device)
-        torch.manual_seed(args.seed * 7919 + 1)
-        raw = normalize_reward(reward_model, model, queries, query_mask, response_length, args, pad_id, eos_id, autocast)
+        seed_share(args.seed * 7919 + 1)
+        raw = reward(normalize_reward, policy, queries, query_mask, response_length, args, pad_id, eos_id, autocast)
         metrics["reward_bias"] = reward_model.config.reward_bias
         print(f"[rm] reward on {len(raw)} SFT samples: mean {raw.mean().item():.3f} std {raw.std().item():.3f} -> bias subtracted")
-        reward_model.save_pretrained(rm_path)
-        tokenizer.save_pretrained(rm_path)
-        del reward_model, optimizer
+        save_model(rm_path, reward_model, tokenizer)
+        del reward_model, reward, optimizer
         state.update(stage="ppo", step=0)
-        atomic_save({**state, "model": model.state_dict()}, os.path.join(run_dir, "checkpoint.pt"))
+        save_whole({**state, "model": model.state_dict()}, os.path.join(run_dir, "checkpoint.pt"))
 
     # ---- stage 3: PPO against the reward model, with a per-token KL penalty to the SFT policy ----
     if state["stage"] == "ppo":
@@ -868,6 +891,7 @@ def main():
         # N+: no dropout anywhere, so the ratio pi / pi_old is exactly 1 on the first minibatch; eval() mode throughout.
         for m in (model, ref_policy, reward_model, value_model):
             m.eval()
+        ref, reward, value = (parallelize(m, args) for m in (ref_policy, reward_model, value_model))
         num_iterations = args.total_episodes // args.rollout_batch_size
         optimizer, scheduler = new_optimizer(list(model.parameters()) + list(value_model.parameters()), args.learning_rate,
                                              max(1, num_iterations), args)  # N+: learning rate annealed linearly
@@ -881,22 +905,22 @@ def main():
             # 1. roll out: prompts -> responses sampled at the temperature, with the KV cache
             t0 = time.time()
             queries, query_mask = sample_prompts(ppo_prompts, args.rollout_batch_size, args.seed * 1_000_003 + update, pad_id, device)
-            torch.manual_seed(args.seed * 1_000_003 + update)  # the sampling of iteration `update`, also after --resume
-            responses = generate(model, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
-                                 args.forward_batch_size)
+            seed_share(args.seed * 1_000_003 + update)  # the sampling of iteration `update`, also after --resume
+            responses = policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
+                               args.forward_batch_size)
             timings["time/generate"] = time.time() - t0
             # 2. score: log-probs, values, rewards, KL shaping, GAE, whitening (no grad)
             t0 = time.time()
-            batch = score_rollouts(model, ref_policy, reward_model, value_model, queries, query_mask, responses, args,
-                                   pad_id, eos_id, autocast)
+            batch = score_rollouts(policy, ref, reward, value, queries, query_mask, responses, args, pad_id, eos_id, autocast)
             timings["time/score"] = time.time() - t0
             # 3. learn: PPO epochs over minibatches of this batch
             t0 = time.time()
-            stats = ppo_update(model, value_model, optimizer, batch, args, autocast, seed=args.seed * 1_000_003 + update)
+            stats = ppo_update(policy, value, optimizer, batch, args, autocast, seed=args.seed * 1_000_003 + update)
             scheduler.step()
             timings["time/train"] = time.time() - t0
             state["step"], state["global_step"] = update + 1, state["global_step"] + 1
             bar.update()
+            batch.update({k: gather(batch[k]) for k in ROLLOUT_STATISTICS})  # every process's rollouts, for the logs
             mean_kl, scores = batch["kl"].mean().item(), batch["scores"].mean().item()
             # objective/entropy is the exact entropy summed over the response (TRL logs the sampled -log pi instead)
             logs = {"objective/kl": mean_kl, "objective/kl_k3": batch["kl_k3"].mean().item(),
@@ -909,7 +933,7 @@ def main():
             if task is not None:  # the gold reward of the training samples themselves (the task's "human")
                 text = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
                 prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
-                logs["objective/gold_reward"] = task.gold_reward(prompts, [" " + r.strip() for r in text]).mean().item()
+                logs["objective/gold_reward"] = global_mean(task.gold_reward(prompts, [" " + r.strip() for r in text]).mean()).item()
             for k, v in logs.items():
                 writer.add_scalar(k, v, state["global_step"])
             metrics.update(kl=mean_kl, scores=scores)
@@ -921,18 +945,18 @@ def main():
                           + (f" gold {logs['objective/gold_reward']:.3f}" if task is not None else "")
                           + f" ({time.time() - ppo_started:.0f}s)")
             if args.eval_every and (update + 1) % args.eval_every == 0 and update + 1 < num_iterations:
-                for k, v in evaluate_gold(task, model, tokenizer, args.seed, "_ppo").items():
+                for k, v in evaluate_gold(task, policy, tokenizer, args.seed, "_ppo").items():
                     writer.add_scalar(f"eval/{k}", v, state["global_step"])
             if args.save_every and (update + 1) % args.save_every == 0:
                 save_checkpoint(run_dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
                 bar.write(f"[ppo] checkpoint at iteration {update + 1}")
         bar.close()
-        value_model.save_pretrained(os.path.join(run_dir, "value_model"))
+        save_model(os.path.join(run_dir, "value_model"), value_model)
         state.update(stage="done")
         save_checkpoint(run_dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
 
     # ---- final evaluation, model, metrics ----
-    metrics.update(evaluate_gold(task, model, tokenizer, args.seed, ""))
+    metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, ""))
     finish_run(run_dir, writer, model, tokenizer, args, state, started, "rlhf", metrics)
 
 
@@ -1224,8 +1248,9 @@ class ChunkedLogprobsEntropy(torch.autograd.Function):
 
 # ---- training plumbing ----
 def setup_torch(args):
-    """Threads, device, the log-prob kernel, bf16 autocast and the seeds; quiet library logging."""
-    global LOGPROB_KERNEL
+    """Threads, device, the log-prob kernel, bf16 autocast and the seeds; quiet library logging; under torchrun, this
+    process's place among the others (init_distributed)."""
+    global LOGPROB_KERNEL, SHARDED
     import datasets
     import transformers
 
@@ -1235,6 +1260,9 @@ def setup_torch(args):
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if DISTRIBUTED:
+        device = init_distributed(device)
+        SHARDED = args.parallel == "fsdp"
     LOGPROB_KERNEL = args.logprob_kernel
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1244,6 +1272,7 @@ def setup_torch(args):
 def new_optimizer(parameters, lr, steps, args, state=None):
     """AdamW with linear warm-up then linear decay to 0 over `steps`; restored from `state` on a resume."""
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=args.weight_decay)
+    optimizer.register_load_state_dict_post_hook(shard_optimizer_state)  # (FSDP2: each process keeps its shards)
     warmup = max(1, int(steps * args.warmup_ratio))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
@@ -1261,7 +1290,7 @@ def optimizer_step(parameters, optimizer, scheduler, args, state):
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     state["step"], state["global_step"] = state["step"] + 1, state["global_step"] + 1
-    return grad_norm
+    return whole(grad_norm)
 
 
 def progress_bar(total: int, desc: str, initial: int = 0):
@@ -1272,22 +1301,269 @@ def progress_bar(total: int, desc: str, initial: int = 0):
     return tqdm(total=total, initial=initial, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
 
 
+# ---- several processes: torchrun, DDP or FSDP2, data shards, reductions, whole weights for saving ----
+# `torchrun --nproc_per_node N script.py ...` starts N copies of the script, one per GPU (--nnodes and a rendezvous
+# endpoint span several machines). Every copy reads the same data in the same order and takes its share of each batch
+# (this_rank); DDP or FSDP2 (--parallel) average the gradients over the processes, so an optimizer step sees the whole
+# batch, and each process scales its loss as its share of the whole batch's. Statistics are averaged over the
+# processes before they are logged. Evaluations run alike on every process (FSDP2's forward passes need all of them);
+# only the first process prints, logs and writes files. Forward passes run through parallelize()'s wrapper:
+# parallel(fn, *args) runs fn(model, *args) as the forward that DDP and FSDP2 hook. A plain `python script.py` is one
+# process, and none of this changes what it computes.
+DISTRIBUTED = "WORLD_SIZE" in os.environ  # started by torchrun (also with one process: DDP or FSDP2 of world size 1)
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
+RANK = int(os.environ.get("RANK", 0))  # this process among all of them; 0 prints, logs and writes
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))  # this process among those of its node: its GPU
+SHARDED = False  # parameters sharded by FSDP2 (DTensors); setup_torch() sets it
+
+
+def init_distributed(device):
+    """Joins the processes that torchrun started (NCCL between GPUs, gloo between CPU processes), on this process's
+    GPU; the processes other than the first print nothing (their errors still reach stderr)."""
+    if device.type == "cuda":
+        device = torch.device("cuda", LOCAL_RANK)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if RANK:
+        sys.stdout, sys.stderr = open(os.devnull, "w"), NoTerminal(sys.stderr)
+    return device
+
+
+class NoTerminal:
+    """The stderr of the processes other than the first: what is written still shows (errors), but it is no terminal,
+    so that their progress bars stay off (progress_bar)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def isatty(self):
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class Parallel(torch.nn.Module):
+    """A model whose forward runs any function of it: parallel(fn, *args) = fn(model, *args). DDP and FSDP2 hook the
+    forward of the module they wrap, and the losses here call the backbone and read the LM head's weight themselves."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def parallelize(model, args):
+    """The model wrapped for `parallel(fn, *args)` calls. One process: Parallel(model). Under torchrun, --parallel ddp:
+    DistributedDataParallel, a replica per process whose gradients are averaged during the backward (a frozen model,
+    which has none, stays a plain replica); --parallel fsdp: FSDP2 (fully_shard) shards parameters, gradients and
+    optimizer state over the processes, one unit per transformer block and one root unit with the rest (embeddings,
+    final norm, LM or scalar head), each gathered for its forward and again for its backward, and freed after. With
+    --bf16, FSDP2 gathers the weights in bf16, reduces the gradients in fp32 and updates fp32 shards.
+
+    The fused LM-head losses run inside the root's forward, so under FSDP2 they see the head's weight whole, compute
+    its gradient exactly as on one process, and FSDP2 reduce-scatters that gradient like any other. Whole, because
+    the log-softmax of a token needs every row (vocabulary entry) of the head: a head sharded by rows would need a
+    log-sum-exp across processes for every token (vocabulary parallelism, another algorithm). The price: the whole
+    head and its gradient on every GPU during a step, and the root's all-gathers."""
+    parallel = Parallel(model)
+    if not DISTRIBUTED:
+        return parallel
+    if args.parallel == "ddp":
+        trained = any(p.requires_grad for p in model.parameters())
+        return torch.nn.parallel.DistributedDataParallel(parallel) if trained else parallel
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    bf16 = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32} if args.bf16 else {}
+    for module in model.modules():
+        if type(module).__name__ in (model._no_split_modules or []):  # the transformer blocks (HF's list of them)
+            fully_shard(module, mp_policy=MixedPrecisionPolicy(**bf16))
+    # The root's inputs are the function's own (reference log-probs, weights): FSDP2 must not cast them to bf16. The
+    # root is freed after each forward too (gathered again for the backward): outside a forward every parameter is a
+    # shard, which is what an optimizer made after an evaluation (a forward without backward) must see.
+    fully_shard(parallel, mp_policy=MixedPrecisionPolicy(**bf16, cast_forward_inputs=False), reshard_after_forward=True)
+    return parallel
+
+
+def as_parallel(model):
+    """parallelize()'s wrapper as it is, or a bare model wrapped as one process wraps it: the helpers that take
+    wrappers (score_rollouts, ppo_update, ...) also take models, as the tests and benchmarks call them."""
+    return model if isinstance(getattr(model, "module", model), Parallel) else Parallel(model)
+
+
+def this_rank(items):
+    """This process's share of a batch or a list: the RANK-th of WORLD_SIZE equal, contiguous slices. A list that does
+    not split evenly gets copies of its last item first, so that every process runs as many forward passes as the
+    others (FSDP2 needs all of them in each); gather() drops the copies again."""
+    if WORLD_SIZE == 1:
+        return items
+    share = -(-len(items) // WORLD_SIZE)
+    items = list(items) + list(items[-1:]) * (share * WORLD_SIZE - len(items))
+    return items[RANK * share : (RANK + 1) * share]
+
+
+def gather(local, total=None):
+    """Every process's `local` (the rows of a tensor, the same shape on each; or a list), concatenated in process order
+    and cut to `total` items (dropping this_rank's copies); the same result on every process."""
+    if not DISTRIBUTED:
+        return local if total is None else local[:total]
+    if torch.is_tensor(local):
+        parts = [torch.empty_like(local, device=_comm_device()) for _ in range(WORLD_SIZE)]
+        dist.all_gather(parts, local.to(_comm_device()))
+        out = torch.cat(parts).to(local.device)
+    else:
+        parts = [None] * WORLD_SIZE
+        dist.all_gather_object(parts, list(local))
+        out = [item for part in parts for item in part]
+    return out if total is None else out[:total]
+
+
+def global_sum(x):
+    """The sum of a tensor over the processes (the tensor itself on one process)."""
+    if not DISTRIBUTED:
+        return x
+    total = x.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(total)
+    return total.to(x.device)
+
+
+def global_mean(x):
+    """The mean of a tensor over the processes: of a statistic that each process measured on its equal share."""
+    return global_sum(x) / WORLD_SIZE if DISTRIBUTED else x
+
+
+def seed_share(seed):
+    """torch.manual_seed for sampling this process's share of the prompts: each process a stream of its own (the
+    first process, like a single one, that of the seed itself; the others one seeded by a hash of seed and rank)."""
+    torch.manual_seed(seed if RANK == 0 else hash((seed, RANK)) % 2**32)
+
+
+def _comm_device():
+    return torch.device("cuda", LOCAL_RANK) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def same_everywhere(obj):
+    """The first process's value of obj on every process (e.g. a run directory named after its clock)."""
+    if DISTRIBUTED:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj
+
+
+def barrier():
+    """Wait here for every process (e.g. until the first has written a model that the others load)."""
+    if DISTRIBUTED:
+        dist.barrier()
+
+
+def whole(x):
+    """A tensor computed over FSDP2 shards (e.g. the gradient norm), whole; any other tensor as it is."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def whole_state(state):
+    """A (nested) state dict with each FSDP2-sharded tensor gathered whole onto the first process's CPU (None in its
+    place on the others): what a checkpoint or save_pretrained holds, as on one process. Every process calls it."""
+    if isinstance(state, dict):
+        return type(state)((k, whole_state(v)) for k, v in state.items())
+    if isinstance(state, (list, tuple)):
+        return type(state)(whole_state(v) for v in state)
+    if hasattr(state, "full_tensor"):  # a DTensor shard
+        full = state.full_tensor()
+        return full.cpu() if RANK == 0 else None
+    return state
+
+
+def shard_optimizer_state(optimizer):
+    """After optimizer.load_state_dict() of a whole state (a checkpoint, from any number of processes): under FSDP2
+    each process keeps the shards of its parameters (a load_state_dict post-hook, see new_optimizer)."""
+    if not SHARDED:
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for k, v in optimizer.state[p].items():
+                if hasattr(p, "device_mesh") and torch.is_tensor(v) and not hasattr(v, "device_mesh") and v.shape == p.shape:
+                    optimizer.state[p][k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+
+
+def save_whole(obj, path):
+    """atomic_save by the first process, under FSDP2 of the shards gathered whole (every process calls it)."""
+    obj = whole_state(obj) if SHARDED else obj
+    if RANK == 0:
+        atomic_save(obj, path)
+
+
+def save_model(path, model, tokenizer=None):
+    """model.save_pretrained(path) and the tokenizer's, written by the first process; under FSDP2 with the whole
+    weights gathered from every process (each calls it). The others wait until it is written."""
+    state = whole_state(model.state_dict()) if SHARDED else None
+    if RANK == 0:
+        model.save_pretrained(path, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+    barrier()
+
+
+def summary_writer(run_dir):
+    """TensorBoard's SummaryWriter on the first process; on the others one that drops what it is given."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(run_dir) if RANK == 0 else NoWriter()
+
+
+class NoWriter:
+    """What the processes other than the first log to: nothing."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def check_processes(args, batches):
+    """Under torchrun, before anything is built: each batch splits evenly over the processes ((what, examples) pairs),
+    --parallel fsdp has FSDP2, and a GPU run has a GPU for each process of its node."""
+    if not DISTRIBUTED:
+        return
+    for what, examples in batches:
+        if examples % WORLD_SIZE:
+            fail(f"{what} = {examples} examples do not split evenly over {WORLD_SIZE} processes (torchrun's "
+                 f"--nproc_per_node x --nnodes); make it a multiple of {WORLD_SIZE}")
+    if args.parallel == "fsdp":
+        from torch.distributed import fsdp
+
+        if not hasattr(fsdp, "fully_shard"):
+            fail(f"--parallel fsdp needs FSDP2 (torch >= 2.6; this is {torch.__version__}); upgrade torch or use --parallel ddp")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if (args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()) and local > torch.cuda.device_count():
+        fail(f"torchrun starts {local} processes on this node, which has {torch.cuda.device_count()} GPUs; "
+             f"use --nproc_per_node {torch.cuda.device_count()} or fewer")
+
+
 # ---- run directory and checkpoints ----
 def open_run(args, model, first_stage):
-    """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model."""
+    """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model (whole,
+    loaded before parallelize() shards it). Every process reads the checkpoint; the first writes the directory."""
     if args.resume:
         state = torch.load(os.path.join(args.resume, "checkpoint.pt"), weights_only=False)
         model.load_state_dict(state["model"])
         return args.resume, state
-    run_dir = os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}")
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(asdict(args), os.path.join(run_dir, "config.json"))
+    run_dir = same_everywhere(os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"))
+    if RANK == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        write_json(asdict(args), os.path.join(run_dir, "config.json"))
     return run_dir, {"stage": first_stage, "step": 0, "metrics": {}, "global_step": 0}
 
 
 def save_checkpoint(run_dir, state, model, optimizer, scheduler, **extra):
-    """The run's state, model, optimizer, schedule and RNG (+ extra models), written atomically."""
-    atomic_save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    """The run's state, model, optimizer, schedule and RNG (+ extra models), written atomically (save_whole)."""
+    save_whole({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
                 os.path.join(run_dir, "checkpoint.pt"))
 
@@ -1296,13 +1572,15 @@ def finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, me
     """The final model, metrics.json (the contract: algo, task, seed, steps, wall_s + the final evaluation)."""
     for k, v in metrics.items():
         writer.add_scalar(f"final/{k}", v, state["global_step"])
-    model.save_pretrained(os.path.join(run_dir, "model"))
-    tokenizer.save_pretrained(os.path.join(run_dir, "model"))
+    save_model(os.path.join(run_dir, "model"), model, tokenizer)
     result = {"algo": algo, "task": "sort" if args.dataset_name is None else args.dataset_name, "seed": args.seed,
               "steps": state["global_step"], "wall_s": round(time.time() - started, 1), **metrics}
-    write_json(result, os.path.join(run_dir, "metrics.json"))
+    if RANK == 0:
+        write_json(result, os.path.join(run_dir, "metrics.json"))
     writer.close()
     print(json.dumps(result))
+    if DISTRIBUTED:
+        dist.destroy_process_group()
 
 
 def atomic_save(obj, path: str):
@@ -1360,6 +1638,9 @@ def validate_args(args: Args):
     for ok, message in checks:
         if not ok:
             fail(message)
+    check_processes(args, [("--batch_size / --gradient_accumulation_steps", args.batch_size // args.gradient_accumulation_steps),
+                           ("--rollout_batch_size / --num_mini_batches / --gradient_accumulation_steps",
+                            minibatch_size // args.gradient_accumulation_steps)])
     if embedded:
         check_embedded_task(args)
         check_batches_fit([("preference pairs (--task.num_prefs)", args.task.num_prefs, args.rm_epochs, args.batch_size, "--batch_size"),

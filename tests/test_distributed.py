@@ -1,0 +1,216 @@
+"""Several processes: every LLM script under `torchrun --nproc_per_node 2` (gloo on the CPU), with DDP and FSDP2.
+
+Each run finishes with one metrics.json, and what does not depend on sampling matches a single-process run with the
+same global batch: the losses and statistics logged at the first steps (SFT, DPO, reward-model steps), the held-out
+evaluations, the saved model and (FSDP2, gathered) the checkpoint. A single-process checkpoint resumes under FSDP2.
+A bad setup fails in one line before anything is written. The helpers that shard, gather and reduce are checked on
+two processes directly."""
+
+import importlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, fails_in_one_line, run_script
+
+SMALL_TASK = ["--task.num_eval_prompts", 8, "--task.num_eval_prefs", 16, "--num_threads", 1]
+# Per script: tiny flags, then what does not depend on sampling (the stages before any sampling): the logged statistics,
+# and the metrics of held-out evaluations.
+RUNS = {
+    "dpo_llm": ([*SMALL_TASK, "--task.num_demos", 96, "--task.num_prefs", 96, "--sft_epochs", 1, "--num_epochs", 1,
+                 "--batch_size", 8, "--gradient_accumulation_steps", 2, "--eval_every", 5],
+                ["sft/loss", "sft/grad_norm", "loss", "rewards/chosen", "rewards/margins", "logps/rejected", "grad_norm",
+                 "eval/rewards/accuracies", "eval/rewards/margins"], ["pref_accuracy", "eval_reward_margin"]),
+    "rlhf_llm": ([*SMALL_TASK, "--task.num_demos", 32, "--task.num_prefs", 32, "--sft_epochs", 1, "--rm_epochs", 1,
+                  "--batch_size", 8, "--total_episodes", 16, "--rollout_batch_size", 8, "--num_mini_batches", 2,
+                  "--num_ppo_epochs", 1, "--num_reward_norm_samples", 8, "--forward_batch_size", 4, "--eval_every", 0],
+                 ["sft/loss", "sft/grad_norm", "rm/loss", "rm/accuracy", "rm/margin", "rm/grad_norm"], ["rm_accuracy", "rm_eval_margin"]),
+    "aihf_llm": ([*SMALL_TASK, "--task.num_demos", 40, "--task.num_prefs", 32, "--num_eval_demos", 8, "--algo", "rl",
+                  "--sft_epochs", 1, "--reward_pretrain_steps", 4, "--batch_size", 8, "--total_episodes", 16,
+                  "--rollout_batch_size", 8, "--num_mini_batches", 2, "--num_ppo_epochs", 1, "--forward_batch_size", 4,
+                  "--eval_every", 0],
+                 ["sft/loss", "sft/grad_norm", "reward_pretrain/loss", "reward_pretrain/accuracy", "reward_pretrain/grad_norm"], []),
+    "afd_llm": ([*SMALL_TASK, "--task.num_demos", 48, "--task.num_prefs", 0, "--sft_epochs", 1, "--rm_epochs", 1,
+                 "--rm_eval_fraction", 0.25, "--batch_size", 8, "--max_n", 2, "--forward_batch_size", 8],
+                ["sft/loss", "sft/grad_norm"], ["gold_reward_greedy_sft"]),
+}
+
+
+def torchrun(script, *flags, nproc=2, check=True, timeout=600):
+    """`torchrun --standalone --nproc_per_node nproc script flags` in a subprocess (a free port of its own)."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, script), *map(str, flags)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def scalars(run_dir):
+    """{tag: {step: value}} of a run's TensorBoard logs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, task_cache):
+    """One single-process run per script, made on first use: the reference."""
+    out, done = tmp_path_factory.mktemp("single"), {}
+
+    def get(script):
+        if script not in done:
+            run_script(f"{script}.py", *RUNS[script][0], "--task.cache_dir", task_cache, "--output_dir", out, "--run_name", script)
+            done[script] = out / script
+        return done[script]
+
+    return get
+
+
+def files(run_dir):
+    """The files of a run directory, TensorBoard's (named after host and time) counted instead."""
+    names = sorted(os.path.relpath(os.path.join(d, f), run_dir) for d, _, fs in os.walk(run_dir) for f in fs)
+    return [n for n in names if not n.startswith("events.out")], sum(n.startswith("events.out") for n in names)
+
+
+def check_against_single(script, run, reference, stdout):
+    """A two-process run: its files are the single-process run's, the first process alone printed the result, and what
+    does not depend on sampling matches the single-process run."""
+    _, deterministic, held_out = RUNS[script]
+    assert files(run)[0] == files(reference)[0]
+    two, one = json.loads((run / "metrics.json").read_text()), json.loads((reference / "metrics.json").read_text())
+    assert two.keys() == one.keys() and two["steps"] == one["steps"] > 0
+    assert all(math.isfinite(v) for v in two.values() if isinstance(v, float)), two
+    assert two["gold_reward_init"] == one["gold_reward_init"]  # every process evaluates the same starting policy alike
+    assert stdout.count('{"algo"') == 1
+    logged, expected = scalars(run), scalars(reference)
+    for tag in deterministic:
+        assert logged[tag].keys() == expected[tag].keys(), tag
+        for step, value in expected[tag].items():
+            assert logged[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-5), (tag, step, logged[tag][step], value)
+    for key in held_out:
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    if script == "dpo_llm":  # no sampling at all: the final model, and the checkpoint (under FSDP2, gathered)
+        a, b = weights(run / "model"), weights(reference / "model")
+        assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 2e-4 for k in a)
+        ours, theirs = (torch.load(r / "checkpoint.pt", weights_only=False) for r in (run, reference))
+        assert ours.keys() == theirs.keys() and ours["optimizer"]["param_groups"] == theirs["optimizer"]["param_groups"]
+        for i, state in theirs["optimizer"]["state"].items():
+            for k, v in state.items():
+                torch.testing.assert_close(ours["optimizer"]["state"][i][k], v, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(ours["ref_logps"], theirs["ref_logps"], rtol=1e-5, atol=1e-5)
+
+
+# dpo_llm under FSDP2 runs in test_single_process_checkpoint_resumes_under_fsdp
+@pytest.mark.parametrize("script,parallel", [(s, p) for s in RUNS for p in ("ddp", "fsdp") if (s, p) != ("dpo_llm", "fsdp")])
+def test_two_processes_match_one(script, parallel, single, task_cache, tmp_path):
+    proc = torchrun(f"{script}.py", *RUNS[script][0], "--parallel", parallel, "--task.cache_dir", task_cache,
+                    "--output_dir", tmp_path, "--run_name", "two")
+    assert os.listdir(tmp_path) == ["two"] and files(tmp_path / "two")[1] == 1
+    check_against_single(script, tmp_path / "two", single(script), proc.stdout)
+
+
+def test_single_process_checkpoint_resumes_under_fsdp(single, task_cache, tmp_path):
+    """A one-process run killed after its first checkpoint (during SFT) resumes on two processes under FSDP2: the
+    whole model and optimizer state are sharded on loading, and the run ends where the uninterrupted one-process run
+    ends (check_against_single), with its model and checkpoint gathered whole."""
+    flags = [*RUNS["dpo_llm"][0], "--parallel", "fsdp", "--save_every", 1, "--task.cache_dir", task_cache,
+             "--output_dir", tmp_path, "--run_name", "killed"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dpo_llm.py"), *map(str, flags)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists() and not (tmp_path / "killed" / "metrics.json").exists()
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["stage"] == "sft" and state["step"] > 0  # an optimizer state to shard on loading
+    resumed = torchrun("dpo_llm.py", "--resume", tmp_path / "killed")
+    check_against_single("dpo_llm", tmp_path / "killed", single("dpo_llm"), resumed.stdout)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A bad setup fails in one line, before anything is built or written
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script,flags,needle", [
+    ("dpo_llm", ["--batch_size", 32], "--batch_size / --gradient_accumulation_steps = 32 examples do not split evenly over 3"),
+    ("dpo_llm", ["--batch_size", 8, "--gradient_accumulation_steps", 2], "= 4 examples do not split evenly over 3"),
+    ("rlhf_llm", ["--batch_size", 6, "--rollout_batch_size", 32], "--rollout_batch_size / --num_mini_batches"),
+    ("aihf_llm", ["--batch_size", 6, "--rollout_batch_size", 8, "--num_mini_batches", 1], "= 8 examples do not split"),
+    ("afd_llm", ["--batch_size", 16], "--batch_size / --gradient_accumulation_steps = 16 examples"),
+])
+def test_world_size_that_does_not_split_the_batch(monkeypatch, tmp_path, script, flags, needle):
+    m = importlib.import_module(script)
+    monkeypatch.setattr(m, "DISTRIBUTED", True)
+    monkeypatch.setattr(m, "WORLD_SIZE", 3)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, flags), "--output_dir", str(tmp_path / "out")])
+    assert needle in fails_in_one_line(m.main, tmp_path / "out")
+
+
+def test_torchrun_with_a_bad_batch_writes_nothing(tmp_path, task_cache):
+    proc = torchrun("dpo_llm.py", "--batch_size", 5, "--task.cache_dir", task_cache, "--output_dir", tmp_path / "out",
+                    check=False)
+    assert proc.returncode != 0 and not (tmp_path / "out").exists()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and len(set(errors)) == 1 and "do not split evenly over 2 processes" in errors[0], proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The helpers on two processes: shares, gathers and reductions
+# ---------------------------------------------------------------------------------------------------------------
+def _helpers_on_two_processes(rank, port, out):
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    m = importlib.import_module("rlhf_llm")
+    torch.distributed.init_process_group("gloo")
+    items = list(range(7))
+    share = m.this_rank(items)
+    x = torch.arange(12.0).view(6, 2) + 100 * rank
+    g = torch.Generator().manual_seed(0)
+    advantages, mask = torch.randn(8, 5, generator=g), torch.rand(8, 5, generator=g) > 0.3
+    rows = slice(4 * rank, 4 * rank + 4)
+    m.seed_share(5)
+    result = {"share": share, "gathered": m.gather([i * 10 for i in share], len(items)), "tensor": m.gather(x),
+              "sum": m.global_sum(torch.tensor([rank + 1.0])), "mean": m.global_mean(torch.tensor([rank + 1.0])),
+              "whitened": m.masked_whiten(advantages[rows], mask[rows]), "draw": torch.rand(3),
+              "everywhere": m.same_everywhere(f"rank {rank}")}
+    torch.save(result, os.path.join(out, f"{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_shares_gathers_and_reductions_on_two_processes(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_helpers_on_two_processes, args=(port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in (0, 1))
+    assert r0["share"] == [0, 1, 2, 3] and r1["share"] == [4, 5, 6, 6]  # equal shares; the last item repeated
+    assert r0["gathered"] == r1["gathered"] == [0, 10, 20, 30, 40, 50, 60]  # in order, the repeat dropped
+    torch.testing.assert_close(r0["tensor"], torch.cat([torch.arange(12.0).view(6, 2), torch.arange(12.0).view(6, 2) + 100]))
+    assert r0["sum"].item() == r1["sum"].item() == 3 and r0["mean"].item() == r1["mean"].item() == 1.5
+    m = importlib.import_module("rlhf_llm")  # one process: the whole batch's whitening, cut in halves
+    g = torch.Generator().manual_seed(0)
+    advantages, mask = torch.randn(8, 5, generator=g), torch.rand(8, 5, generator=g) > 0.3
+    torch.testing.assert_close(torch.cat([r0["whitened"], r1["whitened"]]), m.masked_whiten(advantages, mask))
+    torch.manual_seed(5)
+    assert torch.equal(r0["draw"], torch.rand(3)) and not torch.equal(r0["draw"], r1["draw"])  # own sampling streams
+    assert r0["everywhere"] == r1["everywhere"] == "rank 0"
