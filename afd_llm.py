@@ -22,6 +22,7 @@ and in TensorBoard (bon/gold_reward); all candidates with their rewards in bon_s
     python afd_llm.py --model_name_or_path gpt2 --dataset_name hh/harmless-base --max_length 512 \
         --max_prompt_length 384 --response_length 64 --sft_epochs 1 --sft_learning_rate 1e-5 --rm_epochs 1 \
         --rm_learning_rate 1e-5 --num_rm_samples 8192 --max_n 32 --forward_batch_size 64 --bf16   # HH Harmless, GPU
+    torchrun --nproc_per_node 8 afd_llm.py ...         # the same on 8 GPUs (DDP; --parallel fsdp shards the models)
 """
 
 import json
@@ -1727,14 +1728,17 @@ def check_processes(args, batches):
 def open_run(args, model, first_stage):
     """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model (whole,
     loaded before parallelize() shards it). Every process reads the checkpoint; the first writes the directory."""
-    if args.resume:
-        state = torch.load(os.path.join(args.resume, "checkpoint.pt"), weights_only=False)
+    if args.resume:  # (mmap: the processes of a node share one copy of the file in memory)
+        state = torch.load(os.path.join(args.resume, "checkpoint.pt"), weights_only=False, mmap=True)
         model.load_state_dict(state["model"])
         return args.resume, state
     run_dir = same_everywhere(os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"))
     if RANK == 0:
         os.makedirs(run_dir, exist_ok=True)
         write_json(asdict(args), os.path.join(run_dir, "config.json"))
+    barrier()
+    if not os.path.isdir(run_dir):  # the processes read what the first writes (models between stages, checkpoints)
+        fail(f"{run_dir} is not on this node; across nodes, --output_dir must be on a filesystem that they all share")
     return run_dir, {"stage": first_stage, "step": 0, "metrics": {}, "global_step": 0}
 
 

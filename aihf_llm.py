@@ -22,6 +22,7 @@ Special cases: w_demo = 0 is RLHF (rl) or DPO (direct); w_pref = 0 is IRL from d
     python aihf_llm.py --model_name_or_path EleutherAI/pythia-160m --dataset_name Anthropic/hh-rlhf \
         --max_length 512 --max_prompt_length 384 --response_length 128 --rm_learning_rate 1e-6 --learning_rate 1e-6 \
         --total_episodes 64000 --bf16 --logprob_chunk_size 4096   # demos: the chosen responses of half the pairs
+    torchrun --nproc_per_node 8 aihf_llm.py ...        # the same on 8 GPUs (DDP; --parallel fsdp shards the models)
 """
 
 import copy
@@ -1882,14 +1883,17 @@ def check_processes(args, batches):
 def open_run(args, model, first_stage):
     """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model (whole,
     loaded before parallelize() shards it). Every process reads the checkpoint; the first writes the directory."""
-    if args.resume:
-        state = torch.load(os.path.join(args.resume, "checkpoint.pt"), weights_only=False)
+    if args.resume:  # (mmap: the processes of a node share one copy of the file in memory)
+        state = torch.load(os.path.join(args.resume, "checkpoint.pt"), weights_only=False, mmap=True)
         model.load_state_dict(state["model"])
         return args.resume, state
     run_dir = same_everywhere(os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"))
     if RANK == 0:
         os.makedirs(run_dir, exist_ok=True)
         write_json(asdict(args), os.path.join(run_dir, "config.json"))
+    barrier()
+    if not os.path.isdir(run_dir):  # the processes read what the first writes (models between stages, checkpoints)
+        fail(f"{run_dir} is not on this node; across nodes, --output_dir must be on a filesystem that they all share")
     return run_dir, {"stage": first_stage, "step": 0, "metrics": {}, "global_step": 0}
 
 

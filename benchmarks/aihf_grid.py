@@ -155,8 +155,8 @@ def report():
         for point in sorted(table, key=point_order):
             cells = {m: mean_ci([r[key] for r in table[point][m].values()]) for m in table[point]}
             best = max(cells, key=lambda m: cells[m][0])
-            row = [f"**{cells[m][0]:.3f}** ± {cells[m][1]:.3f}" if m == best else f"{cells[m][0]:.3f} ± {cells[m][1]:.3f}"
-                   if m in cells else "–" for m in all_methods]
+            row = [(f"**{cells[m][0]:.3f}**" if m == best else f"{cells[m][0]:.3f}")
+                   + ("" if math.isnan(cells[m][1]) else f" ± {cells[m][1]:.3f}") if m in cells else "–" for m in all_methods]
             seeds = {len(table[point][m]) for m in table[point]}
             lines.append(f"| {point} (seeds {'/'.join(map(str, sorted(seeds)))}) | " + " | ".join(row) + " |")
         lines.append("")
@@ -167,8 +167,10 @@ def report():
 
 
 def point_order(point):
-    kind = 0 if point.startswith("default") else 1 if point.startswith("sweep") else 2
-    return kind, point
+    """The 3 x 3 grid by (demos, prefs), then the other demonstrators, then the weight sweep."""
+    kind = 0 if point.startswith("default") else 2 if point.startswith("sweep") else 1
+    demos, prefs = int(point.split("_d")[1].split("_p")[0]), int(point.split("_p")[1])
+    return kind, demos, prefs, point
 
 
 def plot(table):
@@ -199,23 +201,22 @@ def plot(table):
     axes[0].legend(fontsize=8)
     axes[0].set_title("gold reward by method and data mix")
     # heat map: best AIHF variant minus the best other method, per (demos, prefs)
-    counts = sorted({int(p.split("_d")[1].split("_p")[0]) for p in grid})
     import numpy as np
 
-    gap = np.full((len(counts), len(counts)), np.nan)
+    gap = np.full((len(COUNTS), len(COUNTS)), np.nan)
     winners = {}
     for p in grid:
         d, q = int(p.split("_d")[1].split("_p")[0]), int(p.split("_p")[1])
         means = {m: mean_ci([r["gold_reward"] for r in table[p][m].values()])[0] for m in table[p]}
         aihf = max((v for m, v in means.items() if m.startswith("aihf")), default=np.nan)
         other = max((v for m, v in means.items() if not m.startswith("aihf")), default=np.nan)
-        gap[counts.index(d), counts.index(q)] = aihf - other
-        winners[(counts.index(d), counts.index(q))] = max(means, key=means.get)
+        gap[COUNTS.index(d), COUNTS.index(q)] = aihf - other
+        winners[(COUNTS.index(d), COUNTS.index(q))] = max(means, key=means.get)
     image = axes[1].imshow(gap, cmap="RdBu", vmin=-0.15, vmax=0.15, origin="lower")
     for (i, j), w in winners.items():
         axes[1].text(j, i, f"{w}\n{gap[i, j]:+.3f}", ha="center", va="center", fontsize=8)
-    axes[1].set_xticks(range(len(counts)), counts)
-    axes[1].set_yticks(range(len(counts)), counts)
+    axes[1].set_xticks(range(len(COUNTS)), COUNTS)
+    axes[1].set_yticks(range(len(COUNTS)), COUNTS)
     axes[1].set_xlabel("preference pairs")
     axes[1].set_ylabel("demonstrations")
     axes[1].set_title("best AIHF minus best other method (winner named)")

@@ -10,7 +10,8 @@ growth of the resident set over one round (CPU: VmHWM after resetting it) or of 
 (GPU), after a warm-up round.
 
     python benchmarks/bench_aihf_round.py                              # CPU, 1 thread
-    python benchmarks/bench_aihf_round.py --device cuda --bf16 --hidden 768 --layers 12 --response_length 128
+    python benchmarks/bench_aihf_round.py --device cuda --bf16 --hidden 768 --layers 12 --response_length 128 \
+        --memory_response_length 128 --chunk 4096
 """
 
 import argparse
@@ -154,6 +155,7 @@ def main():
     parser.add_argument("--response_length", type=int, default=9, help="the embedded task's max_response_tokens")
     parser.add_argument("--chunk", type=int, default=1024, help="--logprob_chunk_size")
     parser.add_argument("--memory_vocab", type=int, default=50304)
+    parser.add_argument("--memory_response_length", type=int, default=64, help="response tokens of the memory part")
     parser.add_argument("--worker", choices=["fused", "naive"])
     parser.add_argument("--vocab", type=int, default=50304, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="also write the tables here (markdown)")
@@ -185,12 +187,13 @@ def main():
         lines.append(f"| {vocab} | " + " | ".join(f"{p:.3f}" for p in phases) + f" | {total:.3f} | "
                      + " | ".join(f"{p / total:.0%}" for p in phases) + " |")
         print(lines[-1], flush=True)
-    lines += ["", f"### Peak memory of one round (vocab {cli.memory_vocab}, chunk {cli.chunk}), fused vs naive LM head, "
+    lines += ["", f"### Peak memory of one round (vocab {cli.memory_vocab}, response <= {cli.memory_response_length} tokens, "
+              f"chunk {cli.chunk}), fused vs naive LM head, "
               "one process per path", "", "| path | round peak MiB | round s | response tokens |", "|---|---:|---:|---:|"]
     results = {}
     for variant in ("fused", "naive"):
         flags = ["--worker", variant, "--device", cli.device, "--threads", cli.threads, "--vocab", cli.memory_vocab,
-                 "--hidden", cli.hidden, "--layers", cli.layers, "--response_length", cli.response_length, "--chunk", cli.chunk]
+                 "--hidden", cli.hidden, "--layers", cli.layers, "--response_length", cli.memory_response_length, "--chunk", cli.chunk]
         out = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, flags), *(["--bf16"] if cli.bf16 else [])],
                              capture_output=True, text=True)
         if out.returncode != 0:

@@ -100,6 +100,40 @@ MUTANTS = [
      "                loss = (pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps",
      "                loss = (-pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps",
      ["tests/test_rlhf_llm.py::-k smoke_embedded_task_metrics"]),
+    # afd_llm.py
+    ("afd: discriminator loss with the labels swapped", "afd_llm.py",
+     "    return -(labels * F.logsigmoid(logits) + (1 - labels) * F.logsigmoid(-logits))",
+     "    return -((1 - labels) * F.logsigmoid(logits) + labels * F.logsigmoid(-logits))",
+     ["tests/test_afd_llm.py::-k loss_by_hand"]),
+    ("afd: reward = log D instead of the logit", "afd_llm.py",
+     "    return F.logsigmoid(logits) - F.logsigmoid(-logits)", "    return F.logsigmoid(logits)",
+     ["tests/test_afd_llm.py::-k discriminators_logit"]),
+    ("afd: Best-of-N picks the lowest reward", "afd_llm.py",
+     "    return rewards[:, :n].argmax(1)", "    return rewards[:, :n].argmin(1)", ["tests/test_afd_llm.py::-k picks_the_argmax"]),
+    # aihf_mujoco.py
+    ("mujoco: SAC target bootstraps through terminations", "aihf_mujoco.py",
+     "    return rewards + gamma * (1.0 - dones) * (next_q - alpha * next_logp)",
+     "    return rewards + gamma * (next_q - alpha * next_logp)", ["tests/test_aihf_mujoco.py::-k sac_math_by_hand"]),
+    ("mujoco: SAC target without the entropy term", "aihf_mujoco.py",
+     "    return rewards + gamma * (1.0 - dones) * (next_q - alpha * next_logp)",
+     "    return rewards + gamma * (1.0 - dones) * next_q", ["tests/test_aihf_mujoco.py::-k sac_math_by_hand"]),
+    ("mujoco: Polyak update weights swapped", "aihf_mujoco.py",
+     "        tp.lerp_(p, tau)", "        tp.lerp_(p, 1 - tau)", ["tests/test_aihf_mujoco.py::-k sac_math_by_hand"]),
+    ("mujoco: the IRL contrast's sign flipped", "aihf_mujoco.py",
+     "    return policy_rewards.mean() - demo_rewards.mean()", "    return demo_rewards.mean() - policy_rewards.mean()",
+     ["tests/test_aihf_mujoco.py::-k 'reward_loss_matches_formula or right_direction'"]),
+    ("mujoco: the actor's entropy term's sign flipped", "aihf_mujoco.py",
+     "    per_state = alpha * logp - q", "    per_state = -alpha * logp - q", ["tests/test_aihf_mujoco.py::-k sac_math_by_hand"]),
+    # several processes (torchrun)
+    ("dpo: each process's loss not scaled as its share of the batch", "dpo_llm.py",
+     "scale=WORLD_SIZE / args.batch_size", "scale=1 / args.batch_size",
+     ["tests/test_distributed.py::-k 'two_processes_match_one and dpo_llm'"]),
+    ("dpo: every process takes the first share of each batch", "dpo_llm.py",
+     "    return items[RANK * share : (RANK + 1) * share]", "    return items[:share]",
+     ["tests/test_distributed.py::-k 'two_processes_match_one and dpo_llm'"]),
+    ("rlhf: advantages whitened over one process's tokens", "rlhf_llm.py",
+     "    n = global_sum(mask.sum())\n    mean = global_sum((x * mask).sum()) / n",
+     "    n = mask.sum()\n    mean = (x * mask).sum() / n", ["tests/test_distributed.py::-k shares_gathers"]),
 ]
 
 
@@ -145,6 +179,24 @@ def run_tests(folder, tests):
     return failed
 
 
+def write_table(path, outcomes):
+    """The results table, in MUTANTS' order: this run's outcomes, and for mutants it did not run (--only) the outcome
+    the table already held."""
+    known = {}
+    if os.path.exists(path):
+        for line in open(path):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 3 and cells[1] in ("killed", "SURVIVED", "stale"):
+                known[cells[0]] = (cells[1], cells[2])
+    known.update(outcomes)
+    rows = [(m[0], *known[m[0]]) for m in MUTANTS if m[0] in known]
+    lines = ["# Mutation check", "", f"`python tests/mutation_check.py` ({len(rows)} mutants; each runs only the tests "
+             "listed for it, in a copy of the repository).", "", "| mutant | outcome | caught by |", "|---|---|---|"]
+    lines += [f"| {name} | {outcome} | {detail} |" for name, outcome, detail in rows]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="run the mutants whose name contains this")
@@ -164,12 +216,7 @@ def main():
         outcome, detail, seconds = run_mutant(name, script, old, new, tests)
         rows.append((name, outcome, detail, seconds))
         print(f"{outcome:9s} {seconds:6.1f}s  {name}  [{detail}]", flush=True)
-    if not args.only:
-        lines = ["# Mutation check", "", f"`python tests/mutation_check.py` ({len(rows)} mutants; each runs only the tests "
-                 "listed for it, in a copy of the repository).", "", "| mutant | outcome | caught by |", "|---|---|---|"]
-        lines += [f"| {n} | {o} | {d} |" for n, o, d, _ in rows]
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    write_table(args.out, {n: (o, d) for n, o, d, _ in rows})
     sys.exit(1 if any(o != "killed" for _, o, _, _ in rows) else 0)
 
 

@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import dpo_llm
 from conftest import ROOT, fails_in_one_line, run_script
