@@ -5,8 +5,10 @@ pad token (as Pythia's), so the real-data loading path is exercised offline."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -32,6 +34,27 @@ def run_script(script, *flags, cwd=None, check=True, timeout=600):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def kill_when(script, *flags, lines=(), path=None, timeout=300):
+    """Start a top-level script and kill it (SIGKILL, as a crash would) once its output has shown a line starting with
+    each of `lines` in turn, or once `path` exists: a run interrupted mid-way, for the resume tests."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, flags)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE if lines else subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    if lines:
+        wanted = list(lines)
+        for line in proc.stdout:
+            if line.startswith(wanted[0]):
+                wanted.pop(0)
+                if not wanted:
+                    break
+    else:
+        deadline = time.time() + timeout
+        while not os.path.exists(path) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
 
 
 def fails_in_one_line(fn, out_dir=None):

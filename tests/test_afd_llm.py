@@ -3,9 +3,6 @@ of its samples, and the script end to end (embedded task, HH-format data with PP
 
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -14,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import afd_llm as A
-from conftest import ROOT, fails_in_one_line, run_script
+from conftest import fails_in_one_line, kill_when, run_script
 
 # Tiny but complete: SFT (2 x 16 steps) and the discriminator (3 x 12 steps) train, Best-of-N up to 8 on 64 prompts;
 # 128 held-out preference pairs measure the discriminator's direction.
@@ -203,15 +200,8 @@ def test_smoke_best_of_n_samples_file(smoke_run):
 
 def test_resume_reproduces_uninterrupted_run(smoke_run, task_cache, tmp_path):
     """Kill a run right after a checkpoint inside discriminator training, resume it, get the uninterrupted run's numbers."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, os.path.join(ROOT, "afd_llm.py"), *map(str, TINY), "--task.cache_dir", task_cache,
-           "--output_dir", str(tmp_path), "--run_name", "killed", "--save_every", "5"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("[rm] checkpoint at step 10"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
+    kill_when("afd_llm.py", *TINY, "--task.cache_dir", task_cache, "--output_dir", tmp_path, "--run_name", "killed",
+              "--save_every", 5, lines=["[rm] checkpoint at step 10"])
     state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
     assert state["stage"] == "rm" and state["step"] == 10, (state["stage"], state["step"])
     assert not (tmp_path / "killed" / "metrics.json").exists()

@@ -4,10 +4,6 @@ embedded task and on local HH-format data: all three algorithms, bad input, resu
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +13,7 @@ import torch.nn.functional as F
 import aihf_llm as A
 import dpo_llm
 import rlhf_llm
-from conftest import ROOT, run_script
+from conftest import kill_when, run_script
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 # Tiny but complete: every stage trains, a few rounds of each algorithm.
@@ -194,16 +190,9 @@ def test_rl_logs_both_reward_terms(runs):
 
 
 def test_killed_rl_run_resumes_to_the_same_result(runs, task_cache, tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, os.path.join(ROOT, "aihf_llm.py"), *map(str, TINY), "--algo", "rl", "--reward_steps", "2",
-           "--rm_learning_rate", "3e-4", "--task.cache_dir", task_cache, "--output_dir", str(tmp_path), "--run_name", "killed",
-           "--save_every", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("[aihf-rl] checkpoint at round 2"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
+    kill_when("aihf_llm.py", *TINY, "--algo", "rl", "--reward_steps", 2, "--rm_learning_rate", 3e-4, "--task.cache_dir",
+              task_cache, "--output_dir", tmp_path, "--run_name", "killed", "--save_every", 2,
+              lines=["[aihf-rl] checkpoint at round 2"])
     state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
     assert state["stage"] == "rl" and state["step"] == 2
     run_script("aihf_llm.py", "--resume", tmp_path / "killed")
@@ -215,18 +204,9 @@ def test_killed_rl_run_resumes_to_the_same_result(runs, task_cache, tmp_path):
 
 def test_killed_selfplay_run_resumes_to_the_same_result(runs, task_cache, tmp_path):
     """Killed in its second round, after the round's samples and reference log-probs were checkpointed."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, os.path.join(ROOT, "aihf_llm.py"), *map(str, TINY), "--algo", "selfplay", "--num_rounds", "2",
-           "--task.cache_dir", task_cache, "--output_dir", str(tmp_path), "--run_name", "killed", "--save_every", "3"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith("[aihf-selfplay] round 2/2 step 1/"):
-            break
-    for line in proc.stdout:
-        if line.startswith("[aihf-selfplay] checkpoint"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
+    kill_when("aihf_llm.py", *TINY, "--algo", "selfplay", "--num_rounds", 2, "--task.cache_dir", task_cache,
+              "--output_dir", tmp_path, "--run_name", "killed", "--save_every", 3,
+              lines=["[aihf-selfplay] round 2/2 step 1/", "[aihf-selfplay] checkpoint"])
     state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
     assert state["stage"] == "selfplay" and state["round"] == 1 and state["step"] > 0 and "round_data" in state
     run_script("aihf_llm.py", "--resume", tmp_path / "killed")

@@ -10,16 +10,14 @@ import importlib
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, fails_in_one_line, run_script
+from conftest import ROOT, fails_in_one_line, kill_when, run_script
 
 SMALL_TASK = ["--task.num_eval_prompts", 8, "--task.num_eval_prefs", 16, "--num_threads", 1]
 # Per script: tiny flags, then what does not depend on sampling (the stages before any sampling): the logged statistics,
@@ -133,14 +131,8 @@ def test_single_process_checkpoint_resumes_under_fsdp(single, task_cache, tmp_pa
     ends (check_against_single), with its model and checkpoint gathered whole."""
     flags = [*RUNS["dpo_llm"][0], "--parallel", "fsdp", "--save_every", 1, "--task.cache_dir", task_cache,
              "--output_dir", tmp_path, "--run_name", "killed"]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dpo_llm.py"), *map(str, flags)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when("dpo_llm.py", *flags, path=checkpoint)
     assert checkpoint.exists() and not (tmp_path / "killed" / "metrics.json").exists()
     state = torch.load(checkpoint, weights_only=False)
     assert state["stage"] == "sft" and state["step"] > 0  # an optimizer state to shard on loading

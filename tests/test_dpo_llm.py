@@ -4,16 +4,13 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import dpo_llm
-from conftest import ROOT, fails_in_one_line, run_script
+from conftest import fails_in_one_line, kill_when, run_script
 from dpo_llm import ChunkedLogprobs, dpo_loss
 
 # Small, yet DPO moves the policy measurably beyond SFT (so a run that learns the wrong way fails the smoke test).
@@ -267,15 +264,8 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, task_cache):
     """Kill a run after its first checkpoint, resume it, and get what an uninterrupted run gets."""
     flags = [*TINY, "--task.cache_dir", task_cache, "--save_every", 2, "--output_dir", tmp_path]
     run_script("dpo_llm.py", *flags, "--run_name", "whole")
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "dpo_llm.py"), *map(str, flags), "--run_name", "killed"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when("dpo_llm.py", *flags, "--run_name", "killed", path=checkpoint)
     assert checkpoint.exists() and not (tmp_path / "killed" / "metrics.json").exists()
     run_script("dpo_llm.py", "--resume", tmp_path / "killed")
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())

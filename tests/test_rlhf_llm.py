@@ -3,16 +3,13 @@ the naive one, and the script end to end (embedded task, HH-format data, bad inp
 
 import json
 import math
-import os
-import signal
 import statistics
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, kill_when, run_script
 
 sys.path.insert(0, ROOT)
 import rlhf_llm as R  # noqa: E402
@@ -309,18 +306,9 @@ def test_smoke_embedded_task_metrics(smoke_run):
 
 def test_resume_reproduces_uninterrupted_run(smoke_run, task_cache, tmp_path):
     """Kill a run right after a mid-PPO checkpoint, resume it, and get the uninterrupted run's numbers."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, os.path.join(ROOT, "rlhf_llm.py"), *TINY, "--task.cache_dir", task_cache,
-           "--output_dir", str(tmp_path), "--run_name", "killed", "--save_every", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # iteration 1 is printed after its checkpoint-free log; the checkpoint follows at once
-        if line.startswith("[ppo] iteration 1/"):
-            break
-    for line in proc.stdout:
-        if line.startswith("[ppo] checkpoint"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
+    # iteration 1 is printed after its checkpoint-free log; the checkpoint follows at once
+    kill_when("rlhf_llm.py", *TINY, "--task.cache_dir", task_cache, "--output_dir", tmp_path, "--run_name", "killed",
+              "--save_every", 1, lines=["[ppo] iteration 1/", "[ppo] checkpoint"])
     state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
     assert state["stage"] == "ppo" and 0 < state["step"] < 6, (state["stage"], state["step"])
     assert not (tmp_path / "killed" / "metrics.json").exists()
