@@ -466,10 +466,10 @@ def generate(policy, queries, query_mask, response_length, temperature, pad_id, 
     out = torch.full((queries.shape[0], response_length), pad_id, dtype=torch.long, device=queries.device)
     for s in range(0, queries.shape[0], forward_batch_size):
         q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
-        # synced_gpus: under torchrun a process whose responses all ended keeps stepping with the others (FSDP2's
-        # forward passes need every process)
+        # synced_gpus: under FSDP2 a process whose responses all ended keeps stepping with the others (each forward
+        # pass gathers the weights from every process); DDP's replicas generate alone
         generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config,
-                                    synced_gpus=DISTRIBUTED)[:, q.shape[1] :]
+                                    synced_gpus=SHARDED)[:, q.shape[1] :]
         out[s : s + len(q), : generated.shape[1]] = generated
     return out
 
@@ -518,11 +518,11 @@ def response_logits(reward_model, examples, pad_id, batch_size, device, autocast
 
 
 @torch.no_grad()
-def normalize_reward(reward_model, policy, queries, query_mask, response_length, args, pad_id, eos_id, autocast):
+def normalize_reward(reward_model, policy, queries, query_mask, response_length, args, pad_id, eos_id, autocast, total=None):
     """N+: shift the reward so that the policy's samples (here: the SFT model's) score 0 on average, the scale PPO's
     hyper-parameters assume. Sets reward_model.config.reward_bias; returns the raw rewards of the samples. Runs as
     reward(normalize_reward, policy, ...): reward_model is the model, policy parallelize()'s wrapper; under torchrun
-    each process samples its share of the prompts, and the mean is over all of them (gather)."""
+    each process samples its share of the `total` prompts, and the mean is over all of them (gather)."""
     reward_model.config.reward_bias = 0.0
     policy = as_parallel(policy)
     policy.eval()
@@ -534,7 +534,7 @@ def normalize_reward(reward_model, policy, queries, query_mask, response_length,
             ids = torch.cat([queries, responses], 1)[s : s + args.forward_batch_size]
             mask = torch.cat([query_mask, response_mask.long()], 1)[s : s + args.forward_batch_size]
             raw.append(sequence_rewards(reward_model, ids, mask))
-    raw = gather(torch.cat(raw))
+    raw = gather(torch.cat(raw), total)
     reward_model.config.reward_bias = raw.mean().item()
     return raw
 
@@ -601,7 +601,7 @@ def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
                                                      vpred, batch["values"][idx][resp], batch["returns"][idx][resp],
                                                      args.cliprange, args.cliprange_value)
                 loss = (pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps
-                loss.backward()
+                (token_share(resp) * loss).backward()
                 stats.update({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": entropy.detach().mean()})
                 for k, v in stats.items():
                     step_stats[k] = step_stats.get(k, 0) + v / args.gradient_accumulation_steps
@@ -629,9 +629,9 @@ def evaluate_gold(task, policy, tokenizer, seed, suffix):
     if task is None:
         return {}
     policy = as_parallel(policy)
-    was_training = policy.training
+    was_training = all(m.training for m in policy.modules())  # the model's mode (a wrapper's own flag may differ)
     policy.eval()
-    result = policy(task.evaluate, tokenizer, seed=seed)
+    result = policy(task.evaluate, tokenizer, seed=seed, synced_gpus=SHARDED)
     policy.train(was_training)
     print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
     return {f"{k}{suffix}": v for k, v in result.items()}
@@ -1018,10 +1018,11 @@ def main():
             metrics["rm_pref_accuracy"] = pair_accuracy(z[0::2], z[1::2])
             print(f"[rm] held-out preference pairs ranked right: {metrics['rm_pref_accuracy']:.3f}")
         if ppo:  # N+: PPO's hyper-parameters assume a reward with mean 0 on the SFT model's samples
-            queries, query_mask = sample_prompts(ppo_prompts, min(args.num_reward_norm_samples, len(ppo_prompts)),
-                                                 args.seed * 7919 + 1, pad_id, device)
+            samples = min(args.num_reward_norm_samples, len(ppo_prompts))
+            queries, query_mask = sample_prompts(ppo_prompts, samples, args.seed * 7919 + 1, pad_id, device)
             seed_share(args.seed * 7919 + 1)
-            raw = discriminator(normalize_reward, policy, queries, query_mask, response_length, args, pad_id, eos_id, autocast)
+            raw = discriminator(normalize_reward, policy, queries, query_mask, response_length, args, pad_id, eos_id,
+                                autocast, samples)
             metrics["reward_bias"] = reward_model.config.reward_bias
             print(f"[rm] reward on {len(raw)} SFT samples: mean {raw.mean().item():.3f} std {raw.std().item():.3f} -> bias subtracted")
         save_model(rm_path, reward_model, tokenizer)
@@ -1612,6 +1613,16 @@ def global_mean(x):
     return global_sum(x) / WORLD_SIZE if DISTRIBUTED else x
 
 
+def token_share(mask):
+    """WORLD_SIZE x this process's share of the real tokens (mask) of a batch split over the processes; 1 on one
+    process. A loss that is a mean over this process's tokens, times this, averages over the processes (as their
+    gradients are averaged) to the mean over all the batch's tokens: responses differ in length."""
+    if not DISTRIBUTED:
+        return 1.0
+    tokens = mask.sum().float()
+    return WORLD_SIZE * tokens / global_sum(tokens)
+
+
 def seed_share(seed):
     """torch.manual_seed for sampling this process's share of the prompts: each process a stream of its own (the
     first process, like a single one, that of the seed itself; the others one seeded by a hash of seed and rank)."""
@@ -1731,6 +1742,10 @@ def open_run(args, model, first_stage):
     if args.resume:  # (mmap: the processes of a node share one copy of the file in memory)
         state = torch.load(os.path.join(args.resume, "checkpoint.pt"), weights_only=False, mmap=True)
         model.load_state_dict(state["model"])
+        if RANK == 0:  # what a run killed in the middle of writing a file left behind (atomic_save's temporaries)
+            for name in os.listdir(args.resume):
+                if name.rpartition(".tmp")[2].isdigit():
+                    os.remove(os.path.join(args.resume, name))
         return args.resume, state
     run_dir = same_everywhere(os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"))
     if RANK == 0:
@@ -1822,9 +1837,10 @@ def validate_args(args: Args):
     for ok, message in checks:
         if not ok:
             fail(message)
-    check_processes(args, [("--batch_size / --gradient_accumulation_steps", args.batch_size // args.gradient_accumulation_steps),
-                           ("--rollout_batch_size / --num_mini_batches / --gradient_accumulation_steps",
-                            args.rollout_batch_size // args.num_mini_batches // args.gradient_accumulation_steps)])
+    check_processes(args, [("--batch_size / --gradient_accumulation_steps", args.batch_size // args.gradient_accumulation_steps)]
+                    + [("--rollout_batch_size / --num_mini_batches / --gradient_accumulation_steps",
+                        args.rollout_batch_size // args.num_mini_batches // args.gradient_accumulation_steps)]
+                    * (args.policy_opt == "ppo"))
     if embedded:
         check_embedded_task(args)
         available = args.task.num_demos if args.num_rm_samples is None else min(args.num_rm_samples, args.task.num_demos)

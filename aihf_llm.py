@@ -597,10 +597,10 @@ def generate(policy, queries, query_mask, response_length, temperature, pad_id, 
     out = torch.full((queries.shape[0], response_length), pad_id, dtype=torch.long, device=queries.device)
     for s in range(0, queries.shape[0], forward_batch_size):
         q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
-        # synced_gpus: under torchrun a process whose responses all ended keeps stepping with the others (FSDP2's
-        # forward passes need every process)
+        # synced_gpus: under FSDP2 a process whose responses all ended keeps stepping with the others (each forward
+        # pass gathers the weights from every process); DDP's replicas generate alone
         generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config,
-                                    synced_gpus=DISTRIBUTED)[:, q.shape[1] :]
+                                    synced_gpus=SHARDED)[:, q.shape[1] :]
         out[s : s + len(q), : generated.shape[1]] = generated
     return out
 
@@ -667,7 +667,7 @@ def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
                                                      vpred, batch["values"][idx][resp], batch["returns"][idx][resp],
                                                      args.cliprange, args.cliprange_value)
                 loss = (pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps
-                loss.backward()
+                (token_share(resp) * loss).backward()
                 stats.update({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": entropy.detach().mean()})
                 for k, v in stats.items():
                     step_stats[k] = step_stats.get(k, 0) + v / args.gradient_accumulation_steps
@@ -695,9 +695,9 @@ def evaluate_gold(task, policy, tokenizer, seed, suffix):
     if task is None:
         return {}
     policy = as_parallel(policy)
-    was_training = policy.training
+    was_training = all(m.training for m in policy.modules())  # the model's mode (a wrapper's own flag may differ)
     policy.eval()
-    result = policy(task.evaluate, tokenizer, seed=seed)
+    result = policy(task.evaluate, tokenizer, seed=seed, synced_gpus=SHARDED)
     policy.train(was_training)
     print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
     return {f"{k}{suffix}": v for k, v in result.items()}
@@ -1767,6 +1767,16 @@ def global_mean(x):
     return global_sum(x) / WORLD_SIZE if DISTRIBUTED else x
 
 
+def token_share(mask):
+    """WORLD_SIZE x this process's share of the real tokens (mask) of a batch split over the processes; 1 on one
+    process. A loss that is a mean over this process's tokens, times this, averages over the processes (as their
+    gradients are averaged) to the mean over all the batch's tokens: responses differ in length."""
+    if not DISTRIBUTED:
+        return 1.0
+    tokens = mask.sum().float()
+    return WORLD_SIZE * tokens / global_sum(tokens)
+
+
 def seed_share(seed):
     """torch.manual_seed for sampling this process's share of the prompts: each process a stream of its own (the
     first process, like a single one, that of the seed itself; the others one seeded by a hash of seed and rank)."""
@@ -1886,6 +1896,10 @@ def open_run(args, model, first_stage):
     if args.resume:  # (mmap: the processes of a node share one copy of the file in memory)
         state = torch.load(os.path.join(args.resume, "checkpoint.pt"), weights_only=False, mmap=True)
         model.load_state_dict(state["model"])
+        if RANK == 0:  # what a run killed in the middle of writing a file left behind (atomic_save's temporaries)
+            for name in os.listdir(args.resume):
+                if name.rpartition(".tmp")[2].isdigit():
+                    os.remove(os.path.join(args.resume, name))
         return args.resume, state
     run_dir = same_everywhere(os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"))
     if RANK == 0:
@@ -1980,9 +1994,9 @@ def validate_args(args: Args):
     for ok, message in checks:
         if not ok:
             fail(message)
-    check_processes(args, [("--batch_size / --gradient_accumulation_steps", args.batch_size // args.gradient_accumulation_steps),
-                           ("--rollout_batch_size / --num_mini_batches / --gradient_accumulation_steps",
-                            minibatch_size // args.gradient_accumulation_steps)])
+    check_processes(args, [("--batch_size / --gradient_accumulation_steps", args.batch_size // args.gradient_accumulation_steps)]
+                    + [("--rollout_batch_size / --num_mini_batches / --gradient_accumulation_steps",
+                        minibatch_size // args.gradient_accumulation_steps)] * (args.algo == "rl"))
     if embedded:
         check_embedded_task(args)
         demos = max(0, args.task.num_demos - args.num_eval_demos)

@@ -305,9 +305,9 @@ def evaluate_gold(task, policy, tokenizer, seed, suffix):
     if task is None:
         return {}
     policy = as_parallel(policy)
-    was_training = policy.training
+    was_training = all(m.training for m in policy.modules())  # the model's mode (a wrapper's own flag may differ)
     policy.eval()
-    result = policy(task.evaluate, tokenizer, seed=seed)
+    result = policy(task.evaluate, tokenizer, seed=seed, synced_gpus=SHARDED)
     policy.train(was_training)
     print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
     return {f"{k}{suffix}": v for k, v in result.items()}
@@ -1193,6 +1193,10 @@ def open_run(args, model, first_stage):
     if args.resume:  # (mmap: the processes of a node share one copy of the file in memory)
         state = torch.load(os.path.join(args.resume, "checkpoint.pt"), weights_only=False, mmap=True)
         model.load_state_dict(state["model"])
+        if RANK == 0:  # what a run killed in the middle of writing a file left behind (atomic_save's temporaries)
+            for name in os.listdir(args.resume):
+                if name.rpartition(".tmp")[2].isdigit():
+                    os.remove(os.path.join(args.resume, name))
         return args.resume, state
     run_dir = same_everywhere(os.path.join(args.output_dir, args.run_name or f"{args.exp_name}__{args.seed}__{int(time.time())}"))
     if RANK == 0:

@@ -253,8 +253,9 @@ def base_model_path(cfg: SortTaskConfig) -> str:
 # Sampling from a model (used to draw the pi0 pairs that the "human" labels)
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample_responses(model, tokenizer, prompts, max_new_tokens, do_sample=True, batch_size=256, seed=0):
-    """Responses (text before the first EOS) of a causal LM to the prompts, with the KV cache."""
+def sample_responses(model, tokenizer, prompts, max_new_tokens, do_sample=True, batch_size=256, seed=0, synced_gpus=False):
+    """Responses (text before the first EOS) of a causal LM to the prompts, with the KV cache. synced_gpus: the model's
+    forward passes need every process (FSDP2), so one whose responses have all ended keeps stepping with the others."""
     from transformers import GenerationConfig
 
     generation = GenerationConfig(
@@ -269,7 +270,7 @@ def sample_responses(model, tokenizer, prompts, max_new_tokens, do_sample=True, 
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
-            ids = model.generate(**batch, generation_config=generation)
+            ids = model.generate(**batch, generation_config=generation, synced_gpus=synced_gpus)
             out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     tokenizer.padding_side = padding_side
     return [" " + r.strip() for r in out]
@@ -322,11 +323,12 @@ class SortTask:
         return gold_reward(prompts, responses)
 
     @torch.no_grad()
-    def evaluate(self, model, tokenizer, seed=0) -> dict:
+    def evaluate(self, model, tokenizer, seed=0, synced_gpus=False) -> dict:
         """The contract's eval: mean gold reward of sampled (temperature 1) and greedy responses to the
         held-out prompts."""
         prompts = self.eval_prompts
-        sampled = sample_responses(model, tokenizer, prompts, self.max_response_tokens, do_sample=True, seed=seed)
-        greedy = sample_responses(model, tokenizer, prompts, self.max_response_tokens, do_sample=False)
+        sampled = sample_responses(model, tokenizer, prompts, self.max_response_tokens, do_sample=True, seed=seed,
+                                   synced_gpus=synced_gpus)
+        greedy = sample_responses(model, tokenizer, prompts, self.max_response_tokens, do_sample=False, synced_gpus=synced_gpus)
         return {"gold_reward": gold_reward(prompts, sampled).mean().item(),
                 "gold_reward_greedy": gold_reward(prompts, greedy).mean().item()}

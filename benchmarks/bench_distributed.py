@@ -35,9 +35,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # name: (processes, launcher flags, dpo_llm flags)
 CONFIGS = {
-    "cpu": {"1 process": (1, None, []),
-            "2 processes, DDP (gloo)": (2, [], ["--parallel", "ddp"]),
-            "2 processes, FSDP2 (gloo)": (2, [], ["--parallel", "fsdp"])},
+    "cpu": {"1 process": (1, None, ["--device", "cpu"]),  # (on a machine with a GPU too)
+            "2 processes, DDP (gloo)": (2, [], ["--device", "cpu", "--parallel", "ddp"]),
+            "2 processes, FSDP2 (gloo)": (2, [], ["--device", "cpu", "--parallel", "fsdp"])},
     "cuda": {"plain (no torchrun)": (1, None, []),
              "DDP, world size 1": (1, [], ["--parallel", "ddp"]),
              "FSDP2, world size 1": (1, [], ["--parallel", "fsdp"])},

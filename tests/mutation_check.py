@@ -134,6 +134,11 @@ MUTANTS = [
     ("rlhf: advantages whitened over one process's tokens", "rlhf_llm.py",
      "    n = global_sum(mask.sum())\n    mean = global_sum((x * mask).sum()) / n",
      "    n = mask.sum()\n    mean = (x * mask).sum() / n", ["tests/test_distributed.py::-k shares_gathers"]),
+    ("rlhf: PPO's per-process token means weighted alike", "rlhf_llm.py",
+     "    return WORLD_SIZE * tokens / global_sum(tokens)", "    return 1.0", ["tests/test_distributed.py::-k shares_gathers"]),
+    ("rlhf: the evaluation restores the wrapper's mode, not the model's", "rlhf_llm.py",
+     "    was_training = all(m.training for m in policy.modules())", "    was_training = policy.training",
+     ["tests/test_rlhf_llm.py::-k evaluate_gold"]),
 ]
 
 

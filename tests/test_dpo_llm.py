@@ -267,7 +267,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, task_cache):
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
     kill_when("dpo_llm.py", *flags, "--run_name", "killed", path=checkpoint)
     assert checkpoint.exists() and not (tmp_path / "killed" / "metrics.json").exists()
+    (tmp_path / "killed" / "checkpoint.pt.tmp4242").write_bytes(b"half a checkpoint")  # as a kill mid-write leaves it
     run_script("dpo_llm.py", "--resume", tmp_path / "killed")
+    assert not (tmp_path / "killed" / "checkpoint.pt.tmp4242").exists()
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     for key in ("steps", "gold_reward_init", "gold_reward_sft", "gold_reward", "gold_reward_greedy", "pref_accuracy"):

@@ -104,6 +104,23 @@ def test_reward_is_read_at_last_real_token_left_and_right_padding():
     assert abs(expected - other) > 1e-4  # the position matters, so the test can fail
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_evaluate_gold_evaluates_in_eval_mode_and_restores_the_models_mode(training):
+    """The loops keep the policy in eval() mode (N+: no dropout) and call evaluate_gold on parallelize()'s wrapper,
+    whose own flag stays True: the evaluation must run in eval mode and hand the model back in the mode it had."""
+    model = _tiny_reward_model().train(training)
+    seen = []
+
+    class Task:
+        def evaluate(self, m, tokenizer, seed=0, synced_gpus=False):
+            seen.append((m.training, synced_gpus))
+            return {"gold_reward": 0.5, "gold_reward_greedy": 0.25}
+
+    result = R.evaluate_gold(Task(), R.Parallel(model), None, 0, "_mid")
+    assert result == {"gold_reward_mid": 0.5, "gold_reward_greedy_mid": 0.25}
+    assert seen == [(False, False)] and all(m.training == training for m in model.modules())
+
+
 @pytest.fixture(scope="module")
 def ppo_models(tmp_path_factory):
     """A tiny policy (also pi_ref) and a tiny reward model with a normalising bias of 3.0, saved like a run's
