@@ -144,26 +144,55 @@ def load_summaries():
 
 def report():
     table = load_summaries()
+    grid = {point: runs for point, runs in table.items() if not point.startswith("sweep")}
     lines = ["# AIHF vs the methods it generalises, on the embedded task", "",
              "`python benchmarks/aihf_grid.py --jobs N` (one process per run, 1 torch thread each). Gold reward of the final "
              "policy's sampled responses (temperature 1) on 256 held-out prompts, mean ± 95% CI over seeds (t-distribution); "
              "the best mean of each row in bold. Greedy decoding in the second table. Budgets: see the script's `methods`.", ""]
     for key, title in (("gold_reward", "sampled"), ("gold_reward_greedy", "greedy")):
-        all_methods = sorted({m for point in table.values() for m in point})
+        all_methods = sorted({m for point in grid.values() for m in point})
         lines += [f"## Gold reward, {title}", "", "| point (demos, prefs) | " + " | ".join(all_methods) + " |",
                   "|---|" + "---|" * len(all_methods)]
-        for point in sorted(table, key=point_order):
-            cells = {m: mean_ci([r[key] for r in table[point][m].values()]) for m in table[point]}
+        for point in sorted(grid, key=point_order):
+            cells = {m: mean_ci([r[key] for r in grid[point][m].values()]) for m in grid[point]}
             best = max(cells, key=lambda m: cells[m][0])
-            row = [(f"**{cells[m][0]:.3f}**" if m == best else f"{cells[m][0]:.3f}")
-                   + ("" if math.isnan(cells[m][1]) else f" ± {cells[m][1]:.3f}") if m in cells else "–" for m in all_methods]
-            seeds = {len(table[point][m]) for m in table[point]}
+            row = [format_cell(cells[m], m == best) if m in cells else "–" for m in all_methods]
+            seeds = {len(grid[point][m]) for m in grid[point]}
             lines.append(f"| {point} (seeds {'/'.join(map(str, sorted(seeds)))}) | " + " | ".join(row) + " |")
         lines.append("")
+    lines += sweep_table(table)
     with open(os.path.join(ROOT, "benchmarks", "results", "aihf_grid.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot(table)
+    plot(grid)
     print("\n".join(lines))
+
+
+def format_cell(mean_and_ci, bold):
+    mean, ci = mean_and_ci
+    return (f"**{mean:.3f}**" if bold else f"{mean:.3f}") + ("" if math.isnan(ci) else f" ± {ci:.3f}")
+
+
+def sweep_table(table):
+    """AIHF's weights at the demos >> prefs point: one row per (algo, w_demo, w_pref), the grid's own runs of that
+    point as the (1, 1) row."""
+    demos, prefs = COUNTS[-1], COUNTS[0]
+    sweep, default = table.get(f"sweep_d{demos}_p{prefs}", {}), table.get(f"default_d{demos}_p{prefs}", {})
+    if not sweep:
+        return []
+    rows = []
+    for algo in ("aihf_rl", "aihf_direct"):
+        runs = {(1.0, 1.0): default.get(algo, {})}
+        for method, by_seed in sweep.items():
+            if method.startswith(algo + "_wd"):
+                w_demo, w_pref = method[len(algo) + 3:].split("_wp")
+                runs[(float(w_demo), float(w_pref))] = by_seed
+        for (w_demo, w_pref), by_seed in sorted(runs.items(), key=lambda kv: (-kv[0][0] / max(kv[0][1], 1e-9), kv[0])):
+            if by_seed:
+                cells = [format_cell(mean_ci([r[k] for r in by_seed.values()]), False) for k in ("gold_reward", "gold_reward_greedy")]
+                rows.append(f"| {algo} | {w_demo:g} | {w_pref:g} | {len(by_seed)} | " + " | ".join(cells) + " |")
+    return [f"## The weights w_demo / w_pref at ({demos} demonstrations, {prefs} preference pairs)", "",
+            "Same runs and budget as the grid's point; the (1, 1) rows are the grid's own runs of it.", "",
+            "| algo | w_demo | w_pref | seeds | gold, sampled | gold, greedy |", "|---|---:|---:|---:|---|---|", *rows, ""]
 
 
 def point_order(point):
@@ -174,6 +203,8 @@ def point_order(point):
 
 
 def plot(table):
+    """Left: every method along the grid's points (ordered by demos / prefs); right: a heat map of the best AIHF
+    variant minus the best other method per (demos, prefs), the winner named."""
     try:
         import matplotlib
 
