@@ -341,7 +341,7 @@ def load_policy(path: str, device):
         tokenizer.pad_token = tokenizer.eos_token
         print(f"[model] tokenizer has no pad token: using EOS {tokenizer.eos_token!r} for padding (masked out)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(load_device(device))
     except (OSError, ValueError) as e:
         fail(f"could not load model {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
     head = model.get_output_embeddings()
@@ -421,7 +421,7 @@ def load_reward_model(path: str, device):
                 head.bias.zero_()
     if not hasattr(model.config, "reward_bias"):
         model.config.reward_bias = 0.0
-    return model.to(device), trained_head
+    return model.to(load_device(device)), trained_head
 
 
 def last_token_index(mask):
@@ -1451,7 +1451,7 @@ def setup_torch(args):
 def new_optimizer(parameters, lr, steps, args, state=None):
     """AdamW with linear warm-up then linear decay to 0 over `steps`; restored from `state` on a resume."""
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=args.weight_decay)
-    optimizer.register_load_state_dict_post_hook(shard_optimizer_state)  # (FSDP2: each process keeps its shards)
+    optimizer.register_load_state_dict_pre_hook(shard_optimizer_state)  # (FSDP2: each process keeps its shards)
     warmup = max(1, int(steps * args.warmup_ratio))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
@@ -1540,7 +1540,8 @@ def parallelize(model, args):
     which has none, stays a plain replica); --parallel fsdp: FSDP2 (fully_shard) shards parameters, gradients and
     optimizer state over the processes, one unit per transformer block and one root unit with the rest (embeddings,
     final norm, LM or scalar head), each gathered for its forward and again for its backward, and freed after. With
-    --bf16, FSDP2 gathers the weights in bf16, reduces the gradients in fp32 and updates fp32 shards.
+    --bf16, FSDP2 gathers the weights in bf16, reduces the gradients in fp32 and updates fp32 shards. The model comes
+    from the CPU (load_device): fully_shard moves each unit's shard to this process's GPU, unit by unit.
 
     The fused LM-head losses run inside the root's forward, so under FSDP2 they see the head's weight whole, compute
     its gradient exactly as on one process, and FSDP2 reduce-scatters that gradient like any other. Whole, because
@@ -1553,16 +1554,20 @@ def parallelize(model, args):
     if args.parallel == "ddp":
         trained = any(p.requires_grad for p in model.parameters())
         return torch.nn.parallel.DistributedDataParallel(parallel) if trained else parallel
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     bf16 = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32} if args.bf16 else {}
+    # the processes' devices: GPUs with NCCL, else CPUs (also with --device cpu on a machine that has GPUs)
+    mesh = init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (WORLD_SIZE,))
     for module in model.modules():
         if type(module).__name__ in (model._no_split_modules or []):  # the transformer blocks (HF's list of them)
-            fully_shard(module, mp_policy=MixedPrecisionPolicy(**bf16))
+            fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16))
     # The root's inputs are the function's own (reference log-probs, weights): FSDP2 must not cast them to bf16. The
     # root is freed after each forward too (gathered again for the backward): outside a forward every parameter is a
     # shard, which is what an optimizer made after an evaluation (a forward without backward) must see.
-    fully_shard(parallel, mp_policy=MixedPrecisionPolicy(**bf16, cast_forward_inputs=False), reshard_after_forward=True)
+    fully_shard(parallel, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16, cast_forward_inputs=False),
+                reshard_after_forward=True)
     return parallel
 
 
@@ -1666,18 +1671,28 @@ def whole_state(state):
     return state
 
 
-def shard_optimizer_state(optimizer):
-    """After optimizer.load_state_dict() of a whole state (a checkpoint, from any number of processes): under FSDP2
-    each process keeps the shards of its parameters (a load_state_dict post-hook, see new_optimizer)."""
+def shard_optimizer_state(optimizer, state_dict):
+    """Before optimizer.load_state_dict() of a whole state (a checkpoint, from any number of processes): under FSDP2
+    each process keeps the shards of its parameters, cut one tensor at a time on the way in (a load_state_dict
+    pre-hook, see new_optimizer), so that the whole optimizer state never sits on a GPU."""
     if not SHARDED:
-        return
+        return state_dict
     from torch.distributed.tensor import distribute_tensor
 
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for k, v in optimizer.state[p].items():
-                if hasattr(p, "device_mesh") and torch.is_tensor(v) and not hasattr(v, "device_mesh") and v.shape == p.shape:
-                    optimizer.state[p][k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+    state = {i: dict(s) for i, s in state_dict["state"].items()}
+    ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for i, p in zip(ids, params):
+        for k, v in state.get(i, {}).items():
+            if hasattr(p, "device_mesh") and torch.is_tensor(v) and not hasattr(v, "device_mesh") and v.shape == p.shape:
+                state[i][k] = distribute_tensor(v, p.device_mesh, p.placements)
+    return {**state_dict, "state": state}
+
+
+def load_device(device):
+    """Where a model is loaded: its device, or under FSDP2 the CPU, from where parallelize() moves each block's shards
+    to the GPU (fully_shard moves what it shards), so that no GPU ever holds a whole model."""
+    return torch.device("cpu") if SHARDED else device
 
 
 def save_whole(obj, path):
