@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import aihf_llm as A  # noqa: E402
+from bench_ppo import proc_status_mib  # noqa: E402  (benchmarks/ is on the path of a script run from it)
 
 PAD, EOS = 0, 1
 
@@ -117,14 +118,6 @@ def setup(cli):
     return device, args, models, optimizers, autocast
 
 
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # MiB
-    raise RuntimeError(field)
-
-
 def memory_worker(cli):
     device, args, models, optimizers, autocast = setup(cli)
     if cli.worker == "naive":
@@ -137,9 +130,9 @@ def memory_worker(cli):
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak-RSS counter
-        base = _status("VmRSS")
+        base = proc_status_mib("VmRSS")
     times, tokens = round_(models, optimizers, args, cli, device, autocast, seed=1)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _status("VmHWM")
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else proc_status_mib("VmHWM")
     print(json.dumps({"variant": cli.worker, "peak_mib": peak - base, "seconds": sum(times), "tokens": tokens}))
 
 

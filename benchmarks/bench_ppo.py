@@ -77,7 +77,8 @@ def iteration(models, args, vocab, seed):
     return t1 - t0, t2 - t1, t3 - t2, int(batch["response_mask"].sum())
 
 
-def _status(field):
+def proc_status_mib(field):
+    """A memory field of /proc/self/status (VmRSS, VmHWM ...) in MiB (Linux)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -101,11 +102,11 @@ def memory_worker(variant, vocab, response_length):
         R.policy_logprobs_entropy = naive_logprobs_entropy  # ppo_update looks the function up by name
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter
-    base = _status("VmRSS")
+    base = proc_status_mib("VmRSS")
     t0 = time.perf_counter()
     R.ppo_update(policy, value, optimizer, batch, args, autocast, 1)
     seconds = time.perf_counter() - t0
-    peak = _status("VmHWM")
+    peak = proc_status_mib("VmHWM")
     tokens = int(batch["response_mask"].sum())
     print(json.dumps({"variant": variant, "peak_mib": peak - base, "seconds": seconds, "tokens": tokens}))
 
