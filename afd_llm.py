@@ -1494,6 +1494,7 @@ WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
 RANK = int(os.environ.get("RANK", 0))  # this process among all of them; 0 prints, logs and writes
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))  # this process among those of its node: its GPU
 SHARDED = False  # parameters sharded by FSDP2 (DTensors); setup_torch() sets it
+MESH = None  # FSDP2's mesh of the processes (process_mesh)
 
 
 def init_distributed(device):
@@ -1554,12 +1555,10 @@ def parallelize(model, args):
     if args.parallel == "ddp":
         trained = any(p.requires_grad for p in model.parameters())
         return torch.nn.parallel.DistributedDataParallel(parallel) if trained else parallel
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     bf16 = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32} if args.bf16 else {}
-    # the processes' devices: GPUs with NCCL, else CPUs (also with --device cpu on a machine that has GPUs)
-    mesh = init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (WORLD_SIZE,))
+    mesh = process_mesh()
     for module in model.modules():
         if type(module).__name__ in (model._no_split_modules or []):  # the transformer blocks (HF's list of them)
             fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16))
@@ -1569,6 +1568,17 @@ def parallelize(model, args):
     fully_shard(parallel, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16, cast_forward_inputs=False),
                 reshard_after_forward=True)
     return parallel
+
+
+def process_mesh():
+    """FSDP2's 1-D mesh of all the processes, made once: their GPUs with NCCL, else their CPUs (also with --device cpu
+    on a machine that has GPUs, where FSDP2's default mesh would be the GPUs)."""
+    global MESH
+    if MESH is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        MESH = init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (WORLD_SIZE,))
+    return MESH
 
 
 def as_parallel(model):
