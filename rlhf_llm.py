@@ -29,6 +29,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from typing import Literal, Optional
 
 import torch
@@ -1122,11 +1123,30 @@ def _triton_grad_(logits, targets, lse, grad_logp, entropy=None, grad_entropy=No
 
 
 def _accumulate_(grad_weight, grad_logits, hidden):
-    """grad_weight (fp32) += grad_logits^T @ hidden; in place when dtypes allow (no (V, D) temporary)."""
+    """grad_weight (fp32) += grad_logits^T @ hidden, in place: no (V, D) temporary. Same dtypes: addmm_. bf16 inputs:
+    on CUDA, cuBLAS adds the bf16 product into the fp32 gradient (addmm's out_dtype, where this torch has it);
+    elsewhere the bf16 product is made, cast to fp32 and added (two (V, D) temporaries per chunk)."""
     if grad_logits.dtype == grad_weight.dtype:
         grad_weight.addmm_(grad_logits.t(), hidden)
-    else:  # bf16 matmul per chunk, summed over chunks in fp32
+    elif _adds_bf16_into_fp32(grad_weight.device):
+        torch.addmm(grad_weight, grad_logits.t(), hidden, out_dtype=torch.float32, out=grad_weight)
+    else:
         grad_weight += (grad_logits.t() @ hidden).float()
+
+
+@cache
+def _adds_bf16_into_fp32(device) -> bool:
+    """Whether torch.addmm adds a bf16 product into an fp32 tensor in place on this device: CUDA only, and only in
+    torch versions whose addmm takes an fp32 input with bf16 factors. Checked once per device, on a 2 x 2 product."""
+    if device.type != "cuda":
+        return False
+    total = torch.ones(2, 2, device=device)
+    factor = torch.eye(2, dtype=torch.bfloat16, device=device)
+    try:
+        torch.addmm(total, factor, factor, out_dtype=torch.float32, out=total)
+    except (RuntimeError, TypeError):  # no out_dtype, or it wants the added tensor in bf16
+        return False
+    return bool(torch.equal(total, torch.eye(2, device=device) + 1))
 
 
 def _chunk_plan(seq_ids, group_size: int, chunk_size: int):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks, in one run of under 9 min (the inner timeouts add up to 535 s):
-#   1. the Triton kernels the LLM scripts share, compiled, against the torch chunk path (tests/test_triton_chunk.py);
+# The GPU checks, in one run of under 9 min (the inner timeouts add up to 545 s):
+#   1. the Triton kernels the LLM scripts share, compiled, against the torch chunk path (tests/test_triton_chunk.py),
+#      and the bf16 weight gradient added into fp32 in place on CUDA;
 #   2. the log-prob benchmark's GPU rows: bf16, naive vs the torch chunk path vs the Triton kernels, N = 16384 and 4096;
 #   3. one AIHF-RL round of aihf_llm.py at a Pythia-160m shape, by phase, and its peak memory, fused vs naive LM head;
 #   4. aihf_llm.py end to end on CUDA + bf16 (the Triton kernels picked by auto), tiny runs of rl, direct and selfplay;
@@ -23,7 +24,8 @@ exec > >(tee "$out/gpu_log.txt") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
-timeout 50 python3 -m pytest -q -p no:cacheprovider tests/test_triton_chunk.py || echo "triton test failed or timed out"
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_triton_chunk.py \
+  tests/test_dpo_llm.py::test_bf16_weight_gradient_accumulates_in_fp32 || echo "kernel tests failed or timed out"
 # Each bench writes its table after every round, so a run cut short by `timeout` still leaves the rounds it finished.
 timeout 90 python3 benchmarks/bench_logprob.py --device cuda --dtype bfloat16 --triton --tokens 16384 \
   --chunks 1024 2048 4096 8192 --rounds 3 --repeats 10 --out "$out/logprob_gpu_bf16_n16384.md" || echo "N=16384 did not finish"

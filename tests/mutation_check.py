@@ -40,6 +40,9 @@ MUTANTS = [
      "ref_logps[index].reshape(-1)", "ref_logps[index].flip(1).reshape(-1)", ["tests/test_dpo_llm.py::-k smoke_embedded"]),
     ("dpo: SFT loss sign flipped", "dpo_llm.py",
      "    return -token_logps\n", "    return token_logps\n", ["tests/test_shared_machinery.py::-k cross_entropy"]),
+    ("dpo: bf16 weight-gradient chunks overwrite the sum instead of adding to it", "dpo_llm.py",
+     "        grad_weight += (grad_logits.t() @ hidden).float()", "        grad_weight.copy_((grad_logits.t() @ hidden).float())",
+     ["tests/test_dpo_llm.py::-k bf16_weight_gradient"]),
     # rlhf_llm.py
     ("rlhf: advantage whitening removed", "rlhf_llm.py",
      "    advantages = masked_whiten(advantages, response_mask)", "    advantages = advantages",
