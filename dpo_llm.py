@@ -542,6 +542,7 @@ def main():
         for step in range(state["step"], len(steps)):
             total_loss = torch.zeros((), device=device)
             for m in range(args.gradient_accumulation_steps):
+                sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
                 batch = sft_batch([sft_examples[i] for i in this_rank(steps[step][m * micro : (m + 1) * micro])], pad_id)
                 loss = policy(sft_batch_loss, [t.to(device) for t in batch], args, autocast)
                 loss.backward()
@@ -586,6 +587,7 @@ def main():
     for step in range(state["step"], len(steps)):
         stats = torch.zeros(6, device=device)
         for m in range(args.gradient_accumulation_steps):
+            sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
             index = this_rank(steps[step][m * micro : (m + 1) * micro])  # this process's share of the micro-batch
             batch = [t.to(device) for t in pair_batch([train_pairs[i] for i in index], pad_id)]
             dpo_tokens += 2 * batch[1].sum() + batch[3].sum()  # tokens of the chosen and rejected sequences
@@ -1065,6 +1067,17 @@ def as_parallel(model):
     """parallelize()'s wrapper as it is, or a bare model wrapped as one process wraps it: the helpers that take
     wrappers (score_rollouts, ppo_update, ...) also take models, as the tests and benchmarks call them."""
     return model if isinstance(getattr(model, "module", model), Parallel) else Parallel(model)
+
+
+def sync_gradients(now: bool, *models):
+    """Whether the next forward-backward through each model all-reduces its gradients (DDP). With gradient
+    accumulation only the optimizer step's last micro-batch needs to: the others add into the local .grad and the last
+    backward all-reduces the sum, one all-reduce per step instead of one per micro-batch. This is DDP's no_sync as a
+    flag, so the loop needs no extra block. FSDP2 reduce-scatters every micro-batch: keeping whole unsharded gradients
+    between micro-batches would cost the memory it shards to save."""
+    for model in models:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model.require_backward_grad_sync = now
 
 
 def this_rank(items):

@@ -20,8 +20,8 @@ import torch
 from conftest import ROOT, fails_in_one_line, kill_when, run_script
 
 SMALL_TASK = ["--task.num_eval_prompts", 8, "--task.num_eval_prefs", 16, "--num_threads", 1]
-# Per script: tiny flags, then what does not depend on sampling (the stages before any sampling): the logged statistics,
-# and the metrics of held-out evaluations.
+# Per script: tiny flags (two micro-batches per optimizer step: DDP all-reduces with the second only), then what does
+# not depend on sampling (the stages before any sampling): the logged statistics, and the metrics of held-out evaluations.
 RUNS = {
     "dpo_llm": ([*SMALL_TASK, "--task.num_demos", 96, "--task.num_prefs", 96, "--sft_epochs", 1, "--num_epochs", 1,
                  "--batch_size", 8, "--gradient_accumulation_steps", 2, "--eval_every", 5],
@@ -29,15 +29,17 @@ RUNS = {
                  "eval/rewards/accuracies", "eval/rewards/margins"], ["pref_accuracy", "eval_reward_margin"]),
     "rlhf_llm": ([*SMALL_TASK, "--task.num_demos", 32, "--task.num_prefs", 32, "--sft_epochs", 1, "--rm_epochs", 1,
                   "--batch_size", 8, "--total_episodes", 16, "--rollout_batch_size", 8, "--num_mini_batches", 2,
-                  "--num_ppo_epochs", 1, "--num_reward_norm_samples", 8, "--forward_batch_size", 4, "--eval_every", 0],
+                  "--num_ppo_epochs", 1, "--num_reward_norm_samples", 8, "--forward_batch_size", 4, "--eval_every", 0,
+                  "--gradient_accumulation_steps", 2],
                  ["sft/loss", "sft/grad_norm", "rm/loss", "rm/accuracy", "rm/margin", "rm/grad_norm"], ["rm_accuracy", "rm_eval_margin"]),
     "aihf_llm": ([*SMALL_TASK, "--task.num_demos", 40, "--task.num_prefs", 32, "--num_eval_demos", 8, "--algo", "rl",
                   "--sft_epochs", 1, "--reward_pretrain_steps", 4, "--batch_size", 8, "--total_episodes", 16,
                   "--rollout_batch_size", 8, "--num_mini_batches", 2, "--num_ppo_epochs", 1, "--forward_batch_size", 4,
-                  "--eval_every", 0],
+                  "--eval_every", 0, "--gradient_accumulation_steps", 2],
                  ["sft/loss", "sft/grad_norm", "reward_pretrain/loss", "reward_pretrain/accuracy", "reward_pretrain/grad_norm"], []),
     "afd_llm": ([*SMALL_TASK, "--task.num_demos", 48, "--task.num_prefs", 0, "--sft_epochs", 1, "--rm_epochs", 1,
-                 "--rm_eval_fraction", 0.25, "--batch_size", 8, "--max_n", 2, "--forward_batch_size", 8],
+                 "--rm_eval_fraction", 0.25, "--batch_size", 8, "--max_n", 2, "--forward_batch_size", 8,
+                 "--gradient_accumulation_steps", 2],
                 ["sft/loss", "sft/grad_norm"], ["gold_reward_greedy_sft"]),
 }
 
