@@ -3,9 +3,10 @@
 Each run finishes with one metrics.json, and what does not depend on sampling matches a single-process run with the
 same global batch: the losses and statistics logged at the first steps (SFT, DPO, reward-model steps), the held-out
 evaluations, the saved model and (FSDP2, gathered) the checkpoint. A single-process checkpoint resumes under FSDP2.
-A bad setup fails in one line before anything is written. The helpers that shard, gather and reduce are checked on
-two processes directly."""
+A bad setup fails in one line before anything is written. The helpers that shard, gather and reduce, and one PPO step
+under DDP with two micro-batches, are checked on two processes directly."""
 
+import contextlib
 import importlib
 import json
 import math
@@ -170,8 +171,41 @@ def test_torchrun_with_a_bad_batch_writes_nothing(tmp_path, task_cache):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The helpers on two processes: shares, gathers and reductions
+# The helpers on two processes: shares, gathers and reductions; one PPO step
 # ---------------------------------------------------------------------------------------------------------------
+def _ppo_problem(m):
+    """A tiny policy and value model and one PPO rollout batch of 8 (responses of equal length, so that any split of
+    the batch into micro-batches has the same token mean), the same in every process; and PPO's settings: one
+    minibatch of two micro-batches."""
+    from types import SimpleNamespace
+
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification
+
+    config = dict(vocab_size=12, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                  max_position_embeddings=16, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    policy, value_model = GPTNeoXForCausalLM(GPTNeoXConfig(**config)), GPTNeoXForSequenceClassification(GPTNeoXConfig(**config, num_labels=1))
+    value_model.config.reward_bias = 0.0
+    g = torch.Generator().manual_seed(1)
+    sequences = torch.randint(2, 12, (8, 6), generator=g)
+    batch = {"sequences": sequences, "attention": torch.ones(8, 6, dtype=torch.long), "responses": sequences[:, 3:],
+             "response_mask": torch.ones(8, 3, dtype=torch.bool),
+             **{k: torch.randn(8, 3, generator=g) - (2.5 if k == "logprobs" else 0) for k in ("logprobs", "advantages", "values", "returns")}}
+    args = SimpleNamespace(num_ppo_epochs=1, num_mini_batches=1, gradient_accumulation_steps=2, cliprange=0.2,
+                           cliprange_value=0.2, vf_coef=0.1, max_grad_norm=1.0, target_kl=None, temperature=1.0,
+                           logprob_chunk_size=16, parallel="ddp", bf16=False)
+    return policy, value_model, batch, args
+
+
+def _ppo_step(m, policy, value_model, batch, args):
+    """One PPO optimizer step (ppo_update) on these models; the policy's weights after it."""
+    parameters = [*policy.parameters(), *value_model.parameters()]
+    optimizer = torch.optim.SGD(parameters, lr=1.0)  # (Adam's first step is about lr * sign(g): ill-conditioned to compare)
+    m.ppo_update(m.parallelize(policy, args), m.parallelize(value_model, args), optimizer, batch, args,
+                 contextlib.nullcontext(), seed=0)
+    return {k: v.detach().clone() for k, v in policy.state_dict().items()}
+
+
 def _helpers_on_two_processes(rank, port, out):
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -189,6 +223,8 @@ def _helpers_on_two_processes(rank, port, out):
               "whitened": m.masked_whiten(advantages[rows], mask[rows]), "draw": torch.rand(3),
               "token_mean": m.token_share(mask[rows]) * advantages[rows][mask[rows]].mean(),
               "everywhere": m.same_everywhere(f"rank {rank}")}
+    policy, value_model, batch, args = _ppo_problem(m)
+    result["ppo_weights"] = _ppo_step(m, policy, value_model, {k: v[rows] for k, v in batch.items()}, args)
     torch.save(result, os.path.join(out, f"{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -213,3 +249,10 @@ def test_shares_gathers_and_reductions_on_two_processes(tmp_path):
     torch.manual_seed(5)
     assert torch.equal(r0["draw"], torch.rand(3)) and not torch.equal(r0["draw"], r1["draw"])  # own sampling streams
     assert r0["everywhere"] == r1["everywhere"] == "rank 0"
+    # one PPO step under DDP, each process its half of each micro-batch, gradients all-reduced with the last
+    # micro-batch only: the weights of one process stepping on the whole batch, on both processes
+    single, before = _ppo_step(m, *_ppo_problem(m)), _ppo_problem(m)[0].state_dict()
+    assert sum(not torch.equal(value, before[name]) for name, value in single.items()) > len(single) // 2  # it moved
+    for name, value in single.items():
+        torch.testing.assert_close(r0["ppo_weights"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(r0["ppo_weights"][name], r1["ppo_weights"][name]), name
