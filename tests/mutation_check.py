@@ -77,6 +77,9 @@ MUTANTS = [
      "    last = hidden[torch.arange(ids.shape[0], device=ids.device), last_token_index(mask)]",
      "    last = hidden[:, 0]", ["tests/test_rlhf_llm.py::-k last_real_token"]),
     # aihf_llm.py
+    ("aihf: --bf16 leaves the fused losses' inputs in fp32", "aihf_llm.py",
+     "    return hidden.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else hidden",
+     "    return hidden", ["tests/test_shared_machinery.py::-k 'bf16_autocast and aihf'"]),
     ("aihf: the demo term's contrast reversed", "aihf_llm.py",
      "bt_loss(demo_rewards, sample_rewards).mean()", "bt_loss(sample_rewards, demo_rewards).mean()",
      ["tests/test_aihf_llm.py::-k by_hand"]),

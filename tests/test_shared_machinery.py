@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py")) if not p.endswith("sort_task.py"))
 LLM_SCRIPTS = [s for s in SCRIPTS if s.endswith("_llm.py")]
@@ -175,3 +175,44 @@ def test_copied_script_runs_alone(script, tmp_path, tiny_hh):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     metrics = json.loads((tmp_path / "runs" / "alone" / "metrics.json").read_text())
     assert metrics["task"] == tiny_hh["train"] and metrics["steps"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --bf16 on the CPU: autocast to bfloat16, the GPU's --bf16 path less the Triton kernels
+# ---------------------------------------------------------------------------------------------------------------
+BF16_RUNS = {
+    "dpo_llm.py": ["--task.num_demos", 96, "--task.num_prefs", 96, "--sft_epochs", 1, "--num_epochs", 1, "--batch_size", 8],
+    "rlhf_llm.py": ["--task.num_demos", 32, "--task.num_prefs", 32, "--sft_epochs", 1, "--rm_epochs", 1, "--batch_size", 8,
+                    "--total_episodes", 16, "--rollout_batch_size", 8, "--num_mini_batches", 2, "--num_reward_norm_samples", 8],
+    "afd_llm.py": ["--task.num_demos", 48, "--task.num_prefs", 0, "--sft_epochs", 1, "--rm_epochs", 1, "--rm_eval_fraction", 0.25,
+                   "--batch_size", 8, "--max_n", 2],
+    "aihf_llm.py": ["--task.num_demos", 160, "--task.num_prefs", 96, "--num_eval_demos", 32, "--batch_size", 16,
+                    "--total_episodes", 96, "--rollout_batch_size", 16, "--num_ppo_epochs", 2],
+}
+
+
+@pytest.mark.parametrize("script", LLM_SCRIPTS)
+def test_bf16_run_learns_on_the_cpu(script, task_cache, tmp_path):
+    """Every stage of each script under --bf16 (the backbone, the fused LM-head losses' chunk matmuls, generation,
+    the reward and value heads in bf16; losses and optimizer state in fp32): the run finishes, its metrics are finite
+    and its policy beats pi0 greedily."""
+    run_script(script, *BF16_RUNS[script], "--bf16", "--device", "cpu", "--task.num_eval_prompts", 8, "--task.num_eval_prefs", 16,
+               "--eval_every", 0, "--num_threads", 1, "--task.cache_dir", task_cache, "--output_dir", tmp_path, "--run_name", "bf16")
+    metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)), metrics
+    assert metrics["gold_reward_greedy"] > metrics["gold_reward_greedy_init"] + 0.05, metrics
+
+
+@pytest.mark.parametrize("module", [s[:-3] for s in LLM_SCRIPTS])
+def test_bf16_autocast_reaches_the_lm_head(module):
+    """Under autocast the hidden states that enter the fused LM-head losses are bf16 (the final layer norm hands back
+    fp32): without the cast the chunk matmuls would silently run in fp32, at fp32's speed and memory."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    m = import_module(module)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=12, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, max_position_embeddings=16))
+    ids, mask = torch.randint(0, 12, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    assert m.hidden_states(model, ids, mask).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.hidden_states(model, ids, mask).dtype == torch.bfloat16
