@@ -13,10 +13,14 @@ world size 1 (gathers and frees each block; on one GPU it shards nothing); peak 
 the process. The model and checkpoints are not written (save_model and save_checkpoint are switched off in the
 measured process) and a first run fills Triton's kernel cache, so that neither counts.
 
+--accumulation N (CPU): 2 processes with DDP at N micro-batches per optimizer step, the scripts' one all-reduce per
+step (with the last micro-batch) against DDP's default of one per micro-batch.
+
 Each configuration runs in fresh processes, the configurations alternate over --rounds, and the table shows medians.
 
     python benchmarks/bench_distributed.py --device cpu --rounds 2 --out benchmarks/results/distributed_cpu.md
     python benchmarks/bench_distributed.py --device cuda --out benchmarks/results/distributed_gpu.md   # one GPU
+    python benchmarks/bench_distributed.py --accumulation 4 --out benchmarks/results/distributed_cpu_accumulation.md
 """
 
 import argparse
@@ -33,26 +37,36 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-# name: (processes, launcher flags, dpo_llm flags)
+# name: (processes, launcher flags, dpo_llm flags, worker options)
 CONFIGS = {
-    "cpu": {"1 process": (1, None, ["--device", "cpu"]),  # (on a machine with a GPU too)
-            "2 processes, DDP (gloo)": (2, [], ["--device", "cpu", "--parallel", "ddp"]),
-            "2 processes, FSDP2 (gloo)": (2, [], ["--device", "cpu", "--parallel", "fsdp"])},
-    "cuda": {"plain (no torchrun)": (1, None, []),
-             "DDP, world size 1": (1, [], ["--parallel", "ddp"]),
-             "FSDP2, world size 1": (1, [], ["--parallel", "fsdp"])},
+    "cpu": {"1 process": (1, None, ["--device", "cpu"], []),  # (on a machine with a GPU too)
+            "2 processes, DDP (gloo)": (2, [], ["--device", "cpu", "--parallel", "ddp"], []),
+            "2 processes, FSDP2 (gloo)": (2, [], ["--device", "cpu", "--parallel", "fsdp"], [])},
+    "cuda": {"plain (no torchrun)": (1, None, [], []),
+             "DDP, world size 1": (1, [], ["--parallel", "ddp"], []),
+             "FSDP2, world size 1": (1, [], ["--parallel", "fsdp"], [])},
 }
 
 
-def worker(flags, out, no_save):
+def accumulation_configs(micro_batches):
+    """2 processes with DDP at `micro_batches` micro-batches per optimizer step: one all-reduce per step, with the last
+    micro-batch (dpo_llm's sync_gradients), against DDP's default of one per micro-batch (sync_gradients switched off)."""
+    flags = ["--device", "cpu", "--parallel", "ddp", "--gradient_accumulation_steps", micro_batches]
+    return {f"2 processes, DDP, {micro_batches} micro-batches, all-reduce with the last": (2, [], flags, []),
+            f"2 processes, DDP, {micro_batches} micro-batches, all-reduce with each": (2, [], flags, ["--sync_every_micro_batch"])}
+
+
+def worker(flags, out, options):
     """In the measured process: dpo_llm.main() with these flags, then its peak memory, written to `out` (rank 0)."""
     sys.path.insert(0, ROOT)
     import torch
 
     import dpo_llm
 
-    if no_save:  # the measurement is the training; writing a 410M model and its optimizer state is left out
+    if "--no_save" in options:  # the measurement is the training; writing a 410M model and its optimizer state is left out
         dpo_llm.save_model = dpo_llm.save_checkpoint = lambda *args, **kwargs: None
+    if "--sync_every_micro_batch" in options:  # DDP's default: an all-reduce in every backward
+        dpo_llm.sync_gradients = lambda *args: None
     sys.argv = ["dpo_llm.py", *flags]
     dpo_llm.main()
     if dpo_llm.RANK == 0:
@@ -62,11 +76,11 @@ def worker(flags, out, no_save):
             json.dump({"cuda_peak_gb": cuda_peak, "rss_gb": rss}, f)
 
 
-def run(name, processes, launcher, flags, work, no_save):
+def run(name, processes, launcher, flags, work, options):
     """One configuration in fresh processes: (metrics.json, peak memory)."""
     run_name = f"run{time.time_ns()}"
     peak_file = os.path.join(work, f"{run_name}.peak.json")
-    worker_args = [os.path.abspath(__file__), "--worker", peak_file, *(["--no_save"] if no_save else []), "--",
+    worker_args = [os.path.abspath(__file__), "--worker", peak_file, *options, "--",
                    *map(str, flags), "--output_dir", work, "--run_name", run_name]
     cmd = [sys.executable, *worker_args] if launcher is None else [*TORCHRUN, *launcher, f"--nproc_per_node={processes}", *worker_args]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -118,11 +132,9 @@ def synthetic_setup(work, a):
 
 
 def main():
-    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        rest = sys.argv[3:]
-        no_save = rest[:1] == ["--no_save"]
-        rest = rest[1:] if no_save else rest
-        return worker(rest[1:], sys.argv[2], no_save)  # rest[0] is "--"
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":  # --worker PEAK_FILE [options] -- dpo_llm flags
+        split = sys.argv.index("--")
+        return worker(sys.argv[split + 1:], sys.argv[2], sys.argv[3:split])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--rounds", type=int, default=2)
@@ -130,30 +142,32 @@ def main():
     p.add_argument("--steps", type=int, default=30, help="cuda: DPO steps")
     p.add_argument("--prompt", type=int, default=256, help="cuda: prompt tokens")
     p.add_argument("--response", type=int, default=256, help="cuda: tokens of each response")
+    p.add_argument("--accumulation", type=int, default=0,
+                   help="cpu: instead, DDP at this many micro-batches per step, one all-reduce per step vs one per micro-batch")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     a = p.parse_args()
     import torch
 
     work = tempfile.mkdtemp(prefix="bench_distributed_")
-    configs = CONFIGS[a.device]
+    configs = accumulation_configs(a.accumulation) if a.accumulation else CONFIGS[a.device]
     if a.device == "cuda":
         flags, data, warmup = synthetic_setup(work, a)  # (builds and writes the model)
-        no_save = True
+        no_save = ["--no_save"]
         run("warm-up", 1, None, [*flags, "--dataset_name", warmup], work, no_save)  # fills Triton's kernel cache
         flags = [*flags, "--dataset_name", data]
         machine = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
         what = (f"Pythia-410M-sized GPTNeoX (random init), bf16, {a.pairs} pairs of {a.prompt} + 2 x {a.response} tokens "
                 f"per step, {a.steps} DPO steps")
     else:
-        flags, no_save = [], False
+        flags, no_save = [], []
         machine = f"{os.cpu_count()} CPUs ({platform.machine()}), 1 torch thread per process, torch {torch.__version__}"
         what = "the embedded task, default flags (SFT 3 epochs, DPO 4 epochs, batch 32)"
     results = {name: [] for name in configs}
     for round_index in range(a.rounds):
         order = list(configs) if round_index % 2 == 0 else list(configs)[::-1]  # alternate, so drift hits all alike
         for name in order:
-            processes, launcher, extra = configs[name]
-            results[name].append(run(name, processes, launcher, [*flags, *extra], work, no_save))
+            processes, launcher, extra, options = configs[name]
+            results[name].append(run(name, processes, launcher, [*flags, *extra], work, [*no_save, *options]))
             print(f"[bench] round {round_index + 1}: {name}: {results[name][-1][0]['dpo_tokens_per_s']} DPO tokens/s", flush=True)
             write_table(results, a, machine, what)  # after every run: a run cut short keeps what it measured
     print(write_table(results, a, machine, what))
