@@ -216,3 +216,12 @@ def test_bf16_autocast_reaches_the_lm_head(module):
     assert m.hidden_states(model, ids, mask).dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert m.hidden_states(model, ids, mask).dtype == torch.bfloat16
+
+
+def test_every_mutant_still_applies():
+    """Each mutant of tests/mutation_check.py names code that occurs exactly once in its script: after a change that
+    rewrites that code the mutant would apply nowhere and the mutation check would test nothing with it."""
+    from mutation_check import MUTANTS
+
+    stale = [name for name, script, old, _, _ in MUTANTS if open(os.path.join(ROOT, script)).read().count(old) != 1]
+    assert not stale, stale
