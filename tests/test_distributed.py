@@ -173,7 +173,7 @@ def test_torchrun_with_a_bad_batch_writes_nothing(tmp_path, task_cache):
 # ---------------------------------------------------------------------------------------------------------------
 # The helpers on two processes: shares, gathers and reductions; one PPO step
 # ---------------------------------------------------------------------------------------------------------------
-def _ppo_problem(m):
+def _ppo_problem():
     """A tiny policy and value model and one PPO rollout batch of 8 (responses of equal length, so that any split of
     the batch into micro-batches has the same token mean), the same in every process; and PPO's settings: one
     minibatch of two micro-batches."""
@@ -223,7 +223,7 @@ def _helpers_on_two_processes(rank, port, out):
               "whitened": m.masked_whiten(advantages[rows], mask[rows]), "draw": torch.rand(3),
               "token_mean": m.token_share(mask[rows]) * advantages[rows][mask[rows]].mean(),
               "everywhere": m.same_everywhere(f"rank {rank}")}
-    policy, value_model, batch, args = _ppo_problem(m)
+    policy, value_model, batch, args = _ppo_problem()
     result["ppo_weights"] = _ppo_step(m, policy, value_model, {k: v[rows] for k, v in batch.items()}, args)
     torch.save(result, os.path.join(out, f"{rank}.pt"))
     torch.distributed.destroy_process_group()
@@ -251,7 +251,7 @@ def test_shares_gathers_and_reductions_on_two_processes(tmp_path):
     assert r0["everywhere"] == r1["everywhere"] == "rank 0"
     # one PPO step under DDP, each process its half of each micro-batch, gradients all-reduced with the last
     # micro-batch only: the weights of one process stepping on the whole batch, on both processes
-    single, before = _ppo_step(m, *_ppo_problem(m)), _ppo_problem(m)[0].state_dict()
+    single, before = _ppo_step(m, *_ppo_problem()), _ppo_problem()[0].state_dict()
     assert sum(not torch.equal(value, before[name]) for name, value in single.items()) > len(single) // 2  # it moved
     for name, value in single.items():
         torch.testing.assert_close(r0["ppo_weights"][name], value, rtol=1e-5, atol=1e-6, msg=name)
