@@ -1284,6 +1284,8 @@ def finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, me
     writer.close()
     print(json.dumps(result))
     if DISTRIBUTED:
+        # the processes leave together, so that none closes its connections while the first still writes its results
+        dist.barrier()
         dist.destroy_process_group()
 
 

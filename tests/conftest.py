@@ -13,6 +13,11 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Under pytest-xdist (`-n auto`) each worker gets its share of the cores: torch (imported after this line, here and in
+# the scripts the tests start) would otherwise start one thread per core in every worker, and they would contend.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
 # The embedded task's base model is cached here; keyed by its knobs, so sharing the user cache is safe.
 TASK_CACHE = os.environ.get("AIHF_TEST_CACHE", os.path.expanduser("~/.cache/aihf"))
 
