@@ -24,6 +24,14 @@ if (( ${#probes[@]} )); then
   $PY $R/plot.py "${probes[@]}" --csv $R/walker2d_v5_aihf_vs_rlhf_300k.csv --csv_method rlhf \
     --csv_method "aihf reward_steps=10" --rename "$AIHF" --max_step 300000 --summary "" --out $R/walker2d_v5_probes
 fi
+# One reward step per iteration instead of ten (seed 1, 150k) on Hopper-v5 and HalfCheetah-v5 (Walker2d's is above)
+RS1="aihf termination=absorbing demo_actions=sample reward_pretrain_steps=3000 bc_steps=10000->AIHF, 1 reward step"
+for e in hopper halfcheetah; do
+  abl=(runs/${e}_aihf_rec_s[1]/ runs/${e}_abl_rs1_s[1]/)
+  if (( ${#abl[@]} )); then
+    $PY $R/plot.py "${abl[@]}" --rename "$AIHF" --rename "$RS1" --max_step 150000 --summary "" --out $R/${e}_v5_reward_steps
+  fi
+done
 # Walker2d-v5, seed 1, towards 1M SAC steps
 long=(runs/walker2d_aihf_rec_s[1]/ runs/walker2d_rlhf_1m_s[1]/)  # [1]: a glob, so a missing run drops out
 if (( ${#long[@]} )); then
