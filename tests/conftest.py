@@ -17,7 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the scripts the tests start) would otherwise start one thread per core in every worker, and they would contend.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
+    # the cores this process may use (macOS has no affinity call: all of them)
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // _workers)))
 # The embedded task's base model is cached here; keyed by its knobs, so sharing the user cache is safe.
 TASK_CACHE = os.environ.get("AIHF_TEST_CACHE", os.path.expanduser("~/.cache/aihf"))
 
