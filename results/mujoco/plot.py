@@ -97,17 +97,20 @@ def seed_stats(points, step):
 
 
 def summarise(curves, expert):
-    """Per method: {seeds, step, finals, last10s, ...} at the last step every seed reached."""
+    """Per method: {step, per_seed, mean, std, last10, pct, running} at the furthest step its runs reached. Runs that
+    have not reached it yet (still going) are left out of the numbers, so a new seed's first evaluations do not cut
+    the finished seeds' row short; `running` counts them."""
     out = {}
     for (env_id, method), seeds in sorted(curves.items()):
         reached = [max(pts) for pts in seeds.values() if pts]
         if not reached:
             continue
-        step = min(reached)
+        step = max(reached)
         per_seed = {seed: seed_stats(pts, step) for seed, pts in sorted(seeds.items()) if step in pts}
         finals = [v[0] for v in per_seed.values()]
         last10s = [v[1] for v in per_seed.values()]
-        out[method] = dict(env=env_id, step=step, per_seed=per_seed, mean=float(np.mean(finals)),
+        out[method] = dict(env=env_id, step=step, per_seed=per_seed, running=len(seeds) - len(per_seed),
+                           mean=float(np.mean(finals)),
                            std=float(np.std(finals)), last10=float(np.mean(last10s)),
                            pct=100 * float(np.mean(last10s)) / expert if expert else None)
     return out
@@ -118,15 +121,17 @@ def pct_text(pct):
 
 
 def write_table(path, env_id, summary, expert, expert_source):
-    """Markdown: per method, the return at the last step every seed reached and the mean of the last 10%."""
-    lines = [f"{env_id}: true return of the deterministic policy (10 episodes per eval), at the last step all seeds "
-             f"reached, and the mean over the last 10% of each run's evaluations (last10); "
+    """Markdown: per method, the return at the furthest step its runs reached and the mean of the last 10%."""
+    lines = [f"{env_id}: true return of the deterministic policy (10 episodes per eval), at the furthest step a "
+             f"method's runs reached (runs still short of it: 'running'), and the mean over the last 10% of each "
+             f"run's evaluations (last10); "
              + (f"expert {expert:.0f} {expert_source}" if expert else "no expert return"),
              "", "| method | seeds | SAC steps | final return (mean ± std over seeds) | last10 (mean over seeds) | "
                  "% of expert (last10) | per seed: final / last10 |", "|---|---|---|---|---|---|---|"]
     for method, s in summary.items():
         per_seed = ", ".join(f"{f:.0f} / {l:.0f}" for f, l in s["per_seed"].values())
-        lines.append(f"| {method} | {len(s['per_seed'])} | {s['step'] // 1000}k | {s['mean']:.0f} ± {s['std']:.0f} | "
+        seeds = f"{len(s['per_seed'])}" + (f" (+{s['running']} running)" if s["running"] else "")
+        lines.append(f"| {method} | {seeds} | {s['step'] // 1000}k | {s['mean']:.0f} ± {s['std']:.0f} | "
                      f"{s['last10']:.0f} | {pct_text(s['pct'])} | {per_seed} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
