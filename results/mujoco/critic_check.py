@@ -11,7 +11,8 @@ the replay buffer, the states the policy visited most recently. For each run it 
   the falls. With a value of 0 after a fall (no absorbing state), a critic that rates the fall above staying up
   would teach the actor to fall.
 With --actions it instead scores each run's final actor (runs/<name>/actor.pt) on 10 episodes with its mean action (how
-every evaluation in these tables is made) and with sampled actions (how it acts while training).
+every evaluation in these tables is made), with sampled actions (how it acts while training), and with sampled
+actions for the first 100 steps (--kick), then its mean action.
 With --pref_falls ENV_ID it instead counts how many of the preference pairs' segments end in a fall (the cached data of
 the runs' default preferences, seed 1): what the labels can say about falling.
 
@@ -100,20 +101,23 @@ def check(name, rows, seed=0):
 
 
 @torch.no_grad()
-def action_modes(name, episodes=10, seed=50_000):
-    """True returns per episode of the run's final actor with its mean action and with sampled actions."""
-    actor = am.load_actor(os.path.join(ROOT, "runs", name, "actor.pt"))
-    env = gym.make(torch.load(os.path.join(ROOT, "runs", name, "actor.pt"), weights_only=False)["env_id"])
+def action_modes(name, episodes=10, seed=50_000, kick=100):
+    """True returns per episode of the run's final actor: with its mean action, with sampled actions, and with sampled
+    actions for the first `kick` steps, then its mean action (does the mean action hold a gait once it is moving?)."""
+    saved = torch.load(os.path.join(ROOT, "runs", name, "actor.pt"), weights_only=False)
+    actor, env = am.load_actor(os.path.join(ROOT, "runs", name, "actor.pt")), gym.make(saved["env_id"])
     gen = torch.Generator().manual_seed(seed)
+    sampled = lambda o: actor.sample(o, generator=gen)[0]  # noqa: E731
     out = {}
-    for mode, act in (("mean", actor.act_mean), ("sampled", lambda o: actor.sample(o, generator=gen)[0])):
+    for mode, sampled_steps in (("mean", 0), ("sampled", None), (f"sampled for {kick} steps, then mean", kick)):
         returns = []
         for ep in range(episodes):
             obs, _ = env.reset(seed=seed + ep)
-            ret, over = 0.0, False
+            ret, over, t = 0.0, False, 0
             while not over:
+                act = sampled if sampled_steps is None or t < sampled_steps else actor.act_mean
                 obs, r, term, trunc, _ = env.step(act(torch.as_tensor(obs, dtype=torch.float32)[None])[0].numpy())
-                ret, over = ret + r, term or trunc
+                ret, over, t = ret + r, term or trunc, t + 1
             returns.append(ret)
         out[mode] = returns
     return out
@@ -133,11 +137,12 @@ def main():
     p.add_argument("runs", nargs="*", help="run names under runs/ (each with checkpoint.pt and replay.pt)")
     p.add_argument("--rows", type=int, default=20000, help="the most recent replay transitions to score")
     p.add_argument("--actions", action="store_true", help="score the final actors, mean vs sampled actions, instead")
+    p.add_argument("--kick", type=int, default=100, help="--actions: the sampled steps before the mean action")
     p.add_argument("--pref_falls", metavar="ENV_ID", help="count the preference segments that end in a fall instead")
     a = p.parse_args()
     if a.actions:
         for name in a.runs:
-            for mode, returns in action_modes(name).items():
+            for mode, returns in action_modes(name, kick=a.kick).items():
                 print(f"{name}, {mode} actions: mean {np.mean(returns):.0f}, per episode "
                       + " ".join(f"{r:.0f}" for r in returns), flush=True)
         return
