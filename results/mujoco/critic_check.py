@@ -104,18 +104,18 @@ def check(name, rows, seed=0):
 def action_modes(name, episodes=10, seed=50_000, kick=100):
     """True returns per episode of the run's final actor: with its mean action, with sampled actions, and with sampled
     actions for the first `kick` steps, then its mean action (does the mean action hold a gait once it is moving?)."""
-    saved = torch.load(os.path.join(ROOT, "runs", name, "actor.pt"), weights_only=False)
-    actor, env = am.load_actor(os.path.join(ROOT, "runs", name, "actor.pt")), gym.make(saved["env_id"])
+    path = os.path.join(ROOT, "runs", name, "actor.pt")
+    actor, env = am.load_actor(path), gym.make(torch.load(path, weights_only=False)["env_id"])
     gen = torch.Generator().manual_seed(seed)
     sampled = lambda o: actor.sample(o, generator=gen)[0]  # noqa: E731
     out = {}
-    for mode, sampled_steps in (("mean", 0), ("sampled", None), (f"sampled for {kick} steps, then mean", kick)):
+    for mode, sampled_steps in (("mean", 0), ("sampled", np.inf), (f"sampled for {kick} steps, then mean", kick)):
         returns = []
         for ep in range(episodes):
             obs, _ = env.reset(seed=seed + ep)
             ret, over, t = 0.0, False, 0
             while not over:
-                act = sampled if sampled_steps is None or t < sampled_steps else actor.act_mean
+                act = sampled if t < sampled_steps else actor.act_mean
                 obs, r, term, trunc, _ = env.step(act(torch.as_tensor(obs, dtype=torch.float32)[None])[0].numpy())
                 ret, over, t = ret + r, term or trunc, t + 1
             returns.append(ret)
