@@ -13,11 +13,15 @@ the replay buffer, the states the policy visited most recently. For each run it 
 With --actions it instead scores each run's final actor (runs/<name>/actor.pt) on 10 episodes with its mean action (how
 every evaluation in these tables is made), with sampled actions (how it acts while training), and with sampled
 actions for the first 100 steps (--kick), then its mean action.
+With --start it instead looks at the env's start states (where every evaluation begins, at rest): the actor's
+pre-tanh mean |mu| and std there, the critics' Q of its mean action, and how much better any of 512 sampled actions
+scores. A critic that is flat in the action there gives the actor no push to start moving.
 With --pref_falls ENV_ID it instead counts how many of the preference pairs' segments end in a fall (the cached data of
 the runs' default preferences, seed 1): what the labels can say about falling.
 
     python results/mujoco/critic_check.py hopper_ipl_s1 hopper_aihf_rec_s1 walker2d_ipl_s1
     python results/mujoco/critic_check.py --actions halfcheetah_ipl_s1 halfcheetah_aihf_rec_s1
+    python results/mujoco/critic_check.py --start halfcheetah_ipl_s1 halfcheetah_aihf_rec_s1
     python results/mujoco/critic_check.py --pref_falls Hopper-v5
 """
 
@@ -123,6 +127,25 @@ def action_modes(name, episodes=10, seed=50_000, kick=100):
     return out
 
 
+@torch.no_grad()
+def start_states(name, episodes=10, seed=50_000, samples=512):
+    """At the env's first observation of `episodes` episodes: the final actor's |mu| and std, Q of its mean action, the
+    best of `samples` sampled actions' Q above it, and (for scale) Q on the last 20k replay rows."""
+    step, args, agent, _, b, absorbing = load_run(name, 20000)
+    env = gym.make(args.env_id)
+    obs = torch.as_tensor(np.stack([env.reset(seed=seed + ep)[0] for ep in range(episodes)]), dtype=torch.float32)
+    critic_obs = torch.cat([obs, torch.zeros(episodes, 1)], 1) if absorbing else obs  # the absorbing flag, 0
+    mu, log_std = agent.actor(obs)
+    q_mean = agent.qf(critic_obs, agent.actor.act_mean(obs)).mean(0).reshape(-1)
+    sampled = agent.actor.sample(obs.repeat_interleave(samples, 0))[0]
+    q_sampled = agent.qf(critic_obs.repeat_interleave(samples, 0), sampled).mean(0).reshape(episodes, samples)
+    real = b["obs"][:, -1] == 0 if absorbing else slice(None)
+    q_replay = agent.qf(b["obs"][real], b["act"][real]).mean(0)
+    return dict(run=name, step=step, mu=float(mu.abs().mean()), std=float(log_std.exp().mean()),
+                q_mean_action=float(q_mean.mean()), best_sampled_gain=float((q_sampled.max(1).values - q_mean).mean()),
+                q_replay=float(q_replay.mean()))
+
+
 def pref_falls(env_id, seed=1):
     """Fractions of the chosen and of the rejected segments that contain a fall."""
     args = am.validate_args(am.Args(algo="rlhf", env_id=env_id, seed=seed))
@@ -138,6 +161,7 @@ def main():
     p.add_argument("--rows", type=int, default=20000, help="the most recent replay transitions to score")
     p.add_argument("--actions", action="store_true", help="score the final actors, mean vs sampled actions, instead")
     p.add_argument("--kick", type=int, default=100, help="--actions: the sampled steps before the mean action")
+    p.add_argument("--start", action="store_true", help="the critics and actors at the start states instead")
     p.add_argument("--pref_falls", metavar="ENV_ID", help="count the preference segments that end in a fall instead")
     a = p.parse_args()
     if a.actions:
@@ -149,6 +173,13 @@ def main():
     if a.pref_falls:
         chosen, rejected = pref_falls(a.pref_falls)
         print(f"{a.pref_falls}: {chosen:.2%} of the chosen and {rejected:.2%} of the rejected segments contain a fall")
+        return
+    if a.start:
+        cols = ["run", "step", "mu", "std", "q_mean_action", "best_sampled_gain", "q_replay"]
+        print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+        for name in a.runs:
+            r = start_states(name)
+            print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
         return
     cols = ["run", "algo", "step", "falls", "reward_corr", "q_corr", "reward_up", "reward_fall", "q_up", "q_fall"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
