@@ -128,10 +128,10 @@ def action_modes(name, episodes=10, seed=50_000, kick=100):
 
 
 @torch.no_grad()
-def start_states(name, episodes=10, seed=50_000, samples=512):
+def start_states(name, rows, episodes=10, seed=50_000, samples=512):
     """At the env's first observation of `episodes` episodes: the final actor's |mu| and std, Q of its mean action, the
-    best of `samples` sampled actions' Q above it, and (for scale) Q on the last 20k replay rows."""
-    step, args, agent, _, b, absorbing = load_run(name, 20000)
+    best of `samples` sampled actions' Q above it, and (for scale) Q on the last `rows` replay rows."""
+    step, args, agent, _, b, absorbing = load_run(name, rows)
     env = gym.make(args.env_id)
     obs = torch.as_tensor(np.stack([env.reset(seed=seed + ep)[0] for ep in range(episodes)]), dtype=torch.float32)
     critic_obs = torch.cat([obs, torch.zeros(episodes, 1)], 1) if absorbing else obs  # the absorbing flag, 0
@@ -155,6 +155,14 @@ def pref_falls(env_id, seed=1):
     return has_fall(data["chosen"]), has_fall(data["rejected"])
 
 
+def print_table(cols, rows):
+    """A markdown table, one row per dict as it comes (floats to 2 decimals, missing cells empty)."""
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols), flush=True)
+    for r in rows:
+        cells = [r.get(c, "") for c in cols]
+        print("| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells) + " |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="*", help="run names under runs/ (each with checkpoint.pt and replay.pt)")
@@ -176,17 +184,10 @@ def main():
         return
     if a.start:
         cols = ["run", "step", "mu", "std", "q_mean_action", "best_sampled_gain", "q_replay"]
-        print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-        for name in a.runs:
-            r = start_states(name)
-            print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        print_table(cols, (start_states(name, a.rows) for name in a.runs))
         return
     cols = ["run", "algo", "step", "falls", "reward_corr", "q_corr", "reward_up", "reward_fall", "q_up", "q_fall"]
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for name in a.runs:
-        r = check(name, a.rows)
-        cells = [r.get(c, "") for c in cols]
-        print("| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells) + " |", flush=True)
+    print_table(cols, (check(name, a.rows) for name in a.runs))
 
 
 if __name__ == "__main__":
