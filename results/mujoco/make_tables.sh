@@ -37,6 +37,11 @@ long=(runs/walker2d_aihf_rec_s[1]/ runs/walker2d_rlhf_1m_s[1]/)  # [1]: a glob, 
 if (( ${#long[@]} )); then
   $PY $R/plot.py "${long[@]}" --rename "$AIHF" --rename "rlhf->RLHF" --summary "" --out $R/walker2d_v5_1m_seed1
 fi
+# HalfCheetah-v5, seed 1, AIHF towards 1M SAC steps (the env where its 300k mean ends just under 90% of the expert)
+long=(runs/halfcheetah_aihf_rec_s[1]/)
+if (( ${#long[@]} )); then
+  $PY $R/plot.py "${long[@]}" --rename "$AIHF" --summary "" --out $R/halfcheetah_v5_1m_seed1
+fi
 # The earlier runs (paper settings and the first variants), redrawn from their committed CSVs with last10 columns
 for f in hopper_v5_aihf_vs_rlhf_300k:3125.7 hopper_v5_ablations_seed1:3125.7 halfcheetah_v5_aihf_vs_rlhf_300k:10034.0 \
          walker2d_v5_aihf_vs_rlhf_300k:3930.0; do
