@@ -185,7 +185,7 @@ RANGES = {
     "seed": "[0, 2147483647]", "num_threads": "[1, 1024]", "total_timesteps": "[2, 1e10]", "buffer_size": "[1, 1e8]",
     "gamma": "[0, 1)", "tau": "(0, 1]", "batch_size": "[1, 1e6]", "learning_starts": "[1, 1e10]",
     "policy_lr": "(0, 1)", "q_lr": "(0, 1)", "policy_frequency": "[1, 1e6]", "target_network_frequency": "[1, 1e6]",
-    "alpha": "[0, 1e3]", "hidden": "[1, 8192]", "pref_weight": "[0, 1e3]", "reward_lr": "(0, 1)",
+    "alpha": "(0, 1e3]", "hidden": "[1, 8192]", "pref_weight": "[0, 1e3]", "reward_lr": "(0, 1)",
     "reward_wd": "[0, 1e3]", "reward_steps": "[1, 1e6]", "sac_steps_per_iter": "[1, 1e10]",
     "policy_samples": "[1, 1e8]", "reward_batch_size": "[1, 1e8]", "pref_batch_size": "[1, 1e7]",
     "reward_pretrain_steps": "[0, 1e9]", "bc_steps": "[0, 1e9]", "ipl_reg_weight": "[0, 1e3]",
@@ -997,6 +997,7 @@ def validate_args(args: Args) -> Args:
     if not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):
         fail(f"{args.env_id} needs a flat Box observation space")
     max_steps = env.spec.max_episode_steps or 1000
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     env.close()
     if args.fixed_horizon and not has_healthy_termination(args.env_id):
         fail(f"--fixed_horizon: {args.env_id} has no terminate_when_unhealthy option (its episodes never end "
@@ -1012,15 +1013,44 @@ def validate_args(args: Args) -> Args:
             fail(f"--algo {args.algo} needs --num_prefs > 0")
         if args.num_prefs > 0 and (not args.pool_noises or args.pool_steps < args.segment_len):
             fail("preferences need a segment pool: give --pool_noises and --pool_steps >= --segment_len")
+        make_one = f"make one with: python aihf_mujoco.py --algo sac --env_id {args.env_id} --expert_out "
         if not os.path.isfile(args.expert_path):
-            fail(f"no expert checkpoint at {args.expert_path}; make one with: python aihf_mujoco.py --algo sac "
-                 f"--env_id {args.env_id} --expert_out {args.expert_path}  (or pass --expert_path)")
+            fail(f"no expert checkpoint at {args.expert_path}; {make_one}{args.expert_path}  (or pass --expert_path)")
+        # loaded here (a small actor file), not first in the demo rollout, where another env's expert fails deep
+        # inside a matmul and only after the run has started
+        expert = load_or_fail(args.expert_path, "--expert_path", ACTOR_KEYS,
+                              f"pass an actor file this script saved (e.g. experts/{args.env_id}.pt)")
+        trained_on = expert.get("env_id") or f"an env with {expert['obs_dim']}-dim observations"  # older files: dims only
+        if expert.get("env_id") not in (None, args.env_id) or (expert["obs_dim"], expert["act_dim"]) != (obs_dim, act_dim):
+            fail(f"expert {args.expert_path} was trained on {trained_on}, not {args.env_id}: pass --expert_path "
+                 f"for {args.env_id} (the default is experts/{args.env_id}.pt), or {make_one}experts/{args.env_id}.pt")
     if args.resume is not None:
         ckpt = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, "checkpoint.pt")
         if not os.path.isfile(ckpt):
             fail(f"--resume: no checkpoint at {ckpt}; pass a checkpoint.pt or a run folder holding one")
+        # e.g. a run's actor.pt: refused now, not with a KeyError after the demos are made
+        load_or_fail(ckpt, "--resume", CHECKPOINT_KEYS, "pass a run's checkpoint.pt (not actor.pt) or its run folder")
         args.resume = ckpt
     return args
+
+
+# What load_actor and restore read: a file without them is no expert, or no training checkpoint.
+ACTOR_KEYS = ("state_dict", "obs_dim", "act_dim", "hidden", "low", "high")
+CHECKPOINT_KEYS = ("args", "step", "agent", "q_opt", "actor_opt", "alpha_opt", "torch_rng", "sample_rng", "np_rng",
+                   "best_eval")
+
+
+def load_or_fail(path, flag, keys, fix):
+    """torch.load a file a flag names; fail() in one line if it is not a torch file holding a dict with keys."""
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # garbage, a truncated copy, another format: torch's traceback would hide the flag
+        first_line = (str(e).splitlines() or [""])[0][:80]
+        fail(f"{flag} {path} is not a torch checkpoint ({type(e).__name__}: {first_line}); {fix}")
+    missing = [k for k in keys if k not in d] if isinstance(d, dict) else list(keys)
+    if missing:
+        fail(f"{flag} {path} lacks {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}; {fix}")
+    return d
 
 
 def has_healthy_termination(env_id):

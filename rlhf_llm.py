@@ -275,7 +275,7 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
 # Models: the policy, the reward and value models, generation and scoring, the PPO update
 # ==========================================================================================================
 def load_policy(path: str, device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
         fail(f"model path not found: {path!r}; give a saved model directory or a hub id like EleutherAI/pythia-160m")
@@ -289,7 +289,22 @@ def load_policy(path: str, device):
         tokenizer.pad_token = tokenizer.eos_token
         print(f"[model] tokenizer has no pad token: using EOS {tokenizer.eos_token!r} for padding (masked out)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(load_device(device))
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        fail(f"could not load the config of {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
+    # the fused path computes hidden @ W^T itself: a model that rescales or caps its logits after the head (Gemma-2's
+    # soft-capping, Cohere's logit_scale, Granite's logits_scaling) would train on log-probs that are not its own
+    for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            fail(f"{path!r} transforms its logits after the LM head ({key}={getattr(config, key)}), which the fused "
+                 "log-prob path does not apply; use a model without it")
+    # N+ (and TRL's disable_dropout): no dropout anywhere, or pi / pi_ref is not 1 at the start, DPO's margins and
+    # PPO's ratios carry its noise. Set in the config, before the model is built: attention layers read it once.
+    for key, value in config.to_dict().items():
+        if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).to(load_device(device))
     except (OSError, ValueError) as e:
         fail(f"could not load model {path!r} ({str(e).splitlines()[0]}); give a local model dir or a hub id")
     head = model.get_output_embeddings()
@@ -676,11 +691,12 @@ def tokenize_examples(tokenizer, prompts, responses_per_prompt, args, what: str)
         if not 0 < len(p) <= args.max_prompt_length:  # an empty prompt leaves no position to predict from
             dropped += 1
             continue
-        budget = args.max_length - len(p) - 1  # room left for the response and its EOS
+        budget = args.max_length - len(p)  # room left for the response and its EOS
         row = []
         for rs in responses:
-            truncated += len(rs[i]) > budget
-            row.append(rs[i][:budget] + [tokenizer.eos_token_id])
+            # a cut response gets no EOS (as in TRL): the data never ended there, and SFT must not learn to stop mid-answer
+            truncated += len(rs[i]) >= budget
+            row.append(rs[i] + [tokenizer.eos_token_id] if len(rs[i]) < budget else rs[i][:budget])
         kept.append((p, *row))
     if dropped or truncated:
         print(f"[data] {what}: dropped {dropped} of {len(prompt_ids)} examples whose prompt is empty or exceeds "
@@ -775,7 +791,11 @@ def main():
     check_batches_fit([("preference pairs", len(train_pairs), args.rm_epochs, args.batch_size, "--batch_size"),
                        ("demonstrations", len(sft_examples), args.sft_epochs, args.batch_size, "--batch_size"),
                        ("PPO prompts", len(ppo_prompts), args.total_episodes, args.rollout_batch_size, "--rollout_batch_size")])
-    check_context(model, ppo_prompts, response_length)
+    check_context(model, ppo_prompts, response_length, train_pairs + eval_pairs + sft_examples)
+    # a reward model used as is must have a trained head: a new one is random, and PPO would chase its noise
+    if not args.rm_epochs and not load_reward_model(args.reward_model_path, "cpu")[1]:
+        fail(f"--reward_model_path {args.reward_model_path!r} has no trained `score` head (a plain causal LM?); "
+             "give a saved reward model or train one (--rm_epochs > 0)")
 
     run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "rm")
     policy = parallelize(model, args)  # policy(fn, *args) runs fn(model, *args); under torchrun with DDP or FSDP2
@@ -1704,6 +1724,9 @@ def validate_args(args: Args):
          f"--rollout_batch_size {args.rollout_batch_size} must split into --num_mini_batches {args.num_mini_batches} minibatches "
          f"of a multiple of --gradient_accumulation_steps {args.gradient_accumulation_steps}"),
         (args.max_prompt_length < args.max_length, "--max_prompt_length must be < --max_length (room for a response)"),
+        (not 0 < args.total_episodes < args.rollout_batch_size,  # else 0 PPO iterations
+         f"--total_episodes {args.total_episodes} is less than one --rollout_batch_size {args.rollout_batch_size}; "
+         "raise it (or 0 to skip PPO)"),
         (args.logprob_kernel != "triton" or triton is not None,
          "--logprob_kernel triton needs the triton package (it comes with CUDA builds of torch); use auto or torch"),
         (args.logprob_kernel != "triton" or args.device != "cpu" and torch.cuda.is_available()
@@ -1743,10 +1766,15 @@ def check_same_tokenizer(reward_model_path, tokenizer, model_path):
              "use a reward model trained on the policy's tokenizer")
 
 
-def check_context(model, prompts, response_length):
-    """The longest prompt plus a full response fit the model's context."""
+def check_context(model, prompts, response_length, examples):
+    """The tokenized training rows (prompt + each response), and the longest prompt plus a full response, fit the
+    model's context (past it, learned positions fail mid-run and rotary ones silently extrapolate)."""
     context_limit = getattr(model.config, "max_position_embeddings", None)
     longest = max(len(p) for p in prompts) if prompts else 0
+    longest_row = max((len(p) + max(map(len, responses)) for p, *responses in examples), default=0)
+    if context_limit and longest_row > context_limit:
+        fail(f"training rows of up to {longest_row} tokens (--max_length) exceed the model's context ({context_limit}); "
+             "lower --max_length")
     if context_limit and longest + response_length > context_limit:
         fail(f"prompts of up to {longest} tokens + --response_length {response_length} exceed the model's context "
              f"({context_limit}); lower --response_length or --max_prompt_length")

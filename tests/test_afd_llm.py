@@ -249,6 +249,7 @@ def _fails(monkeypatch, tmp_path, *flags):
 
 @pytest.mark.parametrize("flags,needle", [
     (["--max_n", 0], "--max_n must be in [1,"),
+    (["--policy_opt", "ppo", "--total_episodes", 8, "--rollout_batch_size", 16], "--total_episodes 8 is less than one"),
     (["--num_rm_samples", 30], "only 27 discriminator training prompts"),  # 30 prompts - 3 held out < batch 32
     (["--num_rm_samples", 5000], "--num_rm_samples 5000 exceeds the 2000 demonstrations"),
     (["--task.num_demos", 34], "only 31 discriminator training prompts"),
@@ -278,5 +279,8 @@ def test_bad_data(monkeypatch, tmp_path, tiny_hh):
     assert "--num_rm_samples 100 exceeds the 32 demonstrations" in message
     message = _fails(monkeypatch, tmp_path, *model, "--dataset_name", tiny_hh["train"], "--num_rm_samples", 8)
     assert "only 7 discriminator training prompts" in message
+    message = _fails(monkeypatch, tmp_path, *model, "--dataset_name", tiny_hh["train"], "--rm_epochs", 0,
+                     "--reward_model_path", tiny_hh["model"])  # a causal LM: its `score` head would be new
+    assert "has no trained `score` head" in message
 
 

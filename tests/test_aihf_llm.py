@@ -236,6 +236,7 @@ def test_hh_format_data_and_local_models(algo, tiny_hh, tmp_path):
     (["--algo", "direct", "--num_rounds", 3], "--num_rounds is for --algo selfplay"),
     (["--w_pref", -1], "--w_pref must be in [0,"),
     (["--demo_fraction", 1.0], "--demo_fraction must be in (0, 1)"),
+    (["--algo", "rl", "--total_episodes", 8, "--rollout_batch_size", 16], "--total_episodes 8 is less than one"),
 ])
 def test_bad_inputs_fail_in_one_line(flags, message, task_cache, tmp_path):
     proc = run_script("aihf_llm.py", *flags, "--task.cache_dir", task_cache, "--output_dir", tmp_path / "runs", check=False)
@@ -243,3 +244,11 @@ def test_bad_inputs_fail_in_one_line(flags, message, task_cache, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
+
+
+def test_reward_warm_start_then_irl_from_demonstrations_only(task_cache, tmp_path):
+    """--w_pref 0 with --reward_pretrain_steps: the warm start reads the preference pairs though the AIHF loss does not."""
+    run_script("aihf_llm.py", *TINY, "--w_pref", 0, "--reward_pretrain_steps", 4, "--total_episodes", 0,
+               "--task.cache_dir", task_cache, "--output_dir", tmp_path, "--run_name", "warm")
+    metrics = json.loads((tmp_path / "warm" / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and 0 <= metrics["reward_pref_accuracy"] <= 1

@@ -274,7 +274,8 @@ def test_resume_refuses_a_changed_new_flag(tiny_expert, workdir, monkeypatch, ca
 # ------------------------------------------------------------------ bad input ---------------------------------------
 def test_bad_input_cli_fails_fast_and_writes_nothing(tmp_path):
     """The real CLI: one line on stderr starting "error:" that names the flag, exit code 2, nothing written."""
-    for extra, needle in [(["--q_lr", "-1"], "--q_lr"), (["--env_id", "CartPole-v1"], "Box action space")]:
+    for extra, needle in [(["--q_lr", "-1"], "--q_lr"), (["--env_id", "CartPole-v1"], "Box action space"),
+                          (["--env_id", "Walker2d-v5"], "trained on Hopper-v5, not Walker2d-v5")]:
         p = run(["--algo", "aihf", "--expert_path", HOPPER_EXPERT, "--cache_dir", str(tmp_path / "c"), *extra],
                 tmp_path, check=False)
         lines = p.stderr.strip().splitlines()
@@ -295,6 +296,10 @@ BAD_INPUTS = [
     (["--algo", "ipl", "--ipl_window", "60"], "--ipl_window"),
     (["--pool_noises", "0.1", "nan"], "--pool_noises"),
     (["--resume", "nowhere"], "--resume"),
+    (["--alpha", "0"], "--alpha"),  # a fixed alpha (autotune off) is used as log(alpha)
+    (["--env_id", "Walker2d-v5"], "trained on Hopper-v5, not Walker2d-v5: pass --expert_path"),
+    (["--expert_path", os.path.join(ROOT, "experts", "returns.json")], "not a torch checkpoint"),
+    (["--resume", HOPPER_EXPERT], "lacks args"),  # an actor file (like a run's actor.pt), no training checkpoint
 ]
 
 

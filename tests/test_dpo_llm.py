@@ -279,6 +279,13 @@ def test_bad_data(monkeypatch, tmp_path, tiny_hh):
     assert "no examples left" in message and "--max_prompt_length" in message
     assert "model path not found" in _fails(monkeypatch, tmp_path, "--model_name_or_path", tmp_path / "no_model",
                                             "--dataset_name", tiny_hh["train"])
+    short = tmp_path / "short_context"  # the same model, with a context shorter than the data's rows
+    shutil.copytree(tiny_hh["model"], short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32}))
+    message = _fails(monkeypatch, tmp_path, "--model_name_or_path", short, "--dataset_name", tiny_hh["train"],
+                     "--max_length", 200, "--max_prompt_length", 160, "--batch_size", 8)
+    assert "exceed the model's context (32)" in message and "--max_length" in message
 
 
 def test_resume_without_checkpoint(monkeypatch, tmp_path):

@@ -354,6 +354,7 @@ def test_hh_format_data_and_local_models(tiny_hh, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--kl_coef", "-0.1"], "--kl_coef must be in [0,"),
     (["--response_length", "0"], "--response_length must be in [1,"),
+    (["--total_episodes", "8", "--rollout_batch_size", "16"], "--total_episodes 8 is less than one --rollout_batch_size"),
     (["--rollout_batch_size", "10", "--num_mini_batches", "4"], "--rollout_batch_size 10 must split"),
     (["--dataset_name", "/no/such/file.jsonl"], "dataset path not found"),
     (["--learning_rate", "-1"], "--learning_rate must be in (0,"),
@@ -369,3 +370,15 @@ def test_bad_inputs_fail_in_one_line(flags, message, tiny_hh, task_cache, tmp_pa
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and message in last, proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_untrained_reward_head_is_refused(tiny_hh, tmp_path):
+    """--rm_epochs 0 uses the reward model as is: a plain causal LM (a new, random `score` head) fails before training."""
+    proc = run_script("rlhf_llm.py", "--model_name_or_path", tiny_hh["model"], "--reward_model_path", tiny_hh["model"],
+                      "--dataset_name", tiny_hh["train"], "--max_length", "200", "--max_prompt_length", "160",
+                      "--sft_dataset_name", tiny_hh["sft"], "--rm_epochs", "0", "--batch_size", "8", "--rollout_batch_size", "8",
+                      "--output_dir", tmp_path / "runs",
+                      check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "has no trained `score` head" in last, proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()

@@ -225,3 +225,51 @@ def test_every_mutant_still_applies():
 
     stale = [name for name, script, old, _, _ in MUTANTS if open(os.path.join(ROOT, script)).read().count(old) != 1]
     assert not stale, stale
+
+
+def test_load_policy_turns_dropout_off_and_refuses_transformed_logits(tmp_path):
+    """Dropout is off in every layer (so pi / pi_ref is 1 at the start of DPO and PPO), and a model whose logits are
+    rescaled after the LM head is refused in one line, in every LLM script's copy."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from conftest import fails_in_one_line
+
+    words = {w: i for i, w in enumerate(["<eos>", "<unk>"] + [str(d) for d in range(10)])}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+    gpt2, gemma = tmp_path / "gpt2", tmp_path / "gemma2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=12, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(gpt2)  # dropout 0.1 everywhere by default
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=12, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                   final_logit_softcapping=30.0)).save_pretrained(gemma)
+    for folder in (gpt2, gemma):
+        tokenizer.save_pretrained(folder)
+    ids = torch.tensor([[2, 3, 4, 5, 6]])
+    for script in LLM_SCRIPTS:
+        module = import_module(script[:-3])
+        model, _ = module.load_policy(str(gpt2), "cpu")
+        model.train()
+        assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout)), script
+        torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+        message = fails_in_one_line(lambda: module.load_policy(str(gemma), "cpu"))
+        assert "final_logit_softcapping=30.0" in message, (script, message)
+
+
+@pytest.mark.parametrize("script", LLM_SCRIPTS)
+def test_responses_cut_to_max_length_get_no_eos(script):
+    """A response that fits ends in EOS; one cut to --max_length does not (the data never ended there)."""
+    import sort_task
+    from types import SimpleNamespace
+
+    module = import_module(script[:-3])
+    tokenizer = sort_task.build_tokenizer(sort_task.SortTaskConfig())
+    eos = tokenizer.eos_token_id
+    args = SimpleNamespace(max_prompt_length=8, max_length=10)
+    (prompt, short, long), = module.tokenize_examples(tokenizer, ["sort: 3 1 ="], [[" 1 3"], [" 1 2 3 4 5 6 7 8 9"]],
+                                                      args, "test")
+    assert short == tokenizer(" 1 3", add_special_tokens=False)["input_ids"] + [eos]
+    assert len(prompt) + len(long) == args.max_length and eos not in long
+    assert long == tokenizer(" 1 2 3 4 5 6 7 8 9", add_special_tokens=False)["input_ids"][: len(long)]
