@@ -260,6 +260,7 @@ def test_resume_refuses_a_changed_new_flag(tiny_expert, workdir, monkeypatch, ca
     base = dict(algo=algo, seed=1, total_timesteps=3000, learning_starts=300, reward_pretrain_steps=0, bc_steps=0,
                 hidden=32, batch_size=32, eval_episodes=2, expert_path=str(tiny_expert / "actor.pt"))
     ckpt = dict(step=1000, args=asdict(am.validate_args(am.Args(**base))), data_key="k")
+    ckpt.update({k: None for k in am.CHECKPOINT_KEYS if k not in ckpt})  # the shape of a checkpoint; the flags differ
     path = workdir / f"fake_{flag}.pt"
     torch.save(ckpt, path)
     args = am.validate_args(am.Args(**dict(base, **{flag: value}), resume=str(path)))
