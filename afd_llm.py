@@ -319,8 +319,7 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
     vf_loss = 0.5 * torch.max(vf_losses, vf_losses_clipped).mean()
     with torch.no_grad():
         stats = {"policy/approxkl": 0.5 * (log_ratio**2).mean(), "policy/clipfrac": (pg_losses_clipped > pg_losses).float().mean(),
-                 "val/clipfrac": (vf_losses_clipped > vf_losses).float().mean(), "val/ratio": ratio.mean(),
-                 "val/ratio_var": ratio.var() if ratio.numel() > 1 else torch.zeros(())}
+                 "val/clipfrac": (vf_losses_clipped > vf_losses).float().mean(), "val/ratio": ratio.mean()}
     return pg_loss, vf_loss, stats
 
 
@@ -600,7 +599,7 @@ def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
     minibatch_size = B // args.num_mini_batches
     micro = minibatch_size // args.gradient_accumulation_steps
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    totals, count = {}, 0
+    totals, count, ratio_means = {}, 0, []
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(args.num_ppo_epochs):
         order = torch.randperm(B, generator=generator).to(batch["sequences"].device)
@@ -620,6 +619,7 @@ def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
                 loss = (pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps
                 (token_share(resp) * loss).backward()
                 stats.update({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/entropy": entropy.detach().mean()})
+                ratio_means.append(stats["val/ratio"])
                 for k, v in stats.items():
                     step_stats[k] = step_stats.get(k, 0) + v / args.gradient_accumulation_steps
             torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
@@ -635,9 +635,13 @@ def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
                 break
         if stop:
             break
-    # TRL's names: averages over minibatches get "_avg", except val/ratio and val/ratio_var
-    return {(k if k.startswith("val/ratio") else f"{k}_avg"): global_mean(v / count).item() for k, v in totals.items()} \
-        | {"policy/epochs": epoch + 1}
+    # TRL's val/ratio_var: the (unbiased) variance of the micro-batches' mean ratio over the update, every process's
+    # micro-batches together (each process runs as many)
+    means, n = torch.stack(ratio_means), len(ratio_means) * WORLD_SIZE
+    ratio_var = global_mean((means - global_mean(means.mean())).square().mean()) * n / max(n - 1, 1)
+    # TRL's names: averages over minibatches get "_avg", except val/ratio
+    return {(k if k == "val/ratio" else f"{k}_avg"): global_mean(v / count).item() for k, v in totals.items()} \
+        | {"val/ratio_var": ratio_var.item(), "policy/epochs": epoch + 1}
 
 
 def evaluate_gold(task, policy, tokenizer, seed, suffix):

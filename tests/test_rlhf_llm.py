@@ -1,6 +1,7 @@
 """Tests of rlhf_llm.py: the RLHF/PPO math against hand-computed numbers, the fused log-prob+entropy path against
 the naive one, and the script end to end (embedded task, HH-format data, bad inputs, --resume)."""
 
+import contextlib
 import json
 import math
 import statistics
@@ -382,3 +383,26 @@ def test_untrained_reward_head_is_refused(tiny_hh, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "has no trained `score` head" in last, proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
+
+
+def test_ratio_var_is_trls_variance_of_the_micro_batch_means(monkeypatch):
+    """val/ratio_var, as TRL defines it: the variance over the update of each micro-batch's mean ratio (not the
+    ratios' spread inside a micro-batch)."""
+    from test_distributed import _ppo_problem
+
+    policy, value_model, batch, args = _ppo_problem()
+    args.num_ppo_epochs, args.num_mini_batches = 2, 2  # 2 epochs x 2 minibatches x 2 micro-batches
+    seen, ppo_losses = [], R.ppo_losses
+
+    def recording(*a):
+        out = ppo_losses(*a)
+        seen.append(out[2]["val/ratio"].item())
+        return out
+
+    monkeypatch.setattr(R, "ppo_losses", recording)
+    optimizer = torch.optim.SGD([*policy.parameters(), *value_model.parameters()], lr=0.1)
+    stats = R.ppo_update(R.parallelize(policy, args), R.parallelize(value_model, args), optimizer, batch, args,
+                         contextlib.nullcontext(), seed=0)
+    assert len(seen) == 8 and torch.tensor(seen).var().item() > 0
+    assert stats["val/ratio_var"] == pytest.approx(torch.tensor(seen).var().item(), rel=1e-4)
+    assert stats["val/ratio"] == pytest.approx(sum(seen) / len(seen), rel=1e-5)
