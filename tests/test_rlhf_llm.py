@@ -378,8 +378,7 @@ def test_untrained_reward_head_is_refused(tiny_hh, tmp_path):
     proc = run_script("rlhf_llm.py", "--model_name_or_path", tiny_hh["model"], "--reward_model_path", tiny_hh["model"],
                       "--dataset_name", tiny_hh["train"], "--max_length", "200", "--max_prompt_length", "160",
                       "--sft_dataset_name", tiny_hh["sft"], "--rm_epochs", "0", "--batch_size", "8", "--rollout_batch_size", "8",
-                      "--output_dir", tmp_path / "runs",
-                      check=False)
+                      "--output_dir", tmp_path / "runs", check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "has no trained `score` head" in last, proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
