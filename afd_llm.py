@@ -470,7 +470,7 @@ def load_ppo_models(sft_path, rm_path, device):
 
 
 @torch.no_grad()
-def generate(policy, queries, query_mask, response_length, temperature, pad_id, eos_id, forward_batch_size):
+def generate(policy, queries, query_mask, response_length, temperature, pad_id, eos_id, forward_batch_size, autocast):
     """Responses (B, response_length) sampled with the KV cache (HF generate), right-padded with pad_id.
 
     N+: plain temperature sampling: top_k 0 and top_p 1 switch off HF's defaults, no min length."""
@@ -479,13 +479,21 @@ def generate(policy, queries, query_mask, response_length, temperature, pad_id, 
     config = GenerationConfig(max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                               pad_token_id=pad_id, eos_token_id=eos_id)
     out = torch.full((queries.shape[0], response_length), pad_id, dtype=torch.long, device=queries.device)
-    for s in range(0, queries.shape[0], forward_batch_size):
-        q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
-        # synced_gpus: under FSDP2 a process whose responses all ended keeps stepping with the others (each forward
-        # pass gathers the weights from every process); DDP's replicas generate alone
-        generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config,
-                                    synced_gpus=SHARDED)[:, q.shape[1] :]
-        out[s : s + len(q), : generated.shape[1]] = generated
+    # HF fills every field left unset in `config` from the model's own generation_config: a chat model's
+    # repetition_penalty, min_new_tokens or suppress_tokens would shape the samples, which PPO then scores as plain
+    # softmax(logits / T). So generate against an empty one, and give the model its own back (save_pretrained keeps it).
+    own, policy.generation_config = policy.generation_config, GenerationConfig()
+    try:
+        for s in range(0, queries.shape[0], forward_batch_size):
+            q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
+            # synced_gpus: under FSDP2 a process whose responses all ended keeps stepping with the others (each
+            # forward pass gathers the weights from every process); DDP's replicas generate alone
+            with autocast:  # --bf16: sampled in the precision that scores them (pi_old) and trains them
+                generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config,
+                                            synced_gpus=SHARDED)[:, q.shape[1] :]
+            out[s : s + len(q), : generated.shape[1]] = generated
+    finally:
+        policy.generation_config = own
     return out
 
 
@@ -497,7 +505,7 @@ def decode_responses(tokenizer, responses, eos_id, pad_id):
 
 
 @torch.no_grad()
-def sample_candidates(policy, queries, query_mask, max_n, response_length, args, pad_id, eos_id, seed):
+def sample_candidates(policy, queries, query_mask, max_n, response_length, args, pad_id, eos_id, seed, autocast):
     """max_n responses to each prompt, (P, max_n, response_length). Round j samples one response for every prompt under
     the seed seed + j, so a prompt's first N samples are the same whatever max_n is: Best-of-N at every N reuses them.
     policy: parallelize()'s wrapper; under torchrun the prompts are this process's share."""
@@ -508,7 +516,7 @@ def sample_candidates(policy, queries, query_mask, max_n, response_length, args,
     for j in range(max_n):
         seed_share(seed + j)
         rounds.append(policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
-                             args.forward_batch_size))
+                             args.forward_batch_size, autocast))
         bar.update()
     bar.close()
     return torch.stack(rounds, 1)
@@ -541,7 +549,8 @@ def normalize_reward(reward_model, policy, queries, query_mask, response_length,
     reward_model.config.reward_bias = 0.0
     policy = as_parallel(policy)
     policy.eval()
-    responses = policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id, args.forward_batch_size)
+    responses = policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
+                       args.forward_batch_size, autocast)
     responses, response_mask, _ = truncate_after_eos(responses, eos_id, pad_id)
     raw = []
     with autocast:
@@ -970,7 +979,8 @@ def main():
             sampler = parallelize(load_policy(model_path, device)[0].requires_grad_(False), args) if source == "init" else policy
             sampler.eval()
             seed_share(args.seed * 7919 + (2 if source == "init" else 3))
-            sampled = sampler(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id, args.forward_batch_size)
+            sampled = sampler(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
+                              args.forward_batch_size, autocast)
             responses[source] = gather(decode_responses(tokenizer, sampled, eos_id, pad_id), len(rm_prompt_ids))
             del sampler
         positives, negatives = discriminator_pairs(args.rm_data, responses)
@@ -1065,7 +1075,7 @@ def main():
         discriminator = parallelize(reward_model.requires_grad_(False), args)
         queries, query_mask = (t.to(device) for t in left_pad(this_rank(bon_prompt_ids), pad_id))  # this process's share
         sampled = gather(sample_candidates(policy, queries, query_mask, args.max_n, response_length, args, pad_id, eos_id,
-                                           seed=(args.seed * 7919 + 4) * 100_003), len(bon_prompt_ids))
+                                           seed=(args.seed * 7919 + 4) * 100_003, autocast=autocast), len(bon_prompt_ids))
         texts = decode_responses(tokenizer, sampled.flatten(0, 1), eos_id, pad_id)  # prompt-major: prompt i, samples 0 .. max_n-1
         repeated = [p for p in bon_prompts for _ in range(args.max_n)]
         examples = tokenize_examples(tokenizer, repeated, [texts], args, "Best-of-N candidates")
@@ -1114,7 +1124,7 @@ def main():
             queries, query_mask = sample_prompts(ppo_prompts, args.rollout_batch_size, args.seed * 1_000_003 + update, pad_id, device)
             seed_share(args.seed * 1_000_003 + update)  # the sampling of iteration `update`, also after --resume
             responses = policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
-                               args.forward_batch_size)
+                               args.forward_batch_size, autocast)
             # 2. score: log-probs, values, the discriminator's reward r = z (sequence_rewards, minus the normalising
             #    bias), KL shaping, GAE, whitening (no grad)
             batch = score_rollouts(policy, ref, reward, value, queries, query_mask, responses, args, pad_id, eos_id, autocast)

@@ -162,7 +162,7 @@ class Args:
     batch_size: int = 32
     """examples per optimizer step: demonstrations in SFT, pairs of each kind in the reward and DPO-form steps"""
     gradient_accumulation_steps: int = 1
-    """micro-batches per optimizer step (batch_size and the PPO minibatch must be divisible by it)"""
+    """micro-batches per optimizer step (batch_size and the PPO minibatch must be divisible by it; rl: also each reward step)"""
     warmup_ratio: float = 0.1
     """share of each stage's steps with a linear learning-rate warm-up (then linear decay to 0)"""
     weight_decay: float = 0.0
@@ -488,7 +488,7 @@ def pair_logps(policy, pairs, micro, pad_id, args, device, autocast):
 
 
 @torch.no_grad()
-def sample_demo_pairs(policy, demos, args, response_length, pad_id, eos_id, device):
+def sample_demo_pairs(policy, demos, args, response_length, pad_id, eos_id, device, autocast):
     """(prompt, demonstration, a sample of the model at temperature 1) for each demonstration: the demo pairs of the
     implicit-reward forms, y^E preferred to the reference's own response. policy: parallelize()'s wrapper; each process
     samples for its share of the demonstrations, and every process gets all the pairs."""
@@ -497,7 +497,7 @@ def sample_demo_pairs(policy, demos, args, response_length, pad_id, eos_id, devi
         chunk = mine[s : s + args.forward_batch_size]
         queries, query_mask = (t.to(device) for t in left_pad([p for p, _ in chunk], pad_id))
         samples, sample_mask, _ = truncate_after_eos(policy(generate, queries, query_mask, response_length, 1.0, pad_id, eos_id,
-                                                            args.forward_batch_size), eos_id, pad_id)
+                                                            args.forward_batch_size, autocast), eos_id, pad_id)
         pairs += [(p, c, r[m].tolist()) for (p, c), r, m in zip(chunk, samples.cpu(), sample_mask.cpu())]
     return gather(pairs, len(demos))
 
@@ -568,8 +568,8 @@ def copy_weights(model, source):
 
 
 def reward_batch_loss(reward_model, demo_rows, pref_rows, args, autocast):
-    """L(phi) of one reward step. demo_rows / pref_rows: `pair_rows_batch`es of (demonstration, policy sample) and of
-    (chosen, rejected) pairs, or None where that term's weight is 0. Returns the loss and its statistics."""
+    """L(phi) on one micro-batch of a reward step. demo_rows / pref_rows: `pair_rows_batch`es of (demonstration, policy
+    sample) and of (chosen, rejected) pairs, or None where that term's weight is 0. Returns the loss and its statistics."""
     empty = torch.zeros(0)
     with autocast:
         demo = sequence_rewards(reward_model, *demo_rows) if demo_rows is not None else empty
@@ -583,6 +583,26 @@ def reward_batch_loss(reward_model, demo_rows, pref_rows, args, autocast):
         stats.update({"reward/pref_loss": pref_term.detach(), "reward/pref_margin": (pref[0::2] - pref[1::2]).mean().detach(),
                       "reward/pref_accuracy": (pref[0::2] > pref[1::2]).float().mean()})
     return loss, stats
+
+
+def reward_step(reward, optimizer, demo_pairs, pref_pairs, args, autocast, pad_id, device):
+    """One AdamW step of the reward on L(phi) over this process's (demonstration, sample) and preference pairs
+    (either list empty where its weight is 0), the gradient accumulated over --gradient_accumulation_steps micro-
+    batches, each 1/G of both lists: the peak memory is a micro-batch's, the step the same. reward: parallelize()'s
+    wrapper. Returns the step's statistics (this process's pairs)."""
+    G, stats = args.gradient_accumulation_steps, {}
+    for m in range(G):
+        sync_gradients(m + 1 == G, reward)
+        rows = [[t.to(device) for t in pair_rows_batch(pairs[m * len(pairs) // G : (m + 1) * len(pairs) // G], pad_id)]
+                if pairs else None for pairs in (demo_pairs, pref_pairs)]
+        loss, micro_stats = reward(reward_batch_loss, *rows, args, autocast)
+        (loss / G).backward()  # equal micro-batches: the mean of their means is the step's mean
+        for k, v in micro_stats.items():
+            stats[k] = stats.get(k, 0) + v / G
+    stats["reward/grad_norm"] = whole(torch.nn.utils.clip_grad_norm_(reward.parameters(), args.max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats
 
 
 @torch.no_grad()
@@ -600,7 +620,7 @@ def center_reward(reward_model, sequences, attention, args, autocast):
 
 
 @torch.no_grad()
-def generate(policy, queries, query_mask, response_length, temperature, pad_id, eos_id, forward_batch_size):
+def generate(policy, queries, query_mask, response_length, temperature, pad_id, eos_id, forward_batch_size, autocast):
     """Responses (B, response_length) sampled with the KV cache (HF generate), right-padded with pad_id.
 
     N+: plain temperature sampling: top_k 0 and top_p 1 switch off HF's defaults, no min length."""
@@ -609,13 +629,21 @@ def generate(policy, queries, query_mask, response_length, temperature, pad_id, 
     config = GenerationConfig(max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                               pad_token_id=pad_id, eos_token_id=eos_id)
     out = torch.full((queries.shape[0], response_length), pad_id, dtype=torch.long, device=queries.device)
-    for s in range(0, queries.shape[0], forward_batch_size):
-        q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
-        # synced_gpus: under FSDP2 a process whose responses all ended keeps stepping with the others (each forward
-        # pass gathers the weights from every process); DDP's replicas generate alone
-        generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config,
-                                    synced_gpus=SHARDED)[:, q.shape[1] :]
-        out[s : s + len(q), : generated.shape[1]] = generated
+    # HF fills every field left unset in `config` from the model's own generation_config: a chat model's
+    # repetition_penalty, min_new_tokens or suppress_tokens would shape the samples, which PPO then scores as plain
+    # softmax(logits / T). So generate against an empty one, and give the model its own back (save_pretrained keeps it).
+    own, policy.generation_config = policy.generation_config, GenerationConfig()
+    try:
+        for s in range(0, queries.shape[0], forward_batch_size):
+            q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
+            # synced_gpus: under FSDP2 a process whose responses all ended keeps stepping with the others (each
+            # forward pass gathers the weights from every process); DDP's replicas generate alone
+            with autocast:  # --bf16: sampled in the precision that scores them (pi_old) and trains them
+                generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config,
+                                            synced_gpus=SHARDED)[:, q.shape[1] :]
+            out[s : s + len(q), : generated.shape[1]] = generated
+    finally:
+        policy.generation_config = own
     return out
 
 
@@ -740,7 +768,7 @@ def reward_accuracies(reward_model, policy, eval_pairs, eval_demos, args, device
         queries, query_mask = (t.to(device) for t in left_pad([p for p, _ in eval_demos], pad_id))
         torch.manual_seed(args.seed)
         samples, sample_mask, _ = truncate_after_eos(policy(generate, queries, query_mask, response_length, args.temperature,
-                                                            pad_id, eos_id, args.forward_batch_size), eos_id, pad_id)
+                                                            pad_id, eos_id, args.forward_batch_size, autocast), eos_id, pad_id)
         rows = [(p, c, s[m].tolist()) for (p, c), s, m in zip(eval_demos, samples.cpu(), sample_mask.cpu())]
         ids, mask = (t.to(device) for t in pair_rows_batch(rows, pad_id))
         with autocast:
@@ -1136,26 +1164,18 @@ def main():
             index = this_rank(draw(len(demos), args.rollout_batch_size, round_seed))  # this process's share of the prompts
             queries, query_mask = (t.to(device) for t in left_pad([demos[i][0] for i in index], pad_id))
             seed_share(round_seed)  # the sampling of round `round_`, also after --resume
-            responses = policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id, args.forward_batch_size)
+            responses = policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
+                               args.forward_batch_size, autocast)
             samples, sample_mask, _ = truncate_after_eos(responses, eos_id, pad_id)
             timings["time/generate"] = time.time() - t0
             # 2. reward: --reward_steps steps on L(phi) = w_demo mean BT(y^E > y~pi) + w_pref mean BT(y_w > y_l)
             t0 = time.time()
-            demo_rows = None
-            if args.w_demo:
-                demo_rows = [t.to(device) for t in pair_rows_batch(
-                    [(demos[i][0], demos[i][1], s[m].tolist()) for i, s, m in zip(index, samples.cpu(), sample_mask.cpu())], pad_id)]
+            demo_pairs = [(demos[i][0], demos[i][1], s[m].tolist())
+                          for i, s, m in zip(index, samples.cpu(), sample_mask.cpu())] if args.w_demo else []
             reward_stats = {}
             for k in range(args.reward_steps):
-                pref_rows = None
-                if args.w_pref:
-                    pref_rows = [t.to(device) for t in pair_rows_batch([prefs[i] for i in this_rank(pref_steps[round_ * args.reward_steps + k])],
-                                                                       pad_id)]
-                loss, reward_stats = reward(reward_batch_loss, demo_rows, pref_rows, args, autocast)
-                loss.backward()
-                reward_stats["reward/grad_norm"] = whole(torch.nn.utils.clip_grad_norm_(reward_model.parameters(), args.max_grad_norm))
-                reward_optimizer.step()
-                reward_optimizer.zero_grad(set_to_none=True)
+                pref_pairs = [prefs[i] for i in this_rank(pref_steps[round_ * args.reward_steps + k])] if args.w_pref else []
+                reward_stats = reward_step(reward, reward_optimizer, demo_pairs, pref_pairs, args, autocast, pad_id, device)
             reward_stats = {k: global_mean(v) for k, v in reward_stats.items()}  # over every process's pairs
             sequences, attention = torch.cat([queries, samples], 1), torch.cat([query_mask, sample_mask.long()], 1)
             reward_stats["reward/raw_mean_on_samples"] = reward(center_reward, sequences, attention, args, autocast)
@@ -1212,8 +1232,8 @@ def main():
         if "round_data" not in state:  # the round's pairs and pi_ref log-probs, once (no second model in memory)
             # demo pairs: y^E preferred to a sample of this round's pi_ref (pi_ref = the policy as the round starts)
             seed_share(args.seed * 1_000_003 + round_)
-            demo_pairs = sample_demo_pairs(policy, demos if args.w_demo else [], args, response_length, pad_id, eos_id, device)
-            eval_demo_pairs = sample_demo_pairs(policy, eval_demos, args, response_length, pad_id, eos_id, device)
+            demo_pairs = sample_demo_pairs(policy, demos if args.w_demo else [], args, response_length, pad_id, eos_id, device, autocast)
+            eval_demo_pairs = sample_demo_pairs(policy, eval_demos, args, response_length, pad_id, eos_id, device, autocast)
             ref_logps_of = partial(pair_logps, policy, micro=micro, pad_id=pad_id, args=args, device=device, autocast=autocast)
             state["round_data"] = {"demo_pairs": demo_pairs, "demo_ref": ref_logps_of(demo_pairs), "pref_ref": ref_logps_of(prefs),
                                    "eval_pairs": eval_pairs, "eval_ref": ref_logps_of(eval_pairs),

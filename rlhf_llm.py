@@ -417,7 +417,7 @@ def load_ppo_models(sft_path, rm_path, device):
 
 
 @torch.no_grad()
-def generate(policy, queries, query_mask, response_length, temperature, pad_id, eos_id, forward_batch_size):
+def generate(policy, queries, query_mask, response_length, temperature, pad_id, eos_id, forward_batch_size, autocast):
     """Responses (B, response_length) sampled with the KV cache (HF generate), right-padded with pad_id.
 
     N+: plain temperature sampling: top_k 0 and top_p 1 switch off HF's defaults, no min length."""
@@ -426,13 +426,21 @@ def generate(policy, queries, query_mask, response_length, temperature, pad_id, 
     config = GenerationConfig(max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                               pad_token_id=pad_id, eos_token_id=eos_id)
     out = torch.full((queries.shape[0], response_length), pad_id, dtype=torch.long, device=queries.device)
-    for s in range(0, queries.shape[0], forward_batch_size):
-        q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
-        # synced_gpus: under FSDP2 a process whose responses all ended keeps stepping with the others (each forward
-        # pass gathers the weights from every process); DDP's replicas generate alone
-        generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config,
-                                    synced_gpus=SHARDED)[:, q.shape[1] :]
-        out[s : s + len(q), : generated.shape[1]] = generated
+    # HF fills every field left unset in `config` from the model's own generation_config: a chat model's
+    # repetition_penalty, min_new_tokens or suppress_tokens would shape the samples, which PPO then scores as plain
+    # softmax(logits / T). So generate against an empty one, and give the model its own back (save_pretrained keeps it).
+    own, policy.generation_config = policy.generation_config, GenerationConfig()
+    try:
+        for s in range(0, queries.shape[0], forward_batch_size):
+            q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
+            # synced_gpus: under FSDP2 a process whose responses all ended keeps stepping with the others (each
+            # forward pass gathers the weights from every process); DDP's replicas generate alone
+            with autocast:  # --bf16: sampled in the precision that scores them (pi_old) and trains them
+                generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config,
+                                            synced_gpus=SHARDED)[:, q.shape[1] :]
+            out[s : s + len(q), : generated.shape[1]] = generated
+    finally:
+        policy.generation_config = own
     return out
 
 
@@ -445,7 +453,8 @@ def normalize_reward(reward_model, policy, queries, query_mask, response_length,
     reward_model.config.reward_bias = 0.0
     policy = as_parallel(policy)
     policy.eval()
-    responses = policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id, args.forward_batch_size)
+    responses = policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
+                       args.forward_batch_size, autocast)
     responses, response_mask, _ = truncate_after_eos(responses, eos_id, pad_id)
     raw = []
     with autocast:
@@ -936,7 +945,7 @@ def main():
             queries, query_mask = sample_prompts(ppo_prompts, args.rollout_batch_size, args.seed * 1_000_003 + update, pad_id, device)
             seed_share(args.seed * 1_000_003 + update)  # the sampling of iteration `update`, also after --resume
             responses = policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
-                               args.forward_batch_size)
+                               args.forward_batch_size, autocast)
             timings["time/generate"] = time.time() - t0
             # 2. score: log-probs, values, rewards, KL shaping, GAE, whitening (no grad)
             t0 = time.time()

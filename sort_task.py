@@ -30,6 +30,9 @@ from dataclasses import dataclass
 import torch
 
 TASK_VERSION = 1  # bump when the construction changes, so stale caches are not reused
+# The thread count sets the order of the float sums inside each matmul, so pi0 would depend on which process happened
+# to build it (a script runs on --num_threads 1, a test worker on every core): it is built on this many, on any machine.
+BUILD_THREADS = 2
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 PROMPT_PREFIX, PROMPT_SUFFIX = "sort:", "="
 
@@ -185,8 +188,8 @@ def build_tokenizer(cfg: SortTaskConfig):
 
 
 def _base_model_key(cfg: SortTaskConfig) -> str:
-    shape = dict(version=TASK_VERSION, seed=cfg.seed, min_digits=cfg.min_digits, max_digits=cfg.max_digits,
-                 num_symbols=cfg.num_symbols, steps=cfg.base_model_steps)
+    shape = dict(version=TASK_VERSION, threads=BUILD_THREADS, seed=cfg.seed, min_digits=cfg.min_digits,
+                 max_digits=cfg.max_digits, num_symbols=cfg.num_symbols, steps=cfg.base_model_steps)
     return hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -230,7 +233,7 @@ def _train_base_model(cfg: SortTaskConfig, tokenizer, out_dir: str) -> None:
 
 
 def base_model_path(cfg: SortTaskConfig) -> str:
-    """Directory of pi0 + tokenizer; built on first use (well under a minute on 2 CPU cores), then cached."""
+    """Directory of pi0 + tokenizer; built on first use (≈ 45 s on 2 CPU cores), then cached."""
     root = os.path.expanduser(cfg.cache_dir)
     final = os.path.join(root, f"sort_task_pi0_{_base_model_key(cfg)}")
     if os.path.exists(os.path.join(final, "config.json")):
@@ -238,6 +241,8 @@ def base_model_path(cfg: SortTaskConfig) -> str:
     os.makedirs(root, exist_ok=True)
     print(f"[sort_task] building the base policy pi0 in {final} (once; cached) ...", flush=True)
     building = tempfile.mkdtemp(prefix=".building_", dir=root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
     try:
         _train_base_model(cfg, build_tokenizer(cfg), building)
         try:  # atomic publish; if another process won the race, keep theirs
@@ -245,6 +250,7 @@ def base_model_path(cfg: SortTaskConfig) -> str:
         except OSError:
             pass
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(building, ignore_errors=True)
     return final
 

@@ -79,18 +79,14 @@ def round_(models, optimizers, args, cli, device, autocast, seed):
     t0 = time.perf_counter()
     queries, query_mask = (t.to(device) for t in A.left_pad(prompts, PAD))
     torch.manual_seed(seed)
-    responses = A.generate(policy, queries, query_mask, cli.response_length, args.temperature, PAD, EOS, args.forward_batch_size)
+    responses = A.generate(policy, queries, query_mask, cli.response_length, args.temperature, PAD, EOS, args.forward_batch_size,
+                           autocast)
     samples, sample_mask, _ = A.truncate_after_eos(responses, EOS, PAD)
     sync()
     times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    demo_rows = [t.to(device) for t in A.pair_rows_batch(
-        [(p, d, s[m].tolist()) for p, d, s, m in zip(prompts, demos, samples.cpu(), sample_mask.cpu())], PAD)]
-    pref_rows = [t.to(device) for t in A.pair_rows_batch(prefs, PAD)]
-    loss, _ = A.reward_batch_loss(reward, demo_rows, pref_rows, args, autocast)
-    loss.backward()
-    reward_optimizer.step()
-    reward_optimizer.zero_grad(set_to_none=True)
+    demo_pairs = [(p, d, s[m].tolist()) for p, d, s, m in zip(prompts, demos, samples.cpu(), sample_mask.cpu())]
+    A.reward_step(A.as_parallel(reward), reward_optimizer, demo_pairs, prefs, args, autocast, PAD, device)
     A.center_reward(reward, torch.cat([queries, samples], 1), torch.cat([query_mask, sample_mask.long()], 1), args, autocast)
     sync()
     times.append(time.perf_counter() - t0)

@@ -68,7 +68,8 @@ def iteration(models, args, vocab, seed):
     queries, mask = prompts(args.rollout_batch_size, vocab, seed)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    responses = R.generate(policy, queries, mask, args.response_length, args.temperature, PAD, EOS, args.forward_batch_size)
+    responses = R.generate(policy, queries, mask, args.response_length, args.temperature, PAD, EOS, args.forward_batch_size,
+                           autocast)
     t1 = time.perf_counter()
     batch = R.score_rollouts(policy, ref, reward, value, queries, mask, responses, args, PAD, EOS, autocast)
     t2 = time.perf_counter()
@@ -94,7 +95,8 @@ def memory_worker(variant, vocab, response_length):
     autocast = torch.autocast("cpu", enabled=False)
     queries, mask = prompts(args.rollout_batch_size, vocab)
     torch.manual_seed(0)
-    responses = R.generate(policy, queries, mask, response_length, args.temperature, PAD, EOS, args.forward_batch_size)
+    responses = R.generate(policy, queries, mask, response_length, args.temperature, PAD, EOS, args.forward_batch_size,
+                           autocast)
     batch = R.score_rollouts(policy, ref, reward, value, queries, mask, responses, args, PAD, EOS, autocast)
     # warm-up step so AdamW's state and allocator caches exist before measuring (identical for both variants)
     R.ppo_update(policy, value, optimizer, batch, R.Args(response_length=response_length, num_ppo_epochs=1), autocast, 0)

@@ -76,6 +76,9 @@ MUTANTS = [
     ("rlhf: score read at the first token", "rlhf_llm.py",
      "    last = hidden[torch.arange(ids.shape[0], device=ids.device), last_token_index(mask)]",
      "    last = hidden[:, 0]", ["tests/test_rlhf_llm.py::-k last_real_token"]),
+    ("rlhf: rollouts sampled under the model's own generation_config", "rlhf_llm.py",
+     "    own, policy.generation_config = policy.generation_config, GenerationConfig()\n", "    own = policy.generation_config\n",
+     ["tests/test_shared_machinery.py::-k 'own_generation_config and rlhf'"]),
     # aihf_llm.py
     ("aihf: --bf16 leaves the fused losses' inputs in fp32", "aihf_llm.py",
      "    return hidden.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else hidden",
@@ -102,6 +105,8 @@ MUTANTS = [
      "                loss = (pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps",
      "                loss = (-pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps",
      ["tests/test_aihf_llm.py::-k 'smoke_metrics and rl'", "tests/test_shared_machinery.py::-k identical"]),
+    ("aihf: the reward step's micro-batch losses added up, not averaged", "aihf_llm.py",
+     "        (loss / G).backward()", "        loss.backward()", ["tests/test_aihf_llm.py::-k micro_batches"]),
     ("rlhf: the loop ascends the PPO loss", "rlhf_llm.py",
      "                loss = (pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps",
      "                loss = (-pg_loss + args.vf_coef * vf_loss) / args.gradient_accumulation_steps",
@@ -116,6 +121,13 @@ MUTANTS = [
      ["tests/test_afd_llm.py::-k discriminators_logit"]),
     ("afd: Best-of-N picks the lowest reward", "afd_llm.py",
      "    return rewards[:, :n].argmax(1)", "    return rewards[:, :n].argmin(1)", ["tests/test_afd_llm.py::-k picks_the_argmax"]),
+    ("afd: bf16 rollouts sampled outside autocast", "afd_llm.py",
+     "            with autocast:  # --bf16: sampled", "            with torch.no_grad():  # --bf16: sampled",
+     ["tests/test_shared_machinery.py::-k 'under_autocast and afd'"]),
+    # sort_task.py
+    ("task: pi0 built on the calling process's thread count", "sort_task.py",
+     "    torch.set_num_threads(BUILD_THREADS)\n", "    torch.set_num_threads(threads)\n",
+     ["tests/test_sort_task.py::-k deterministic"]),
     # aihf_mujoco.py
     ("mujoco: SAC target bootstraps through terminations", "aihf_mujoco.py",
      "    return rewards + gamma * (1.0 - dones) * (next_q - alpha * next_logp)",

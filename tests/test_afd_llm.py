@@ -113,13 +113,14 @@ def test_samples_are_drawn_once_and_reused_for_every_n():
     --max_n, so Best-of-N at N = 3 of a max_n = 5 run is Best-of-3 of a max_n = 3 run."""
     policy = _tiny_policy()
     queries, mask = A.left_pad([[3, 4, 5], [6, 7], [8]], pad_id=0)
-    args = SimpleNamespace(temperature=1.0, forward_batch_size=2)
-    three = A.sample_candidates(policy, queries, mask, 3, 6, args, pad_id=0, eos_id=1, seed=10)
-    five = A.sample_candidates(policy, queries, mask, 5, 6, args, pad_id=0, eos_id=1, seed=10)
+    args, off = SimpleNamespace(temperature=1.0, forward_batch_size=2), torch.autocast("cpu", enabled=False)
+    three = A.sample_candidates(policy, queries, mask, 3, 6, args, pad_id=0, eos_id=1, seed=10, autocast=off)
+    five = A.sample_candidates(policy, queries, mask, 5, 6, args, pad_id=0, eos_id=1, seed=10, autocast=off)
     assert three.shape == (3, 3, 6) and five.shape == (3, 5, 6)
     assert torch.equal(three, five[:, :3])
     assert all(not torch.equal(five[:, j], five[:, j + 1]) for j in range(4))  # each round is a fresh sample
-    assert not torch.equal(A.sample_candidates(policy, queries, mask, 3, 6, args, pad_id=0, eos_id=1, seed=11), three)
+    other_seed = A.sample_candidates(policy, queries, mask, 3, 6, args, pad_id=0, eos_id=1, seed=11, autocast=off)
+    assert not torch.equal(other_seed, three)
 
 
 def test_decoded_samples_match_the_demonstrations_format():

@@ -125,6 +125,28 @@ def test_rl_without_demonstrations_is_rlhf_reward_step():
     assert "reward/demo_loss" not in stats and 0 <= stats["reward/pref_accuracy"] <= 1
 
 
+def test_reward_step_in_micro_batches_is_the_same_step():
+    """--gradient_accumulation_steps splits the reward step's demo and preference pairs into micro-batches (memory):
+    the parameters after the step and its statistics are those of the one-batch step. The pairs differ in length, so a
+    micro-batch's mean weighted by its tokens instead of its pairs would show; so would a missing 1/G."""
+    from transformers import GPTNeoXForSequenceClassification
+
+    after = {}
+    for G in (1, 2):
+        torch.manual_seed(0)
+        reward_model = GPTNeoXForSequenceClassification(_tiny_config(num_labels=1)).eval()
+        reward_model.config.reward_bias = 0.0
+        optimizer = torch.optim.SGD(reward_model.parameters(), lr=0.1)  # the update is the gradient itself
+        args = SimpleNamespace(w_demo=0.7, w_pref=1.3, gradient_accumulation_steps=G, max_grad_norm=1e9)
+        stats = A.reward_step(A.Parallel(reward_model), optimizer, _pairs(5, 4), _pairs(6, 6), args, NO_AUTOCAST, 0, "cpu")
+        after[G] = [p.detach().clone() for p in reward_model.parameters()], {k: float(v) for k, v in stats.items()}
+    for a, b in zip(after[1][0], after[2][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert after[1][1].keys() == after[2][1].keys() and "reward/demo_margin" in after[1][1]
+    for k in after[1][1]:
+        assert after[2][1][k] == pytest.approx(after[1][1][k], rel=1e-4, abs=1e-6), k
+
+
 def test_selfplay_without_preferences_is_spin():
     """w_pref = 0: demonstrations against the reference's own samples, the SPIN loss (Chen et al. 2024), by hand from
     the plain model's full logits."""

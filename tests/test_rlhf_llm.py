@@ -216,7 +216,8 @@ def test_reward_normalised_to_mean_zero_on_policy_samples(ppo_models):
         raw = R.normalize_reward(reward_model, policy, queries, query_mask, 4, args, 0, 1, torch.autocast("cpu", enabled=False))
         assert reward_model.config.reward_bias == pytest.approx(raw.mean().item())
         torch.manual_seed(3)  # the same samples again, now scored by the normalised reward model
-        responses = R.generate(policy, queries, query_mask, 4, args.temperature, 0, 1, args.forward_batch_size)
+        responses = R.generate(policy, queries, query_mask, 4, args.temperature, 0, 1, args.forward_batch_size,
+                               torch.autocast("cpu", enabled=False))
         responses, response_mask, _ = R.truncate_after_eos(responses, 1, 0)
         with torch.no_grad():
             normalised = R.sequence_rewards(reward_model, torch.cat([queries, responses], 1),

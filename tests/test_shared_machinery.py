@@ -273,3 +273,35 @@ def test_responses_cut_to_max_length_get_no_eos(script):
     assert short == tokenizer(" 1 3", add_special_tokens=False)["input_ids"] + [eos]
     assert len(prompt) + len(long) == args.max_length and eos not in long
     assert long == tokenizer(" 1 2 3 4 5 6 7 8 9", add_special_tokens=False)["input_ids"][: len(long)]
+
+
+@pytest.mark.parametrize("module", [s[:-3] for s in LLM_SCRIPTS if s != "dpo_llm.py"])
+def test_rollouts_ignore_the_models_own_generation_config(module):
+    """Rollouts are plain softmax(logits / T) samples even from a model whose generation_config asks for more (here:
+    every token but one suppressed), and the model keeps that config for save_pretrained."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    generate = import_module(module).generate
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, max_position_embeddings=32)).eval()
+    model.generation_config.suppress_tokens = [t for t in range(16) if t != 5]
+    queries = torch.randint(2, 16, (8, 3))
+    responses = generate(model, queries, torch.ones_like(queries), 6, 1.0, 0, 1, 4, torch.autocast("cpu", enabled=False))
+    assert responses.shape == (8, 6) and (responses != 5).any()
+    assert model.generation_config.suppress_tokens == [t for t in range(16) if t != 5]
+
+
+@pytest.mark.parametrize("module", [s[:-3] for s in LLM_SCRIPTS if s != "dpo_llm.py"])
+def test_bf16_rollouts_are_sampled_under_autocast(module):
+    """With --bf16 the samples come from the bf16 logits that score them as pi_old, not from an fp32 forward."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    generate = import_module(module).generate
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, max_position_embeddings=32)).eval()
+    dtypes = []
+    model.get_output_embeddings().register_forward_hook(lambda _, __, logits: dtypes.append(logits.dtype))
+    queries = torch.randint(2, 16, (4, 3))
+    generate(model, queries, torch.ones_like(queries), 3, 1.0, 0, 1, 4, torch.autocast("cpu", dtype=torch.bfloat16))
+    assert dtypes and set(dtypes) == {torch.bfloat16}

@@ -68,10 +68,19 @@ def test_validate_rejects(bad):
 
 
 def test_task_is_deterministic(tmp_path):
-    """Two builds from scratch (separate caches) give identical pi0 weights and identical datasets."""
+    """Two builds from scratch (separate caches) give identical pi0 weights and identical datasets, also from
+    processes on different thread counts (which change the float sums of a matmul), and leave that count alone."""
     small = dict(seed=3, num_demos=40, num_prefs=24, num_eval_prompts=16, num_eval_prefs=8, base_model_steps=30)
-    a = SortTask(SortTaskConfig(**small, cache_dir=str(tmp_path / "a")))
-    b = SortTask(SortTaskConfig(**small, cache_dir=str(tmp_path / "b")))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = SortTask(SortTaskConfig(**small, cache_dir=str(tmp_path / "a")))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(3)
+        b = SortTask(SortTaskConfig(**small, cache_dir=str(tmp_path / "b")))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
     assert a.demos.to_dict() == b.demos.to_dict()
     assert a.prefs.to_dict() == b.prefs.to_dict() and a.eval_prompts == b.eval_prompts
     from safetensors.torch import load_file
