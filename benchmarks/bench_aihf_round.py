@@ -5,7 +5,9 @@ prompt from the policy; (2) one reward step on L(phi) = w_demo BT(demo > sample)
 (3) score the rollouts (log-probs, values, KL, GAE) and (4) the PPO update. Models: GPTNeoX of the embedded task's
 shape (hidden 128, 4 layers; random weights) at the task's vocabulary (16) and at Pythia's (50304), or larger with
 --hidden/--layers. The memory part runs each LM-head path in its own process: `fused` is the scripts' chunked
-path, `naive` the full (tokens x vocab) logits with log_softmax and entropy kept for backward. The peak is the
+path, `naive` the full (tokens x vocab) logits with log_softmax and entropy kept for backward; a third process runs
+the fused path with --gradient_accumulation_steps (--memory_accumulation), which splits the reward step and each PPO
+minibatch into that many micro-batches. The peak is the
 growth of the resident set over one round (CPU: VmHWM after resetting it) or of torch.cuda.max_memory_allocated
 (GPU), after a warm-up round.
 
@@ -105,7 +107,7 @@ def setup(cli):
     device = torch.device(cli.device)
     A.LOGPROB_KERNEL = "auto"
     args = SimpleNamespace(**{**vars(A.Args()), "response_length": cli.response_length, "learning_rate": 3e-5,
-                              "logprob_chunk_size": cli.chunk})
+                              "logprob_chunk_size": cli.chunk, "gradient_accumulation_steps": cli.accumulation})
     models = build(cli, device)
     policy, ref, reward, value = models
     optimizers = (torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=args.learning_rate),
@@ -129,7 +131,7 @@ def memory_worker(cli):
         base = proc_status_mib("VmRSS")
     times, tokens = round_(models, optimizers, args, cli, device, autocast, seed=1)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else proc_status_mib("VmHWM")
-    print(json.dumps({"variant": cli.worker, "peak_mib": peak - base, "seconds": sum(times), "tokens": tokens}))
+    print(json.dumps({"peak_mib": peak - base, "seconds": sum(times), "tokens": tokens}))
 
 
 def main():
@@ -145,6 +147,8 @@ def main():
     parser.add_argument("--chunk", type=int, default=1024, help="--logprob_chunk_size")
     parser.add_argument("--memory_vocab", type=int, default=50304)
     parser.add_argument("--memory_response_length", type=int, default=64, help="response tokens of the memory part")
+    parser.add_argument("--memory_accumulation", type=int, default=4, help="micro-batches per step of the third memory run")
+    parser.add_argument("--accumulation", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["fused", "naive"])
     parser.add_argument("--vocab", type=int, default=50304, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="also write the tables here (markdown)")
@@ -180,19 +184,24 @@ def main():
               f"chunk {cli.chunk}), fused vs naive LM head, "
               "one process per path", "", "| path | round peak MiB | round s | response tokens |", "|---|---:|---:|---:|"]
     results = {}
-    for variant in ("fused", "naive"):
-        flags = ["--worker", variant, "--device", cli.device, "--threads", cli.threads, "--vocab", cli.memory_vocab,
-                 "--hidden", cli.hidden, "--layers", cli.layers, "--response_length", cli.memory_response_length, "--chunk", cli.chunk]
+    accumulated = f"fused, {cli.memory_accumulation} micro-batches"
+    for name, variant, accumulation in (("fused", "fused", 1), ("naive", "naive", 1), (accumulated, "fused", cli.memory_accumulation)):
+        flags = ["--worker", variant, "--accumulation", accumulation, "--device", cli.device, "--threads", cli.threads,
+                 "--vocab", cli.memory_vocab, "--hidden", cli.hidden, "--layers", cli.layers,
+                 "--response_length", cli.memory_response_length, "--chunk", cli.chunk]
         out = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, flags), *(["--bf16"] if cli.bf16 else [])],
                              capture_output=True, text=True)
         if out.returncode != 0:
-            lines.append(f"| {variant} | failed: {out.stderr.strip().splitlines()[-1][:120]} | | |")
+            lines.append(f"| {name} | failed: {out.stderr.strip().splitlines()[-1][:120]} | | |")
             continue
-        results[variant] = r = json.loads(out.stdout.strip().splitlines()[-1])
-        lines.append(f"| {variant} | {r['peak_mib']:.0f} | {r['seconds']:.2f} | {r['tokens']} |")
-    if len(results) == 2:
+        results[name] = r = json.loads(out.stdout.strip().splitlines()[-1])
+        lines.append(f"| {name} | {r['peak_mib']:.0f} | {r['seconds']:.2f} | {r['tokens']} |")
+    if {"fused", "naive"} <= results.keys():
         lines += ["", f"fused / naive: {results['fused']['peak_mib'] / results['naive']['peak_mib']:.2f}x peak memory, "
                   f"{results['fused']['seconds'] / results['naive']['seconds']:.2f}x time"]
+    if {"fused", accumulated} <= results.keys():
+        lines += ["", f"{cli.memory_accumulation} micro-batches / 1: {results[accumulated]['peak_mib'] / results['fused']['peak_mib']:.2f}x "
+                  f"peak memory, {results[accumulated]['seconds'] / results['fused']['seconds']:.2f}x time"]
     print("\n".join(lines))
     if cli.out:
         with open(cli.out, "w") as f:
