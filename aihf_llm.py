@@ -162,7 +162,7 @@ class Args:
     batch_size: int = 32
     """examples per optimizer step: demonstrations in SFT, pairs of each kind in the reward and DPO-form steps"""
     gradient_accumulation_steps: int = 1
-    """micro-batches per optimizer step (batch_size and the PPO minibatch must be divisible by it; rl: also each reward step)"""
+    """micro-batches per optimizer step (batch_size and the PPO minibatch must be divisible by it; rl: the reward step is split the same way)"""
     warmup_ratio: float = 0.1
     """share of each stage's steps with a linear learning-rate warm-up (then linear decay to 0)"""
     weight_decay: float = 0.0

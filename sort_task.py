@@ -243,6 +243,9 @@ def base_model_path(cfg: SortTaskConfig) -> str:
     building = tempfile.mkdtemp(prefix=".building_", dir=root)
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)
+    if torch.get_num_threads() != BUILD_THREADS:  # a torch whose thread pool is fixed once it has run
+        print(f"[sort_task] warning: pi0 is built on {torch.get_num_threads()} threads, not {BUILD_THREADS}: it may differ "
+              "from the published figures' pi0", flush=True)
     try:
         _train_base_model(cfg, build_tokenizer(cfg), building)
         try:  # atomic publish; if another process won the race, keep theirs

@@ -206,6 +206,33 @@ def _ppo_step(m, policy, value_model, batch, args):
     return {k: v.detach().clone() for k, v in policy.state_dict().items()}
 
 
+def _reward_problem():
+    """AIHF-RL's reward step: a tiny reward model, 8 (demonstration, sample) pairs and 8 preference pairs of different
+    lengths, the same in every process; two micro-batches per step."""
+    from types import SimpleNamespace
+
+    from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
+
+    torch.manual_seed(0)
+    reward_model = GPTNeoXForSequenceClassification(GPTNeoXConfig(
+        vocab_size=12, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, pad_token_id=0, num_labels=1))
+    reward_model.config.reward_bias = 0.0
+    g = torch.Generator().manual_seed(2)
+    pairs = [[tuple(torch.randint(2, 12, (int(n),), generator=g).tolist() for n in torch.randint(1, 6, (3,), generator=g))
+              for _ in range(8)] for _ in range(2)]
+    args = SimpleNamespace(w_demo=0.7, w_pref=1.3, gradient_accumulation_steps=2, max_grad_norm=1.0, parallel="ddp", bf16=False)
+    return reward_model, *pairs, args
+
+
+def _reward_step(m, reward_model, demo_pairs, pref_pairs, args):
+    """One reward step (reward_step) of this process's share of the pairs; the reward model's weights after it."""
+    optimizer = torch.optim.SGD(reward_model.parameters(), lr=1.0)
+    m.reward_step(m.parallelize(reward_model, args), optimizer, m.this_rank(demo_pairs), m.this_rank(pref_pairs), args,
+                  contextlib.nullcontext(), 0, "cpu")
+    return {k: v.detach().clone() for k, v in reward_model.state_dict().items()}
+
+
 def _helpers_on_two_processes(rank, port, out):
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -225,6 +252,7 @@ def _helpers_on_two_processes(rank, port, out):
               "everywhere": m.same_everywhere(f"rank {rank}")}
     policy, value_model, batch, args = _ppo_problem()
     result["ppo_weights"] = _ppo_step(m, policy, value_model, {k: v[rows] for k, v in batch.items()}, args)
+    result["reward_weights"] = _reward_step(importlib.import_module("aihf_llm"), *_reward_problem())
     torch.save(result, os.path.join(out, f"{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -256,3 +284,9 @@ def test_shares_gathers_and_reductions_on_two_processes(tmp_path):
     for name, value in single.items():
         torch.testing.assert_close(r0["ppo_weights"][name], value, rtol=1e-5, atol=1e-6, msg=name)
         assert torch.equal(r0["ppo_weights"][name], r1["ppo_weights"][name]), name
+    # AIHF-RL's reward step the same way: each process half of the demo and of the preference pairs, two micro-batches
+    single, before = _reward_step(importlib.import_module("aihf_llm"), *_reward_problem()), _reward_problem()[0].state_dict()
+    assert sum(not torch.equal(value, before[name]) for name, value in single.items()) > len(single) // 2  # it moved
+    for name, value in single.items():
+        torch.testing.assert_close(r0["reward_weights"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(r0["reward_weights"][name], r1["reward_weights"][name]), name
