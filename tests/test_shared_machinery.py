@@ -275,16 +275,21 @@ def test_responses_cut_to_max_length_get_no_eos(script):
     assert long == tokenizer(" 1 2 3 4 5 6 7 8 9", add_special_tokens=False)["input_ids"][: len(long)]
 
 
+def _tiny_sampler():
+    """A GPTNeoX of 16 tokens with random weights, to sample from."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, max_position_embeddings=32)).eval()
+
+
 @pytest.mark.parametrize("module", [s[:-3] for s in LLM_SCRIPTS if s != "dpo_llm.py"])
 def test_rollouts_ignore_the_models_own_generation_config(module):
     """Rollouts are plain softmax(logits / T) samples even from a model whose generation_config asks for more (here:
     every token but one suppressed), and the model keeps that config for save_pretrained."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
     generate = import_module(module).generate
-    torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, max_position_embeddings=32)).eval()
+    model = _tiny_sampler()
     model.generation_config.suppress_tokens = [t for t in range(16) if t != 5]
     queries = torch.randint(2, 16, (8, 3))
     responses = generate(model, queries, torch.ones_like(queries), 6, 1.0, 0, 1, 4, torch.autocast("cpu", enabled=False))
@@ -295,11 +300,8 @@ def test_rollouts_ignore_the_models_own_generation_config(module):
 @pytest.mark.parametrize("module", [s[:-3] for s in LLM_SCRIPTS if s != "dpo_llm.py"])
 def test_bf16_rollouts_are_sampled_under_autocast(module):
     """With --bf16 the samples come from the bf16 logits that score them as pi_old, not from an fp32 forward."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
     generate = import_module(module).generate
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, max_position_embeddings=32)).eval()
+    model = _tiny_sampler()
     dtypes = []
     model.get_output_embeddings().register_forward_hook(lambda _, __, logits: dtypes.append(logits.dtype))
     queries = torch.randint(2, 16, (4, 3))
