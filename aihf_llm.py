@@ -162,7 +162,7 @@ class Args:
     batch_size: int = 32
     """examples per optimizer step: demonstrations in SFT, pairs of each kind in the reward and DPO-form steps"""
     gradient_accumulation_steps: int = 1
-    """micro-batches per optimizer step (batch_size and the PPO minibatch must be divisible by it; rl: the reward step is split the same way)"""
+    """micro-batches per optimizer step, the reward step's too (batch_size and the PPO minibatch must be divisible by it)"""
     warmup_ratio: float = 0.1
     """share of each stage's steps with a linear learning-rate warm-up (then linear decay to 0)"""
     weight_decay: float = 0.0
@@ -586,7 +586,7 @@ def reward_batch_loss(reward_model, demo_rows, pref_rows, args, autocast):
 
 
 def reward_step(reward, optimizer, demo_pairs, pref_pairs, args, autocast, pad_id, device):
-    """One AdamW step of the reward on L(phi) over this process's (demonstration, sample) and preference pairs
+    """One optimizer step of the reward on L(phi) over this process's (demonstration, sample) and preference pairs
     (either list empty where its weight is 0), the gradient accumulated over --gradient_accumulation_steps micro-
     batches, each 1/G of both lists: the peak memory is a micro-batch's, the step the same. reward: parallelize()'s
     wrapper. Returns the step's statistics (this process's pairs)."""
