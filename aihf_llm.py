@@ -104,20 +104,27 @@ class Args:
     """examples whose prompt is longer than this are dropped (counted and reported)"""
 
     # Starting point
-    sft_epochs: int = 0
-    """epochs of SFT on the demonstrations first, a warm start of policy and reference (0 = pi0, as the authors' code)"""
+    start: Literal["pi0", "rlhf"] = "pi0"
+    """pi0: policy and reference start at the base model, the reward from scratch (the authors' code). rlhf: RLHF's
+    start, then the joint rounds: SFT on the demonstrations (policy and reference = SFT) and, for rl, Bradley-Terry
+    pre-training of the reward on the preferences, with RLHF's PPO budget and settings (--sft_epochs,
+    --reward_pretrain_steps, --total_episodes, --kl_coef and --learning_rate default to rlhf_llm.py's)"""
+    sft_epochs: Optional[int] = None
+    """epochs of SFT on the demonstrations first (default: 0 with --start pi0, 3 with --start rlhf)"""
     sft_learning_rate: float = 3e-4
     """AdamW learning rate of SFT (embedded task; 1e-5 suits Pythia on HH)"""
-    reward_pretrain_steps: int = 0
-    """rl: Bradley-Terry steps on the preferences before the loop (0 = the reward starts from scratch, as the authors' code)"""
+    reward_pretrain_steps: Optional[int] = None
+    """rl: Bradley-Terry steps on the preferences before the loop (default: 0 with --start pi0; 120 with --start rlhf,
+    the embedded task's RLHF budget: on real data set it, e.g. one epoch = pairs / batch_size)"""
 
     # rl: the reward step and PPO
     reward_steps: int = 1
     """rl: reward updates per round (the theory: one reward step per policy step)"""
     rm_learning_rate: float = 1e-4
     """rl: AdamW learning rate of the reward model (embedded task; the authors' code uses 1e-6 on Pythia-1.4B)"""
-    total_episodes: int = 8192
-    """rl: prompts PPO samples in total; one round per --rollout_batch_size of them"""
+    total_episodes: Optional[int] = None
+    """rl: prompts PPO samples in total; one round per --rollout_batch_size of them (default: 8192 from pi0, 2048 with
+    --start rlhf, rlhf_llm.py's)"""
     rollout_batch_size: int = 64
     """rl: demonstration prompts sampled per round (their samples are the reward's negatives and PPO's rollouts)"""
     num_mini_batches: int = 2
@@ -130,8 +137,9 @@ class Args:
     """rl: sampling temperature; the same temperature divides the logits when scoring (N+)"""
     missing_eos_penalty: float = 1.0
     """rl: subtracted from the score of a response that did not end with EOS within --response_length"""
-    kl_coef: float = 0.02
-    """rl: weight of the per-token KL penalty to pi_ref (embedded task, where pi_ref is the unaligned pi0; AIHF code: 0.05)"""
+    kl_coef: Optional[float] = None
+    """rl: weight of the per-token KL penalty to pi_ref (default: 0.02 from pi0, which is unaligned; 0.05 with --start
+    rlhf, rlhf_llm.py's and the AIHF code's value)"""
     gamma: float = 1.0
     """rl: discount of GAE"""
     lam: float = 0.95
@@ -157,8 +165,9 @@ class Args:
 
     # Optimisation shared by the stages
     learning_rate: Optional[float] = None
-    """AdamW learning rate of the policy: PPO (rl; default 1e-4 on the embedded task, the authors' code uses 1e-6 on
-    Pythia) or the DPO-form loss (direct/selfplay; default 5e-5, the authors' code uses 5e-7 on 7B models)"""
+    """AdamW learning rate of the policy: PPO (rl; default 1e-4 from pi0 and 3e-5 with --start rlhf, rlhf_llm.py's, on
+    the embedded task; the authors' code uses 1e-6 on Pythia) or the DPO-form loss (direct/selfplay; default 5e-5, the
+    authors' code uses 5e-7 on 7B models)"""
     batch_size: int = 32
     """examples per optimizer step: demonstrations in SFT, pairs of each kind in the reward and DPO-form steps"""
     gradient_accumulation_steps: int = 1
@@ -2068,8 +2077,13 @@ def parse_args():
 
 def validate_args(args: Args):
     check_ranges(args, RANGES)
-    if args.learning_rate is None:
-        args.learning_rate = 1e-4 if args.algo == "rl" else 5e-5
+    rlhf_start = args.start == "rlhf"  # the defaults that --start sets, unless given
+    for name, value in (("sft_epochs", 3 if rlhf_start else 0),
+                        ("reward_pretrain_steps", 120 if rlhf_start and args.algo == "rl" else 0),
+                        ("kl_coef", 0.05 if rlhf_start else 0.02), ("total_episodes", 2048 if rlhf_start else 8192),
+                        ("learning_rate", (3e-5 if rlhf_start else 1e-4) if args.algo == "rl" else 5e-5)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     embedded = args.dataset_name is None
     minibatch_size = args.rollout_batch_size // args.num_mini_batches
     checks = [

@@ -2,13 +2,15 @@
 
 Every LLM script in this repository runs offline on this task by default, so an algorithm can be run and read
 in minutes on a laptop, with a *known* gold reward to judge it by (the role a held-out gold reward model plays
-in the papers). What it builds, deterministically from `SortTaskConfig.seed`, cached on disk:
+in the papers). What it builds, deterministically from `SortTaskConfig.seed`:
 
 - prompts  `sort: 7 3 9 1 =`  whose ideal response is ` 1 3 7 9` followed by EOS;
 - `gold_reward(prompts, responses)`: graded in [0, 1], optimum 1.0 = the sorted digits, exactly;
 - a base policy pi0 ("the pretrained model"): a tiny GPTNeoX trained on well-formatted but *unaligned*
   responses (random permutations of the prompt's digits), saved with `save_pretrained` next to a word-level
-  tokenizer made with `tokenizers`, so `AutoModelForCausalLM/AutoTokenizer.from_pretrained(dir)` load it;
+  tokenizer made with `tokenizers`, so `AutoModelForCausalLM/AutoTokenizer.from_pretrained(dir)` load it. The
+  default knobs' pi0 ships beside this file (`sort_task_pi0/`), so the default task is the same on every machine;
+  any other is built on first use and cached;
 - demonstrations (`prompt`/`completion`) from an imperfect expert: a share `demo_flaw` carries one systematic
   flaw (the largest digit written first, the rest sorted) and a share `demo_noise` has two random digits swapped;
 - preferences (`prompt`/`chosen`/`rejected`) over two pi0 samples, labelled by a noisy Bradley-Terry "human":
@@ -19,20 +21,35 @@ The datasets are `datasets.Dataset`s in the same formats the scripts read from t
 serves both. Nothing here is tuned to favour a method: the knobs are what the papers' experiments vary.
 """
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 
 import torch
 
 TASK_VERSION = 1  # bump when the construction changes, so stale caches are not reused
-# The thread count sets the order of the float sums inside each matmul, so pi0 would depend on which process happened
-# to build it (a script runs on --num_threads 1, a test worker on every core): it is built on this many, on any machine.
-BUILD_THREADS = 2
+# The default knobs' pi0, shipped: the exact weights behind every published figure. Built anew it would differ in its
+# low bits from one CPU make to another (the vector width changes the order of the float sums), and so would every
+# figure downstream. The digests catch a missing folder, a Git LFS pointer or a truncated copy.
+SHIPPED_PI0 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sort_task_pi0")
+SHIPPED_PI0_SHA256 = {
+    "config.json": "fb064e79b932cb2340f87d8997a89d18ddea9483966d5f0ad9657d3cc456de8d",
+    "generation_config.json": "f2d764a3f6046977f001d412ea0bff00c979fa4264e686006b80c75137203767",
+    "model.safetensors": "572ba06a5a639612266dec207570df291c7c7d30167ae5338268e5c6a3147496",
+    "tokenizer.json": "d452230f575355dda7685eae3068cd0f9e49f9c995aeca4986216ff0aa3b718e",
+    "tokenizer_config.json": "b4eb7c115c9f545ccd695639ae53363f4e0229d8803a5e6b7c966308e19d20cd",
+}
+# Any other pi0 is built on this many threads whatever the caller's count (the thread count also changes the float
+# sums, so a test worker and a script would build different models); one thread, since two beside one busy process
+# wait on each other and run several times slower than one.
+BUILD_THREADS = 1
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 PROMPT_PREFIX, PROMPT_SUFFIX = "sort:", "="
 
@@ -88,6 +105,8 @@ def validate(cfg: SortTaskConfig) -> None:
         raise ValueError(f"--task.min_digits {cfg.min_digits} must be <= --task.max_digits {cfg.max_digits}")
     if cfg.demo_noise + cfg.demo_flaw > 1:
         raise ValueError("--task.demo_noise + --task.demo_flaw must be <= 1 (they are shares of the demonstrations)")
+    if uses_shipped_pi0(cfg):
+        check_shipped_pi0()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,18 +202,57 @@ def build_tokenizer(cfg: SortTaskConfig):
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", model_max_length=128
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", model_max_length=128,
+        model_input_names=["input_ids", "attention_mask"],  # transformers 4 would add token_type_ids, which generate refuses
     )
 
 
+def _pi0_knobs(cfg: SortTaskConfig) -> dict:
+    """The knobs that shape pi0 (the data knobs do not)."""
+    return dict(seed=cfg.seed, min_digits=cfg.min_digits, max_digits=cfg.max_digits, num_symbols=cfg.num_symbols,
+                steps=cfg.base_model_steps)
+
+
+def uses_shipped_pi0(cfg: SortTaskConfig) -> bool:
+    return _pi0_knobs(cfg) == _pi0_knobs(SortTaskConfig())
+
+
+def check_shipped_pi0() -> None:
+    """ValueError unless every file of the shipped pi0 is there with its recorded SHA-256 (a copy without the folder,
+    a Git LFS pointer or a truncated download would otherwise load, or fail, far from the cause)."""
+    for name, digest in SHIPPED_PI0_SHA256.items():
+        path = os.path.join(SHIPPED_PI0, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"the embedded task's base model {path} is missing: copy the sort_task_pi0/ folder beside "
+                             "sort_task.py (or change a --task knob that shapes pi0, e.g. --task.seed, to build one)")
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != digest:
+                raise ValueError(f"{path} does not match its SHA-256: restore it with `git checkout -- sort_task_pi0` "
+                                 "(a changed pi0 would change every figure)")
+
+
 def _base_model_key(cfg: SortTaskConfig) -> str:
-    shape = dict(version=TASK_VERSION, threads=BUILD_THREADS, seed=cfg.seed, min_digits=cfg.min_digits,
-                 max_digits=cfg.max_digits, num_symbols=cfg.num_symbols, steps=cfg.base_model_steps)
+    shape = dict(version=TASK_VERSION, threads=BUILD_THREADS, **_pi0_knobs(cfg))
     return hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """Run the block on n torch threads, then restore the caller's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    if torch.get_num_threads() != n:  # a torch whose thread pool is fixed once it has run
+        print(f"[sort_task] warning: running on {torch.get_num_threads()} threads, not {n}: a pi0 built here may differ "
+              "from one built elsewhere", flush=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _train_base_model(cfg: SortTaskConfig, tokenizer, out_dir: str) -> None:
     """Pretrain pi0 on well-formatted, unaligned responses: a random permutation of the prompt's digits + EOS."""
+    from tqdm.auto import tqdm
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(cfg.seed)
@@ -208,7 +266,7 @@ def _train_base_model(cfg: SortTaskConfig, tokenizer, out_dir: str) -> None:
     model = GPTNeoXForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
-    for _ in range(cfg.base_model_steps):
+    for _ in tqdm(range(cfg.base_model_steps), desc="[sort_task] pi0", disable=not sys.stderr.isatty(), leave=False):
         rows, masks = [], []
         for _ in range(64):
             digits = _sample_digits(rng, cfg)
@@ -233,28 +291,39 @@ def _train_base_model(cfg: SortTaskConfig, tokenizer, out_dir: str) -> None:
 
 
 def base_model_path(cfg: SortTaskConfig) -> str:
-    """Directory of pi0 + tokenizer; built on first use (≈ 45 s on 2 CPU cores), then cached."""
+    """Directory of pi0 + tokenizer. The default knobs' pi0 ships beside this file; any other is built on first use
+    (≈ 1 minute), one build at a time per cache folder, and cached."""
+    if uses_shipped_pi0(cfg):  # its files were checked by validate()
+        return SHIPPED_PI0
+    from filelock import FileLock  # a dependency of transformers
+
     root = os.path.expanduser(cfg.cache_dir)
     final = os.path.join(root, f"sort_task_pi0_{_base_model_key(cfg)}")
     if os.path.exists(os.path.join(final, "config.json")):
         return final
     os.makedirs(root, exist_ok=True)
-    print(f"[sort_task] building the base policy pi0 in {final} (once; cached) ...", flush=True)
-    building = tempfile.mkdtemp(prefix=".building_", dir=root)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
-    if torch.get_num_threads() != BUILD_THREADS:  # a torch whose thread pool is fixed once it has run
-        print(f"[sort_task] warning: pi0 is built on {torch.get_num_threads()} threads, not {BUILD_THREADS}: it may differ "
-              "from the published figures' pi0", flush=True)
+    lock = FileLock(os.path.join(root, ".build.lock"))
     try:
-        _train_base_model(cfg, build_tokenizer(cfg), building)
-        try:  # atomic publish; if another process won the race, keep theirs
-            os.rename(building, final)
-        except OSError:
-            pass
+        lock.acquire(timeout=0)
+    except TimeoutError:  # filelock's Timeout subclasses it
+        print(f"[sort_task] waiting for another process that is building a pi0 in {root} ...", flush=True)
+        lock.acquire()
+    try:
+        if os.path.exists(os.path.join(final, "config.json")):  # the process we waited for built this one
+            return final
+        # Holding the lock, no build is under way here: any half-built folder is a killed build's.
+        for stale in glob.glob(os.path.join(root, ".building_*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        print(f"[sort_task] building the base policy pi0 in {final} (once; cached) ...", flush=True)
+        building = tempfile.mkdtemp(prefix=".building_", dir=root)
+        try:
+            with _threads(BUILD_THREADS):
+                _train_base_model(cfg, build_tokenizer(cfg), building)
+            os.rename(building, final)  # atomic publish
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
     finally:
-        torch.set_num_threads(threads)
-        shutil.rmtree(building, ignore_errors=True)
+        lock.release()
     return final
 
 
@@ -312,7 +381,8 @@ class SortTask:
         model = AutoModelForCausalLM.from_pretrained(self.model_path)
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         doubled = [p for p in pref_prompts for _ in range(2)]
-        samples = sample_responses(model, tokenizer, doubled, self.max_response_tokens, seed=cfg.seed)
+        with _threads(BUILD_THREADS):  # the same float sums, so the same samples, in every process
+            samples = sample_responses(model, tokenizer, doubled, self.max_response_tokens, seed=cfg.seed)
         a, b = samples[0::2], samples[1::2]
         margin = gold_reward(pref_prompts, a) - gold_reward(pref_prompts, b)
         if cfg.pref_temperature > 0:

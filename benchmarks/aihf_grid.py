@@ -31,6 +31,9 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results", "aihf_grid")
 RUNS = os.path.join(ROOT, "runs", "aihf_grid")
 
 SEEDS = (1, 2, 3)
+# Where demonstrations outnumber preferences, the methods in contention get two more seeds: three seeds' intervals
+# overlap there.
+MORE_SEEDS, CONTENDERS = (4, 5), ("sft", "dpo", "rlhf", "rlhf_rm_matched", "aihf_rl_rlhf_start")
 COUNTS = (100, 400, 1600)  # demonstrations x preferences: a 3 x 3 grid
 # Demonstration quality (share with the systematic flaw, share with random swaps); the default is the task's own.
 QUALITY = {"default": (0.6, 0.1), "noise_only": (0.0, 0.7), "flaw_only": (0.7, 0.0)}
@@ -52,13 +55,21 @@ def methods(demos, prefs):
       2 * EPISODES samples, one reward step and one PPO iteration per 64 of them;
     - direct: SFT_STEPS + PAIR_STEPS DPO-form steps (each step: BATCH demo pairs and BATCH preference pairs), one
       reference sample per demonstration; selfplay: the same steps over 2 rounds, one fresh sample per demonstration
-      and round."""
+      and round;
+    - AIHF-RL from RLHF's start (--start rlhf): RLHF's whole budget and PPO settings (SFT_STEPS SFT steps, PAIR_STEPS
+      Bradley-Terry steps, PPO on EPISODES samples), plus one reward step per round during PPO (EPISODES / 64 of them);
+    - rlhf_rm_matched: RLHF with those extra reward steps as reward-model steps, the control at equal budget."""
     sft = ["--sft_epochs", epochs(SFT_STEPS, demos)]
     steps_direct = SFT_STEPS + PAIR_STEPS
+    rounds = EPISODES // 64
     return {
         "sft": ("dpo_llm.py", [*sft, "--num_epochs", 0]),
         "dpo": ("dpo_llm.py", [*sft, "--num_epochs", epochs(PAIR_STEPS, prefs)]),
         "rlhf": ("rlhf_llm.py", [*sft, "--rm_epochs", epochs(PAIR_STEPS, prefs), "--total_episodes", EPISODES]),
+        "rlhf_rm_matched": ("rlhf_llm.py", [*sft, "--rm_epochs", epochs(PAIR_STEPS + rounds, prefs),
+                                            "--total_episodes", EPISODES]),
+        "aihf_rl_rlhf_start": ("aihf_llm.py", ["--algo", "rl", "--start", "rlhf", *sft, "--reward_pretrain_steps", PAIR_STEPS,
+                                               "--total_episodes", EPISODES, "--num_eval_demos", 0]),
         "aihf_rl": ("aihf_llm.py", ["--algo", "rl", "--total_episodes", 2 * EPISODES, "--num_eval_demos", 0]),
         "irl": ("aihf_llm.py", ["--algo", "rl", "--w_pref", 0, "--total_episodes", 2 * EPISODES, "--num_eval_demos", 0]),
         "aihf_direct": ("aihf_llm.py", ["--algo", "direct", "--num_epochs", epochs(steps_direct, max(demos, prefs)),
@@ -73,19 +84,26 @@ def jobs(only):
     out = []
     points = [(d, p, "default") for d in COUNTS for p in COUNTS] + [(COUNTS[-1], COUNTS[0], q) for q in ("noise_only", "flaw_only")]
     if only in (None, "grid"):  # seed by seed, so that a partial run already covers every point and method
-        for seed in SEEDS:
+        for seed in SEEDS + MORE_SEEDS:
             for demos, prefs, quality in points:
                 for name, (script, flags) in methods(demos, prefs).items():
-                    out.append((f"{quality}_d{demos}_p{prefs}__{name}__s{seed}", script,
-                                task_flags(demos, prefs, quality) + flags + ["--seed", seed]))
+                    if seed in SEEDS or demos > prefs and name in CONTENDERS:
+                        out.append((f"{quality}_d{demos}_p{prefs}__{name}__s{seed}", script,
+                                    task_flags(demos, prefs, quality) + flags + ["--seed", seed]))
     if only in (None, "sweep"):  # AIHF's weights at the demos >> prefs point
         demos, prefs = COUNTS[-1], COUNTS[0]
-        for algo in ("rl", "direct"):
+        for algo in ("rl", "direct", "rl_rlhf_start"):
             base = methods(demos, prefs)[f"aihf_{algo}"][1]
             for w_demo, w_pref in ((1, 0.25), (1, 4), (0.25, 1), (0, 1)):
                 for seed in SEEDS:
                     out.append((f"sweep_d{demos}_p{prefs}__aihf_{algo}_wd{w_demo}_wp{w_pref}__s{seed}", "aihf_llm.py",
                                 task_flags(demos, prefs, "default") + base + ["--w_demo", w_demo, "--w_pref", w_pref, "--seed", seed]))
+        # ... and the reward steps per round on RLHF's start (1 is the grid's own run)
+        base = methods(demos, prefs)["aihf_rl_rlhf_start"][1]
+        for reward_steps in (0, 3, 10):
+            for seed in SEEDS:
+                out.append((f"steps_d{demos}_p{prefs}__aihf_rl_rlhf_start_rs{reward_steps}__s{seed}", "aihf_llm.py",
+                            task_flags(demos, prefs, "default") + base + ["--reward_steps", reward_steps, "--seed", seed]))
     return out
 
 
@@ -111,11 +129,27 @@ def run(job):
         return name, f"FAILED ({proc.returncode}), see {log.name}"
     metrics = json.load(open(os.path.join(out_dir, "metrics.json")))
     metrics["command"] = f"python {script} " + " ".join(map(str, flags))
+    metrics["curves"] = curves(out_dir)
     tmp = summary + ".tmp"
     with open(tmp, "w") as f:
         json.dump(metrics, f, indent=1)
     os.replace(tmp, summary)
     return name, f"{time.time() - started:.0f} s, gold {metrics.get('gold_reward', float('nan')):.3f}"
+
+
+# The per-round logs kept with each summary: what the reward and the policy did over a run (the "why" plots)
+CURVES = ("objective/gold_reward", "objective/kl", "objective/scores", "reward/pref_accuracy", "reward/demo_margin",
+          "reward/demo_accuracy", "reward/pref_margin", "reward_pretrain/accuracy", "rm/accuracy")
+
+
+def curves(run_dir):
+    """{tag: [[step, value], ...]} of the CURVES a run logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [[e.step, round(e.value, 5)] for e in events.Scalars(tag)] for tag in CURVES
+            if tag in events.Tags()["scalars"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -144,7 +178,7 @@ def load_summaries():
 
 def report():
     table = load_summaries()
-    grid = {point: runs for point, runs in table.items() if not point.startswith("sweep")}
+    grid = {point: runs for point, runs in table.items() if not point.startswith(("sweep", "steps"))}
     lines = ["# AIHF vs the methods it generalises, on the embedded task", "",
              "`python benchmarks/aihf_grid.py --jobs N` (one process per run, 1 torch thread each). Gold reward of the final "
              "policy's sampled responses (temperature 1) on 256 held-out prompts, mean ± 95% CI over seeds (t-distribution); "
@@ -160,11 +194,117 @@ def report():
             seeds = {len(grid[point][m]) for m in grid[point]}
             lines.append(f"| {point} (seeds {'/'.join(map(str, sorted(seeds)))}) | " + " | ".join(row) + " |")
         lines.append("")
-    lines += sweep_table(table)
+    lines += verdict_table(grid) + sweep_table(table) + steps_table(table)
     with open(os.path.join(ROOT, "benchmarks", "results", "aihf_grid.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(grid)
+    plot_curves(table)
     print("\n".join(lines))
+
+
+def welch(a, b):
+    """mean(a) - mean(b) and the half-width of its 95% interval (Welch: unequal variances, Satterthwaite's df)."""
+    (ma, va, na), (mb, vb, nb) = ((sum(x) / len(x), var(x), len(x)) for x in (a, b))
+    se2 = va / na + vb / nb
+    if se2 == 0:
+        return ma - mb, 0.0
+    df = se2 ** 2 / ((va / na) ** 2 / (na - 1) + (vb / nb) ** 2 / (nb - 1))
+    return ma - mb, t975(df) * math.sqrt(se2)
+
+
+def var(x):
+    m = sum(x) / len(x)
+    return sum((v - m) ** 2 for v in x) / (len(x) - 1)
+
+
+def t975(df):
+    """Student t's 0.975 quantile at (fractional) degrees of freedom, interpolated in 1/df between table entries."""
+    table = [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (5, 2.571), (6, 2.447), (8, 2.306), (10, 2.228),
+             (15, 2.131), (20, 2.086), (30, 2.042), (float("inf"), 1.960)]
+    df = max(df, 1.0)
+    for (d0, t0), (d1, t1) in zip(table, table[1:]):
+        if d0 <= df <= d1:
+            w = (1 / d0 - 1 / df) / (1 / d0 - 1 / d1)
+            return t0 + w * (t1 - t0)
+    return 1.960
+
+
+AIHF, RIVALS = "aihf_rl_rlhf_start", ("rlhf_rm_matched", "rlhf", "dpo", "sft")
+
+
+def verdict_table(grid):
+    """AIHF-RL from RLHF's start against each rival, per point: the difference of means and its 95% interval (Welch),
+    and the verdict it supports: win (interval above 0), loss (below) or tie."""
+    lines = [f"## Where learning the reward jointly wins: {AIHF} minus each rival", "",
+             "Difference of mean gold reward (sampled / greedy), its 95% interval (Welch), and the verdict: **win** if the "
+             "interval lies above 0, *loss* if below, tie otherwise. rlhf_rm_matched is RLHF given AIHF's extra reward "
+             "steps as reward-model steps: the comparison at equal budget.", "",
+             "| point (demos, prefs) | seeds | " + " | ".join(f"vs {r}" for r in RIVALS) + " |", "|---|---|" + "---|" * len(RIVALS)]
+    for point in sorted(grid, key=point_order):
+        if AIHF not in grid[point]:
+            continue
+        cells = []
+        for rival in RIVALS:
+            if rival not in grid[point] or len(grid[point][rival]) < 2 or len(grid[point][AIHF]) < 2:
+                cells.append("–")
+                continue
+            parts = []
+            for key in ("gold_reward", "gold_reward_greedy"):
+                d, h = welch([r[key] for r in grid[point][AIHF].values()], [r[key] for r in grid[point][rival].values()])
+                verdict = "**win**" if d - h > 0 else "*loss*" if d + h < 0 else "tie"
+                parts.append(f"{d:+.3f} ± {h:.3f} {verdict}")
+            cells.append(" / ".join(parts))
+        lines.append(f"| {point} | {len(grid[point][AIHF])} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def steps_table(table):
+    """Reward steps per round on RLHF's start at the demos >> prefs point (1: the grid's own runs)."""
+    demos, prefs = COUNTS[-1], COUNTS[0]
+    steps, default = table.get(f"steps_d{demos}_p{prefs}", {}), table.get(f"default_d{demos}_p{prefs}", {})
+    if not steps:
+        return []
+    runs = {1: default.get(AIHF, {})}
+    runs.update({int(m.rsplit("_rs", 1)[1]): by_seed for m, by_seed in steps.items()})
+    rows = []
+    for k, by_seed in sorted(runs.items()):
+        if by_seed:
+            cells = [format_cell(mean_ci([r[key] for r in by_seed.values()]), False) for key in ("gold_reward", "gold_reward_greedy")]
+            rows.append(f"| {k} | {len(by_seed)} | " + " | ".join(cells) + " |")
+    return [f"## Reward steps per round, {AIHF} at ({demos} demonstrations, {prefs} preference pairs)", "",
+            "0 = the reward frozen after its Bradley-Terry pre-training (RLHF inside AIHF's loop); 1 = the grid's runs.", "",
+            "| reward steps per round | seeds | gold, sampled | gold, greedy |", "|---:|---:|---|---|", *rows, ""]
+
+
+def plot_curves(table):
+    """What happens during the rounds, per start, at two points: the gold reward of each round's samples, the reward's
+    accuracy on the round's preference batch, its demonstration margin over the round's samples, and the KL."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    points = [f"default_d{COUNTS[-1]}_p{COUNTS[0]}", f"default_d{COUNTS[1]}_p{COUNTS[1]}"]
+    tags = ("objective/gold_reward", "reward/pref_accuracy", "reward/demo_margin", "objective/kl")
+    fig, axes = plt.subplots(len(points), len(tags), figsize=(18, 7), squeeze=False)
+    for row, point in enumerate(points):
+        for method in ("aihf_rl", AIHF):
+            runs = [r["curves"] for r in table.get(point, {}).get(method, {}).values() if "curves" in r]
+            for col, tag in enumerate(tags):
+                series = [dict(map(tuple, c[tag])) for c in runs if tag in c]
+                if not series:
+                    continue
+                steps = sorted(set.intersection(*(set(s) for s in series)))
+                first = steps[0] if steps else 0
+                ys = [sum(s[t] for s in series) / len(series) for t in steps]
+                axes[row][col].plot([t - first for t in steps], ys, label=f"{method} ({len(series)} seeds)")
+                axes[row][col].set_title(f"{point.replace('default_', '')}: {tag}", fontsize=9)
+                axes[row][col].set_xlabel("step of the RL stage")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "benchmarks", "results", "aihf_grid_curves.png"), dpi=100)
 
 
 def format_cell(mean_and_ci, bold):

@@ -20,8 +20,9 @@ if _workers > 1:
     # the cores this process may use (macOS has no affinity call: all of them)
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // _workers)))
-# The embedded task's base model is cached here; keyed by its knobs, so sharing the user cache is safe.
-TASK_CACHE = os.environ.get("AIHF_TEST_CACHE", os.path.expanduser("~/.cache/aihf"))
+# The embedded task's cache for task variants (the default task's pi0 ships with the repository): an empty folder per
+# test run unless AIHF_TEST_CACHE names one, so every run takes the first-use path a new user takes.
+TASK_CACHE = os.environ.get("AIHF_TEST_CACHE")
 
 HH_DIALOGUES = [
     ("How do I boil an egg?", "Put it in boiling water for eight minutes.", "Eggs are bad."),
@@ -33,9 +34,10 @@ HH_DIALOGUES = [
 ]
 
 
-def run_script(script, *flags, cwd=None, check=True, timeout=600):
-    """Run a top-level script in a subprocess; returns the CompletedProcess (stdout+stderr captured)."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
+def run_script(script, *flags, cwd=None, check=True, timeout=600, env=None):
+    """Run a top-level script in a subprocess; returns the CompletedProcess (stdout+stderr captured). env: variables
+    to set on top of this process's."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, flags)], cwd=cwd or ROOT,
                           capture_output=True, text=True, env=env, timeout=timeout)
     if check and proc.returncode != 0:
@@ -64,6 +66,33 @@ def kill_when(script, *flags, lines=(), path=None, timeout=300):
     proc.wait(timeout=60)
 
 
+class Run:
+    """A finished run's folder: `.m` its metrics.json, `.scalars(tag)` one TensorBoard scalar as [(step, value)]."""
+
+    def __init__(self, path):
+        self.path = path
+
+    @property
+    def m(self):
+        with open(os.path.join(self.path, "metrics.json")) as f:
+            return json.load(f)
+
+    def scalars(self, tag):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(self.path), size_guidance={"scalars": 0})
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def assert_learned(run_dir, checks):
+    """A smoke run's learning checks, each (what, its value from the Run, the bound it must exceed). The bounds sit
+    inside the values measured over seeds and CPU code paths (tests/margins.md, `python tests/margins.py`)."""
+    run = Run(run_dir)
+    failed = [f"{what}: {value(run):.4f} <= {bound}" for what, value, bound in checks if not value(run) > bound]
+    assert not failed, "; ".join(failed) + f" ({run.m})"
+
+
 def fails_in_one_line(fn, out_dir=None):
     """Call fn (a script's main or validate_args) expecting the bad-input contract: SystemExit with code 2 and one
     line on stderr that starts with "error:", and nothing written under out_dir. Returns that line."""
@@ -81,7 +110,9 @@ def fails_in_one_line(fn, out_dir=None):
 
 
 @pytest.fixture(scope="session")
-def task_cache():
+def task_cache(tmp_path_factory):
+    if TASK_CACHE is None:
+        return str(tmp_path_factory.mktemp("task_cache"))
     os.makedirs(TASK_CACHE, exist_ok=True)
     return TASK_CACHE
 

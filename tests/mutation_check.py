@@ -12,6 +12,7 @@ The table of the last full run is tests/mutation_results.md.
 """
 
 import argparse
+import glob
 import os
 import shutil
 import subprocess
@@ -126,8 +127,16 @@ MUTANTS = [
      ["tests/test_shared_machinery.py::-k 'under_autocast and afd'"]),
     # sort_task.py
     ("task: pi0 built on the calling process's thread count", "sort_task.py",
-     "    torch.set_num_threads(BUILD_THREADS)\n", "    torch.set_num_threads(threads)\n",
+     "            with _threads(BUILD_THREADS):\n                _train_base_model(",
+     "            with _threads(torch.get_num_threads()):\n                _train_base_model(",
      ["tests/test_sort_task.py::-k deterministic"]),
+    ("task: the shipped pi0 loaded without its hash check", "sort_task.py",
+     "    if uses_shipped_pi0(cfg):\n        check_shipped_pi0()\n", "", ["tests/test_sort_task.py::-k shipped"]),
+    ("task: a killed build's folder left behind", "sort_task.py",
+     "        for stale in glob.glob(os.path.join(root, \".building_*\")):", "        for stale in []:",
+     ["tests/test_sort_task.py::-k killed_build"]),
+    ("task: no lock around a build", "sort_task.py",
+     "        lock.acquire(timeout=0)\n", "        pass\n", ["tests/test_sort_task.py::-k one_build"]),
     # aihf_mujoco.py
     ("mujoco: SAC target bootstraps through terminations", "aihf_mujoco.py",
      "    return rewards + gamma * (1.0 - dones) * (next_q - alpha * next_logp)",
@@ -172,6 +181,104 @@ MUTANTS = [
     ("rlhf: the evaluation restores the wrapper's mode, not the model's", "rlhf_llm.py",
      "    was_training = all(m.training for m in policy.modules())", "    was_training = policy.training",
      ["tests/test_rlhf_llm.py::-k evaluate_gold"]),
+    # the data plumbing around the losses (tests/test_plumbing.py)
+    ("aihf: direct's demonstration pairs given other pairs' reference log-probs", "aihf_llm.py",
+     'data["demo_ref"].view(-1, 2)[demo_index]', 'data["demo_ref"].view(-1, 2)[demo_index[::-1]]',
+     ["tests/test_plumbing.py::-k 'start_at_zero and direct'"]),
+    ("aihf: self-play's reference log-probs not renewed in its second round", "aihf_llm.py",
+     '        state.pop("round_data")\n', "", ["tests/test_plumbing.py::-k 'start_at_zero and selfplay'"]),
+    ("aihf: a demonstration's negative keeps the padding after its EOS", "aihf_llm.py",
+     "        pairs += [(p, c, r[m].tolist())", "        pairs += [(p, c, r.tolist())",
+     ["tests/test_plumbing.py::-k 'first_eos and direct'"]),
+    ("aihf: the reward re-centred on the untruncated rollouts", "aihf_llm.py",
+     "torch.cat([queries, samples], 1), torch.cat([query_mask, sample_mask.long()], 1)",
+     "torch.cat([queries, responses], 1), torch.cat([query_mask, torch.ones_like(responses)], 1)",
+     ["tests/test_plumbing.py::-k 'first_eos and aihf_rl'"]),
+    ("aihf: reward_demo_accuracy measured on training demonstrations", "aihf_llm.py",
+     "metrics.update(reward_accuracies(reward, policy, eval_pairs, eval_demos,",
+     "metrics.update(reward_accuracies(reward, policy, eval_pairs, demos[: len(eval_demos)],",
+     ["tests/test_plumbing.py::-k reward_accuracies_are_measured"]),
+    ("aihf: the held-out pairs of the implicit reward are training pairs", "aihf_llm.py",
+     '"eval_pairs": eval_pairs, "eval_ref": ref_logps_of(eval_pairs)',
+     '"eval_pairs": prefs[: len(eval_pairs)], "eval_ref": ref_logps_of(prefs[: len(eval_pairs)])',
+     ["tests/test_plumbing.py::-k implicit_reward_accuracies_are_measured"]),
+    ("aihf: every round's reward steps re-use the first round's preference batches", "aihf_llm.py",
+     "pref_steps[round_ * args.reward_steps + k]", "pref_steps[k]", ["tests/test_plumbing.py::-k cover_the_preferences"]),
+    ("aihf: every round rolls out on the same prompts", "aihf_llm.py",
+     "draw(len(demos), args.rollout_batch_size, round_seed)", "draw(len(demos), args.rollout_batch_size, args.seed)",
+     ["tests/test_plumbing.py::-k their_own_prompts"]),
+    ("aihf: the reference's samples drawn at --temperature, scored at 1", "aihf_llm.py",
+     "policy(generate, queries, query_mask, response_length, 1.0, pad_id", "policy(generate, queries, query_mask, "
+     "response_length, args.temperature, pad_id", ["tests/test_plumbing.py::-k 'temperature and aihf_direct'"]),
+    ("aihf: PPO scores its rollouts at temperature 1", "aihf_llm.py",
+     "targets, args.temperature, args.logprob_chunk_size)", "targets, 1.0, args.logprob_chunk_size)",
+     ["tests/test_plumbing.py::-k 'temperature and aihf_rl'"]),
+    ("aihf: the reward step ignores --max_grad_norm", "aihf_llm.py",
+     "clip_grad_norm_(reward.parameters(), args.max_grad_norm)", "clip_grad_norm_(reward.parameters(), 1.0)",
+     ["tests/test_plumbing.py::-k 'own_learning_rate and aihf_rl'"]),
+    ("aihf: the reward step's optimizer at the policy's learning rate", "aihf_llm.py",
+     "torch.optim.AdamW(reward_model.parameters(), lr=args.rm_learning_rate", "torch.optim.AdamW(reward_model.parameters(), "
+     "lr=args.learning_rate", ["tests/test_plumbing.py::-k 'own_learning_rate and aihf_rl'"]),
+    ("aihf: the SFT stage trains at the policy's learning rate", "aihf_llm.py",
+     "new_optimizer(model.parameters(), args.sft_learning_rate, len(steps)", "new_optimizer(model.parameters(), "
+     "args.learning_rate, len(steps)", ["tests/test_plumbing.py::-k 'own_learning_rate and aihf_direct'"]),
+    ("afd: PPO's KL anchored to pi0 instead of the SFT model", "afd_llm.py",
+     "= load_ppo_models(sft_path, rm_path, device)", "= load_ppo_models(model_path, rm_path, device)",
+     ["tests/test_plumbing.py::-k 'kl_anchor and afd'"]),
+    ("afd: the discriminator's held-out accuracy measured on training prompts", "afd_llm.py",
+     "examples[:-num_rm_eval], examples[-num_rm_eval:]", "examples[:-num_rm_eval], examples[:num_rm_eval]",
+     ["tests/test_plumbing.py::-k discriminator_accuracy_is_measured"]),
+    ("rlhf: PPO rolls out at temperature 1", "rlhf_llm.py",
+     "            responses = policy(generate, queries, query_mask, response_length, args.temperature,",
+     "            responses = policy(generate, queries, query_mask, response_length, 1.0,",
+     ["tests/test_plumbing.py::-k 'temperature and rlhf'"]),
+    ("dpo: pairs given other pairs' reference log-probs", "dpo_llm.py",
+     "ref_logps[index].reshape(-1)", "ref_logps[index[::-1]].reshape(-1)",
+     ["tests/test_plumbing.py::-k 'start_at_zero and dpo'"]),
+    ("dpo: every micro-batch of a DPO step is its first", "dpo_llm.py",
+     "            index = this_rank(steps[step][m * micro : (m + 1) * micro])", "            index = this_rank(steps[step][:micro])",
+     ["tests/test_plumbing.py::-k 'every_training_example and dpo'"]),
+    ("rlhf: the reward model's batches drawn from the first epoch's order every epoch", "rlhf_llm.py",
+     "rows = pair_rows_batch([train_pairs[i] for i in this_rank(steps[step][m * micro : (m + 1) * micro])], pad_id)",
+     "rows = pair_rows_batch([train_pairs[i] for i in this_rank(steps[step % 2][m * micro : (m + 1) * micro])], pad_id)",
+     ["tests/test_plumbing.py::-k 'every_training_example and rlhf'"]),
+    ("dpo: the held-out preference accuracy measured on training pairs", "dpo_llm.py",
+     "        logps = pair_logps(policy, eval_pairs, micro, pad_id, args, device, autocast)",
+     "        logps = pair_logps(policy, train_pairs[: len(eval_pairs)], micro, pad_id, args, device, autocast)",
+     ["tests/test_plumbing.py::-k measured_on_held_out_pairs"]),
+    ("rlhf: the reward model's accuracy measured on training pairs", "rlhf_llm.py",
+     "eval_batches = [pair_rows_batch(eval_pairs[i : i + micro], pad_id)",
+     "eval_batches = [pair_rows_batch(train_pairs[i : i + micro], pad_id)",
+     ["tests/test_plumbing.py::-k measured_on_held_out_pairs"]),
+    ("aihf: each demonstration paired with another prompt's sample", "aihf_llm.py",
+     "for i, s, m in zip(index, samples.cpu(), sample_mask.cpu())]", "for i, s, m in zip(index, samples.cpu().roll(1, 0), "
+     "sample_mask.cpu().roll(1, 0))]", ["tests/test_plumbing.py::-k their_own_prompts"]),
+    ("afd: Best-of-N on the demonstrations' prompts", "afd_llm.py",
+     "bon_prompts = task.eval_prompts if task is not None", 'bon_prompts = task.demos["prompt"][: len(task.eval_prompts)] '
+     "if task is not None", ["tests/test_plumbing.py::-k best_of_n"]),
+    ("every LLM script: --max_grad_norm ignored", "*_llm.py",
+     "grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)",
+     "grad_norm = torch.nn.utils.clip_grad_norm_(parameters, 1.0)", ["tests/test_plumbing.py::-k own_learning_rate"]),
+    ("every LLM script: the warm-up ignores --warmup_ratio", "*_llm.py",
+     "warmup = max(1, int(steps * args.warmup_ratio))", "warmup = max(1, int(steps * 0.1))",
+     ["tests/test_plumbing.py::-k own_learning_rate"]),
+    ("task: the gold reward evaluated on training prompts", "sort_task.py",
+     "        prompts = self.eval_prompts\n", '        prompts = self.demos["prompt"][: len(self.eval_prompts)]\n',
+     ["tests/test_plumbing.py::-k 'held_out_prompts and dpo'"]),
+    ("task: the labeller's temperature inverted", "sort_task.py",
+     "p_a = torch.sigmoid(margin / cfg.pref_temperature)", "p_a = torch.sigmoid(margin * cfg.pref_temperature)",
+     ["tests/test_sort_task.py::-k labeller"]),
+    ("mujoco: the reward trained at the critics' learning rate", "aihf_mujoco.py",
+     "torch.optim.Adam(reward_net.parameters(), lr=args.reward_lr", "torch.optim.Adam(reward_net.parameters(), lr=args.q_lr",
+     ["tests/test_aihf_mujoco.py::-k own_learning_rate"]),
+    ("mujoco: replayed transitions relabelled at their next state", "aihf_mujoco.py",
+     "b_rew = reward_net(reward_features(b_obs, b_act, args.reward_input))",
+     "b_rew = reward_net(reward_features(b_next[:, : b_obs.shape[1]], b_act, args.reward_input))",
+     ["tests/test_aihf_mujoco.py::-k relabelled"]),
+    ("mujoco: the demonstrations' falls never reach the absorbing state", "aihf_mujoco.py",
+     'with_absorbing_rows(demo_obs, demo_act, data["demo_terminated"])',
+     'with_absorbing_rows(demo_obs, demo_act, 0 * data["demo_terminated"])',
+     ["tests/test_aihf_mujoco.py::-k absorbing_state"]),
 ]
 
 
@@ -191,13 +298,14 @@ def pytest_args(test):
 
 
 def run_mutant(name, script, old, new, tests):
+    """script: one file, or a glob ("*_llm.py"): the same slip made in every copy at once."""
     with tempfile.TemporaryDirectory(prefix="mutant_") as copy:
         copy_repository(copy)
-        path = os.path.join(copy, script)
-        source = open(path).read()
-        if source.count(old) != 1:
-            return "stale", f"the code to mutate occurs {source.count(old)} times in {script}", 0.0
-        open(path, "w").write(source.replace(old, new))
+        for path in sorted(glob.glob(os.path.join(copy, script))):
+            source = open(path).read()
+            if source.count(old) != 1:
+                return "stale", f"the code to mutate occurs {source.count(old)} times in {os.path.basename(path)}", 0.0
+            open(path, "w").write(source.replace(old, new))
         started = time.time()
         killed_by = run_tests(copy, tests)
         return ("killed" if killed_by else "SURVIVED"), ", ".join(killed_by), time.time() - started

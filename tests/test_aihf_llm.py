@@ -13,13 +13,33 @@ import torch.nn.functional as F
 import aihf_llm as A
 import dpo_llm
 import rlhf_llm
-from conftest import kill_when, run_script
+from conftest import assert_learned, kill_when, run_script
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 # Tiny but complete: every stage trains, a few rounds of each algorithm.
-TINY = ["--task.num_demos", 160, "--task.num_prefs", 96, "--task.num_eval_prompts", 32, "--task.num_eval_prefs", 64,
+TINY = ["--task.num_demos", 160, "--task.num_prefs", 96, "--task.num_eval_prompts", 128, "--task.num_eval_prefs", 256,
         "--num_eval_demos", 32, "--batch_size", 16, "--total_episodes", 96, "--rollout_batch_size", 16, "--num_ppo_epochs", 2,
         "--num_epochs", 1, "--eval_every", 0, "--num_threads", 1]
+SMOKE_RUNS = {"rl": ("aihf_llm.py", [*TINY, "--algo", "rl", "--reward_steps", 2, "--rm_learning_rate", 3e-4,
+                                      "--total_episodes", 192, "--learning_rate", 2e-4]),
+              "direct": ("aihf_llm.py", [*TINY, "--algo", "direct"]),
+              "selfplay": ("aihf_llm.py", [*TINY, "--algo", "selfplay", "--num_rounds", 2])}
+# What each smoke run must have learned (tests/margins.md has each value over seeds and CPU code paths): the (explicit
+# or implicit) reward learned both data sources, held-out demonstrations and pairs ranked above chance, and the policy
+# improved on pi0. Selfplay's implicit reward is relative to its last round's reference: it has seen one round of pairs.
+_LEARNED_BOTH = [
+    ("held-out demonstrations over the policy's samples: accuracy", lambda r: r.m["reward_demo_accuracy"], 0.5),
+    ("held-out pairs: accuracy", lambda r: r.m["reward_pref_accuracy"], 0.55),
+    ("greedy gold over pi0's", lambda r: r.m["gold_reward_greedy"] - r.m["gold_reward_greedy_init"], 0.05),
+]
+# AIHF-RL from pi0 is not checked for the policy's gold: in 12 rounds of 16 rollouts its greedy gain over pi0 is within
+# seed noise (-0.001 to +0.042 over six seeds). A PPO loop that ascends its loss is caught by the identical-copies test.
+LEARNED = {
+    "rl": [*_LEARNED_BOTH[:2], ("the reward puts demonstrations above the policy's samples in the last round",
+                                lambda r: r.scalars("reward/demo_margin")[-1][1], 0.0)],
+    "direct": _LEARNED_BOTH,
+    "selfplay": [(what, value, 0.5 if "pairs" in what else bound) for what, value, bound in _LEARNED_BOTH],
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,10 +194,8 @@ def test_selfplay_without_preferences_is_spin():
 @pytest.fixture(scope="module")
 def runs(task_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("aihf_runs")
-    for algo, extra in (("rl", ["--reward_steps", 2, "--rm_learning_rate", 3e-4]), ("direct", []),
-                        ("selfplay", ["--num_rounds", 2])):
-        run_script("aihf_llm.py", *TINY, "--algo", algo, *extra, "--task.cache_dir", task_cache, "--output_dir", out,
-                   "--run_name", algo)
+    for algo, (script, flags) in SMOKE_RUNS.items():
+        run_script(script, *flags, "--task.cache_dir", task_cache, "--output_dir", out, "--run_name", algo)
     return out
 
 
@@ -185,15 +203,11 @@ def runs(task_cache, tmp_path_factory):
 def test_smoke_metrics(runs, algo):
     metrics = json.loads((runs / algo / "metrics.json").read_text())
     assert metrics["algo"] == f"aihf_{algo}" and metrics["task"] == "sort" and metrics["seed"] == 1
-    steps = {"rl": 96 // 16, "direct": 128 // 16, "selfplay": 2 * 128 // 16}[algo]  # rounds, or DPO-form steps
+    steps = {"rl": 192 // 16, "direct": 128 // 16, "selfplay": 2 * 128 // 16}[algo]  # rounds, or DPO-form steps
     assert metrics["steps"] == steps
     for key in ("gold_reward", "gold_reward_greedy", "gold_reward_init"):
         assert 0 <= metrics[key] <= 1
-    # the (explicit or implicit) reward learned both data sources: held-out demonstrations and pairs ranked above chance
-    # (selfplay's implicit reward is relative to its last round's reference, so it has seen one round of pairs)
-    assert metrics["reward_demo_accuracy"] > 0.6, metrics
-    assert metrics["reward_pref_accuracy"] > (0.5 if algo == "selfplay" else 0.55), metrics
-    assert metrics["gold_reward_greedy"] > metrics["gold_reward_greedy_init"] + 0.05, metrics  # and the policy improved
+    assert_learned(runs / algo, LEARNED[algo])
     assert (runs / algo / "model" / "config.json").exists()
 
 
@@ -206,14 +220,12 @@ def test_rl_logs_both_reward_terms(runs):
     for tag in ("reward/demo_margin", "reward/pref_accuracy", "reward/loss", "objective/kl", "objective/entropy",
                 "policy/approxkl_avg", "objective/gold_reward"):
         assert tag in tags, tag
-    margins = [e.value for e in events.Scalars("reward/demo_margin")]
-    assert margins[-1] > margins[0]  # the reward separates demonstrations from the policy's samples as it learns
     assert (runs / "rl" / "reward_model" / "config.json").exists()
 
 
 def test_killed_rl_run_resumes_to_the_same_result(runs, task_cache, tmp_path):
-    kill_when("aihf_llm.py", *TINY, "--algo", "rl", "--reward_steps", 2, "--rm_learning_rate", 3e-4, "--task.cache_dir",
-              task_cache, "--output_dir", tmp_path, "--run_name", "killed", "--save_every", 2,
+    kill_when("aihf_llm.py", *SMOKE_RUNS["rl"][1], "--task.cache_dir", task_cache, "--output_dir", tmp_path,
+              "--run_name", "killed", "--save_every", 2,
               lines=["[aihf-rl] checkpoint at round 2"])
     state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
     assert state["stage"] == "rl" and state["step"] == 2
@@ -226,7 +238,7 @@ def test_killed_rl_run_resumes_to_the_same_result(runs, task_cache, tmp_path):
 
 def test_killed_selfplay_run_resumes_to_the_same_result(runs, task_cache, tmp_path):
     """Killed in its second round, after the round's samples and reference log-probs were checkpointed."""
-    kill_when("aihf_llm.py", *TINY, "--algo", "selfplay", "--num_rounds", 2, "--task.cache_dir", task_cache,
+    kill_when("aihf_llm.py", *SMOKE_RUNS["selfplay"][1], "--task.cache_dir", task_cache,
               "--output_dir", tmp_path, "--run_name", "killed", "--save_every", 3,
               lines=["[aihf-selfplay] round 2/2 step 1/", "[aihf-selfplay] checkpoint"])
     state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
@@ -274,3 +286,20 @@ def test_reward_warm_start_then_irl_from_demonstrations_only(task_cache, tmp_pat
                "--task.cache_dir", task_cache, "--output_dir", tmp_path, "--run_name", "warm")
     metrics = json.loads((tmp_path / "warm" / "metrics.json").read_text())
     assert metrics["steps"] == 4 and 0 <= metrics["reward_pref_accuracy"] <= 1
+
+
+def test_start_sets_the_warm_start_defaults_unless_given():
+    """--start rlhf: SFT first, Bradley-Terry pre-training of the reward (rl) and RLHF's PPO settings; --start pi0 (the
+    default): none of them. A flag given explicitly wins either way."""
+    import tyro
+
+    def resolved(*flags):
+        args = tyro.cli(A.Args, args=list(map(str, flags)), use_underscores=True)
+        A.validate_args(args)
+        return args.sft_epochs, args.reward_pretrain_steps, args.kl_coef, args.learning_rate, args.total_episodes
+
+    assert resolved() == (0, 0, 0.02, 1e-4, 8192)
+    assert resolved("--start", "rlhf") == (3, 120, 0.05, 3e-5, 2048)
+    assert resolved("--start", "rlhf", "--algo", "direct") == (3, 0, 0.05, 5e-5, 2048)
+    assert resolved("--start", "rlhf", "--sft_epochs", 1, "--reward_pretrain_steps", 0, "--kl_coef", 0.1,
+                    "--total_episodes", 64) == (1, 0, 0.1, 3e-5, 64)

@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "aihf_mujoco.py")
 sys.path.insert(0, ROOT)
 import aihf_mujoco as am  # noqa: E402
+from conftest import Run, assert_learned  # noqa: E402
 
 TINY = ["--hidden", "32", "--batch_size", "32", "--eval_episodes", "2", "--num_threads", "1"]
 SCRATCH = ["--bc_steps", "0", "--reward_pretrain_steps", "0"]  # the paper's AIHF start: random policy and reward
@@ -41,12 +42,7 @@ def metrics(cwd, run_name):
 
 
 def scalars(run_dir, tag):
-    """[(step, value)] of one TensorBoard scalar of a run."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+    return Run(run_dir).scalars(tag)
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +50,38 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("aihf_mujoco")
 
 
+# SAC smoke run that really trains (learning_starts < total_timesteps); its actor is the tests' expert.
+EXPERT_RUN = ["--algo", "sac", "--total_timesteps", "1200", "--learning_starts", "400", "--eval_every", "600",
+              "--save_every", "600", *TINY]
+
+
+def smoke_runs(expert, workdir):
+    """The smoke runs that learn a reward from the tiny expert's data: RLHF, and AIHF from a random reward, fast."""
+    return {
+        "rlhf": ["--algo", "rlhf", "--total_timesteps", "800", "--learning_starts", "300", "--eval_every", "800",
+                 "--bc_steps", "100", "--reward_pretrain_steps", "100", *TINY, *data_args(expert, workdir)],
+        "aihf": ["--algo", "aihf", "--total_timesteps", "1500", "--learning_starts", "300", "--sac_steps_per_iter", "300",
+                 "--reward_steps", "20", "--reward_lr", "1e-3", "--eval_every", "1500", *SCRATCH, *TINY,
+                 *data_args(expert, workdir)],
+    }
+
+
+# What each must have learned (tests/margins.md has each value over seeds and CPU code paths). A flipped contrast, a
+# flipped or dropped preference term fails AIHF's: in the loop the reward puts the demos above the policy's samples,
+# and it ranks the preference pairs.
+LEARNED = {
+    "rlhf": [("the Bradley-Terry pre-training ranks the pairs: last accuracy",
+              lambda r: r.scalars("rewards/pretrain_accuracies")[-1][1], 0.8)],
+    "aihf": [("the learned reward goes with the true one: correlation", lambda r: r.m["reward_corr"], 0.0),
+             ("it ranks the pairs in every iteration: lowest accuracy",
+              lambda r: min(v for _, v in r.scalars("rewards/accuracies")), 0.8),
+             ("demonstrations over the policy's samples, last iteration", lambda r: r.scalars("rewards/demo_minus_policy")[-1][1], 0.1)],
+}
+
+
 @pytest.fixture(scope="module")
 def tiny_expert(workdir):
-    """SAC smoke run that really trains (learning_starts < total_timesteps); its actor is the tests' expert."""
-    run(["--algo", "sac", "--total_timesteps", "1200", "--learning_starts", "400", "--eval_every", "600",
-         "--save_every", "600", "--run_name", "sac", *TINY], workdir)
+    run([*EXPERT_RUN, "--run_name", "sac"], workdir)
     return workdir / "runs" / "sac"
 
 
@@ -169,34 +192,25 @@ def data_args(expert, workdir):
 
 
 def test_rlhf_smoke(tiny_expert, workdir):
-    run(["--algo", "rlhf", "--total_timesteps", "800", "--learning_starts", "300", "--eval_every", "800",
-         "--bc_steps", "100", "--reward_pretrain_steps", "100", "--run_name", "rlhf", *TINY,
-         *data_args(tiny_expert, workdir)], workdir)
+    run([*smoke_runs(tiny_expert, workdir)["rlhf"], "--run_name", "rlhf"], workdir)
     m = metrics(workdir, "rlhf")
     assert m["algo"] == "rlhf" and m["steps"] == 800 and m["num_prefs"] == 300
     for k in ("eval_return_mean", "expert_return", "demo_return", "reward_corr"):
         assert math.isfinite(m[k]), k
     config = json.loads((workdir / "runs" / "rlhf" / "config.json").read_text())
     assert config["demo_actions"] == "mean" and config["termination"] == "replay"
-    # the Bradley-Terry pre-training (rlhf's reward model) learns to rank the pairs
-    assert scalars(workdir / "runs" / "rlhf", "rewards/pretrain_accuracies")[-1][1] > 0.8
+    assert_learned(workdir / "runs" / "rlhf", LEARNED["rlhf"])
 
 
 def test_aihf_learns_its_reward_in_the_right_direction(tiny_expert, workdir):
-    """AIHF (absorbing state) with a fast reward, from a random reward: in the loop the reward rises on the demos
-    above the policy's samples, and it ranks the preference pairs. A flipped contrast, a flipped or dropped
-    preference term fails here."""
-    run(["--algo", "aihf", "--total_timesteps", "1500", "--learning_starts", "300", "--sac_steps_per_iter", "300",
-         "--reward_steps", "20", "--reward_lr", "1e-3", "--eval_every", "1500", "--run_name", "aihf", *SCRATCH, *TINY,
-         *data_args(tiny_expert, workdir)], workdir)
+    """AIHF (absorbing state) with a fast reward, from a random reward, learns its reward the right way round."""
+    run([*smoke_runs(tiny_expert, workdir)["aihf"], "--run_name", "aihf"], workdir)
     m = metrics(workdir, "aihf")
-    assert m["algo"] == "aihf" and m["steps"] == 1500 and m["reward_corr"] > 0
+    assert m["algo"] == "aihf" and m["steps"] == 1500
     run_dir = workdir / "runs" / "aihf"
-    accuracies = scalars(run_dir, "rewards/accuracies")
-    gaps = scalars(run_dir, "rewards/demo_minus_policy")
-    assert [s for s, _ in gaps] == [300, 600, 900, 1200]  # one reward iteration per sac_steps_per_iter
-    assert len(accuracies) == 4 and min(v for _, v in accuracies) > 0.8
-    assert gaps[-1][1] > 0.5 and gaps[-1][1] > gaps[0][1]
+    assert [s for s, _ in scalars(run_dir, "rewards/demo_minus_policy")] == [300, 600, 900, 1200]  # one per iteration
+    assert len(scalars(run_dir, "rewards/accuracies")) == 4
+    assert_learned(run_dir, LEARNED["aihf"])
     data = torch.load(next((workdir / "cache").iterdir()), weights_only=False)
     assert len(data["demo_obs"]) == 600 and len(data["chosen"]) == 300
     assert len(data["pool_next_obs"]) == len(data["pool_obs"]) == len(data["pool_terminated"]) >= 1200
@@ -215,20 +229,98 @@ def test_sac_trains_on_the_learned_reward(tiny_expert, workdir, monkeypatch):
     positive. In-process, a short run."""
     import tyro
 
-    monkeypatch.chdir(workdir)
     monkeypatch.setattr(am.RewardNet, "forward", lambda self, x: self.net(x).squeeze(-1) * 0 - 5.0)
     args = tyro.cli(am.Args, use_underscores=True, args=[
         "--algo", "aihf", "--total_timesteps", "700", "--learning_starts", "300", "--sac_steps_per_iter", "200",
         "--eval_every", "700", "--run_name", "constant_reward", *SCRATCH, *TINY, *data_args(tiny_expert, workdir)])
+    _run_in_process(args, workdir, monkeypatch)
+    assert scalars(workdir / "runs" / "constant_reward", "losses/qf1_values")[-1][1] < -2
+
+
+def _run_in_process(args, workdir, monkeypatch):
+    """am.main(args) in this process (chdir'd to workdir), giving the test run its torch state back afterwards."""
+    monkeypatch.chdir(workdir)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     rng = torch.get_rng_state()
     try:
         am.main(args)
-    finally:  # main sets these for its process: give the rest of the test run its own back
+    finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
         torch.set_rng_state(rng)
-    assert scalars(workdir / "runs" / "constant_reward", "losses/qf1_values")[-1][1] < -2
+
+
+def test_replayed_transitions_are_relabelled_at_their_own_state_action(tiny_expert, workdir, monkeypatch):
+    """The learned reward SAC trains on is r(s, a) of each replayed transition itself: with r = the first feature of
+    its input (the state's first coordinate), every reward the critic sees is that of its own state, not its s'."""
+    import tyro
+
+    monkeypatch.setattr(am.RewardNet, "forward", lambda self, x: self.net(x).squeeze(-1) * 0 + x[..., 0])
+    seen, update_critic = [], am.SAC.update_critic
+
+    def spy(self, obs, act, rew, next_obs, done):
+        seen.append((obs[:, 0].clone(), rew.clone(), next_obs[:, 0].clone()))
+        return update_critic(self, obs, act, rew, next_obs, done)
+
+    monkeypatch.setattr(am.SAC, "update_critic", spy)
+    _run_in_process(tyro.cli(am.Args, use_underscores=True, args=[
+        "--algo", "aihf", "--total_timesteps", "500", "--learning_starts", "300", "--sac_steps_per_iter", "100",
+        "--eval_every", "500", "--run_name", "relabel", *SCRATCH, *TINY, *data_args(tiny_expert, workdir)]),
+        workdir, monkeypatch)
+    assert len(seen) == 200
+    for state, reward, next_state in seen:
+        torch.testing.assert_close(reward, state.float())
+    assert any(not torch.equal(s, n) for s, _, n in seen)
+
+
+def test_demonstrations_reach_the_absorbing_state(tiny_expert, workdir, monkeypatch):
+    """--termination absorbing: the reward step's demonstrations hold one absorbing row after each of their
+    terminations, as the docstring says (DAC). With r = the absorbing flag of its input, the demonstrations' summed
+    reward in a full-batch reward step counts those rows."""
+    import tyro
+
+    args = tyro.cli(am.Args, use_underscores=True, args=[
+        "--algo", "aihf", "--total_timesteps", "400", "--learning_starts", "300", "--sac_steps_per_iter", "100",
+        "--reward_batch_size", "1000000", "--eval_every", "400", "--run_name", "absorbing", *SCRATCH, *TINY,
+        *data_args(tiny_expert, workdir)])
+    assert args.termination is None  # aihf's default: absorbing
+    obs_dim = 11  # Hopper's observation, then its absorbing flag
+    monkeypatch.setattr(am.RewardNet, "forward", lambda self, x: self.net(x).squeeze(-1) * 0 + x[..., obs_dim])
+    demo_sums, loss = [], am.aihf_reward_loss
+
+    def spy(policy_rewards, demo_rewards, *rest):
+        demo_sums.append((len(demo_rewards), demo_rewards.sum().item()))
+        return loss(policy_rewards, demo_rewards, *rest)
+
+    monkeypatch.setattr(am, "aihf_reward_loss", spy)
+    _run_in_process(args, workdir, monkeypatch)
+    data = torch.load(next((workdir / "cache").iterdir()), weights_only=False)
+    falls = int(sum(data["demo_terminated"]))
+    assert falls > 0, "the tiny expert's demonstrations never fall: nothing checked"
+    assert demo_sums and all(d == (len(data["demo_obs"]) + falls, falls) for d in demo_sums), (demo_sums, falls)
+
+
+def test_each_optimizer_gets_its_own_learning_rate(tiny_expert, workdir, monkeypatch):
+    """Every Adam the script makes, at values no default has: behaviour cloning and the actor at --policy_lr, the
+    critics and the entropy temperature at --q_lr, the reward (pre-training and AIHF's steps) at --reward_lr with
+    --reward_wd."""
+    import tyro
+
+    made = []
+
+    class Adam(torch.optim.Adam):
+        def __init__(self, params, lr, *args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__") == am.__name__:
+                made.append((lr, kwargs.get("weight_decay", 0)))
+            super().__init__(params, lr, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", Adam)
+    _run_in_process(tyro.cli(am.Args, use_underscores=True, args=[
+        "--algo", "aihf", "--total_timesteps", "400", "--learning_starts", "300", "--sac_steps_per_iter", "100",
+        "--bc_steps", "5", "--reward_pretrain_steps", "5", "--policy_lr", "2.1e-4", "--q_lr", "1.3e-3", "--reward_lr", "3.7e-4",
+        "--reward_wd", "2e-3", "--eval_every", "400", "--run_name", "optimizers", *TINY, *data_args(tiny_expert, workdir)]),
+        workdir, monkeypatch)
+    assert sorted(made) == sorted([(1.3e-3, 0), (2.1e-4, 0), (1.3e-3, 0), (3.7e-4, 2e-3), (2.1e-4, 0)]), made
 
 
 def test_aihf_rollouts_and_ipl_smoke_and_resume(tiny_expert, workdir):

@@ -10,12 +10,22 @@ import pytest
 import torch
 
 import dpo_llm
-from conftest import fails_in_one_line, kill_when, run_script
+from conftest import assert_learned, fails_in_one_line, kill_when, run_script
 from dpo_llm import ChunkedLogprobs, dpo_loss
 
 # Small, yet DPO moves the policy measurably beyond SFT (so a run that learns the wrong way fails the smoke test).
-TINY = ["--task.num_demos", 256, "--task.num_prefs", 256, "--task.num_eval_prompts", 64, "--task.num_eval_prefs", 64,
+TINY = ["--task.num_demos", 256, "--task.num_prefs", 256, "--task.num_eval_prompts", 64, "--task.num_eval_prefs", 256,
         "--sft_epochs", 2, "--num_epochs", 2, "--batch_size", 16, "--sft_learning_rate", 1e-3, "--learning_rate", 2e-4]
+
+SMOKE_RUNS = {"smoke": ("dpo_llm.py", TINY)}
+# What the smoke run must have learned (tests/margins.md has each value over seeds and CPU code paths):
+LEARNED = {"smoke": [
+    ("SFT learned the demonstrations: sampled gold over pi0's", lambda r: r.m["gold_reward_sft"] - r.m["gold_reward_init"], 0.03),
+    ("DPO's implicit reward ranks held-out pairs: accuracy", lambda r: r.m["pref_accuracy"], 0.55),
+    ("... and its mean margin", lambda r: r.m["eval_reward_margin"], 0.05),
+]}
+# (Not checked: DPO's gold reward over SFT's. At this size it is within seed noise, -0.08 to +0.08 over six seeds; the
+# default run's is +0.09 to +0.12 over three. A loop that ascends the loss ranks the held-out pairs below chance.)
 
 
 def naive_logps(hidden, weight, targets, ignore_index=-100):
@@ -200,15 +210,13 @@ def test_help_offline():
 
 
 def test_smoke_embedded(tmp_path, task_cache):
-    run_script("dpo_llm.py", *TINY, "--task.cache_dir", task_cache, "--output_dir", tmp_path, "--run_name", "smoke")
+    run_script("dpo_llm.py", *SMOKE_RUNS["smoke"][1], "--task.cache_dir", task_cache, "--output_dir", tmp_path,
+               "--run_name", "smoke")
     run = tmp_path / "smoke"
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"algo", "task", "seed", "steps", "wall_s"} <= metrics.keys()
     assert metrics["algo"] == "dpo" and metrics["steps"] == 2 * 16 + 2 * 16
-    assert metrics["gold_reward_sft"] > metrics["gold_reward_init"] + 0.05  # SFT learned from the demonstrations
-    # DPO learned the preferences: its implicit reward ranks held-out pairs, and the policy beats SFT's gold reward
-    assert metrics["pref_accuracy"] > 0.55 and metrics["eval_reward_margin"] > 0.05
-    assert metrics["gold_reward"] > metrics["gold_reward_sft"] + 0.015
+    assert_learned(run, LEARNED["smoke"])
     assert (run / "model" / "config.json").exists() and (run / "sft_model" / "config.json").exists()
     assert json.loads((run / "config.json").read_text())["beta"] == 0.1
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run))

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, run_script
+from conftest import ROOT, assert_learned, run_script
 
 SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py")) if not p.endswith("sort_task.py"))
 LLM_SCRIPTS = [s for s in SCRIPTS if s.endswith("_llm.py")]
@@ -187,8 +187,16 @@ BF16_RUNS = {
     "afd_llm.py": ["--task.num_demos", 48, "--task.num_prefs", 0, "--sft_epochs", 1, "--rm_epochs", 1, "--rm_eval_fraction", 0.25,
                    "--batch_size", 8, "--max_n", 2],
     "aihf_llm.py": ["--task.num_demos", 160, "--task.num_prefs", 96, "--num_eval_demos", 32, "--batch_size", 16,
-                    "--total_episodes", 96, "--rollout_batch_size", 16, "--num_ppo_epochs", 2],
+                    "--total_episodes", 96, "--rollout_batch_size", 16, "--num_ppo_epochs", 2, "--sft_epochs", 1],
 }
+
+
+SMOKE_RUNS = {f"bf16_{script[:-3]}": (script, [*flags, "--bf16", "--device", "cpu", "--task.num_eval_prompts", 8,
+                                                "--task.num_eval_prefs", 16, "--eval_every", 0, "--num_threads", 1])
+              for script, flags in BF16_RUNS.items()}
+# What each --bf16 run must have learned (tests/margins.md has each value over seeds and CPU code paths):
+LEARNED = {name: [("greedy gold over pi0's", lambda r: r.m["gold_reward_greedy"] - r.m["gold_reward_greedy_init"], 0.05)]
+           for name in SMOKE_RUNS}
 
 
 @pytest.mark.parametrize("script", LLM_SCRIPTS)
@@ -196,11 +204,11 @@ def test_bf16_run_learns_on_the_cpu(script, task_cache, tmp_path):
     """Every stage of each script under --bf16 (the backbone, the fused LM-head losses' chunk matmuls, generation,
     the reward and value heads in bf16; losses and optimizer state in fp32): the run finishes, its metrics are finite
     and its policy beats pi0 greedily."""
-    run_script(script, *BF16_RUNS[script], "--bf16", "--device", "cpu", "--task.num_eval_prompts", 8, "--task.num_eval_prefs", 16,
-               "--eval_every", 0, "--num_threads", 1, "--task.cache_dir", task_cache, "--output_dir", tmp_path, "--run_name", "bf16")
+    name = f"bf16_{script[:-3]}"
+    run_script(script, *SMOKE_RUNS[name][1], "--task.cache_dir", task_cache, "--output_dir", tmp_path, "--run_name", "bf16")
     metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
     assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)), metrics
-    assert metrics["gold_reward_greedy"] > metrics["gold_reward_greedy_init"] + 0.05, metrics
+    assert_learned(tmp_path / "bf16", LEARNED[name])
 
 
 @pytest.mark.parametrize("module", [s[:-3] for s in LLM_SCRIPTS])
@@ -223,8 +231,10 @@ def test_every_mutant_still_applies():
     rewrites that code the mutant would apply nowhere and the mutation check would test nothing with it."""
     from mutation_check import MUTANTS
 
-    stale = [name for name, script, old, _, _ in MUTANTS if open(os.path.join(ROOT, script)).read().count(old) != 1]
+    stale = [name for name, script, old, _, _ in MUTANTS for path in glob.glob(os.path.join(ROOT, script))
+             if open(path).read().count(old) != 1]
     assert not stale, stale
+    assert all(glob.glob(os.path.join(ROOT, script)) for _, script, _, _, _ in MUTANTS)
 
 
 def test_load_policy_turns_dropout_off_and_refuses_transformed_logits(tmp_path):
