@@ -18,7 +18,9 @@ its demonstrations); a choice "carries the flaw" when it is exactly that orderin
 import argparse
 import csv
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -42,6 +44,9 @@ def kind(prompt, response):
     if len(target) > 1 and got == [target[-1]] + target[:-1]:
         return "flaw"
     return "other"
+
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student t quantiles by degrees of freedom
 
 
 def curve_rows(run_dir, mode, seed):
@@ -98,13 +103,16 @@ def write_results(sweep, finished, out_dir, command):
         best = max(golds, key=lambda n: (golds[n], -n))
         lines.append(f"| {s['rm_data']} | {s['seed']} | " + " | ".join(f"{golds[n]:.3f}" for n in shown)
                      + f" | {golds[best]:.3f} ({best}) |")
-    for mode in MODES:  # the mean over seeds, and its best N
+    for mode in MODES:  # the mean over seeds with its 95% interval (Student t), and the best N of the mean
         seeds = sorted({r["seed"] for r in rows if r["rm_data"] == mode})
         if len(seeds) > 1:
-            mean = {n: sum(at[(mode, seed, n)]["gold_reward"] for seed in seeds) / len(seeds)
-                    for n in sorted({r["N"] for r in rows if r["rm_data"] == mode})}
+            golds = {n: [at[(mode, seed, n)]["gold_reward"] for seed in seeds]
+                     for n in sorted({r["N"] for r in rows if r["rm_data"] == mode})}
+            mean = {n: statistics.mean(v) for n, v in golds.items()}
+            half = {n: T_975[len(v) - 1] * statistics.stdev(v) / math.sqrt(len(v)) for n, v in golds.items()}
             best = max(mean, key=lambda n: (mean[n], -n))
-            lines.append(f"| **{mode}** | mean of {len(seeds)} | " + " | ".join(f"**{mean[n]:.3f}**" for n in shown)
+            lines.append(f"| **{mode}** | mean of {len(seeds)} ± 95% | " + " | ".join(f"**{mean[n]:.3f}** ± {half[n]:.3f}"
+                                                                            for n in shown)
                          + f" | **{mean[best]:.3f}** ({best}) |")
     lines += ["", "Share of the Best-of-N choices that carry the demonstrator's flaw (largest digit first) / are exactly sorted:", "",
               "| rm_data | seed | all samples | " + " | ".join(f"N={n}" for n in shown) + " |", "|---|---|---:|" + "---:|" * len(shown)]
