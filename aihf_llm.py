@@ -15,10 +15,12 @@ reward up on demonstrations, down on the policy's own samples. Three algorithms 
   selfplay as direct, in rounds: each round's demo-pair samples come from the previous round's policy, which is also
            that round's reference (the SPIN form).
 Special cases: w_demo = 0 is RLHF (rl) or DPO (direct); w_pref = 0 is IRL from demonstrations (rl) or IRFT/SPIN
-(selfplay). As in the authors' code, policy and reference start from the base model and the reward from scratch
-(--sft_epochs and --reward_pretrain_steps add the warm starts).
+(selfplay). The joint rounds start where RLHF would (--start rlhf, the default, measured to win where preferences are
+scarce): policy and reference from SFT on the demonstrations, for rl the reward from Bradley-Terry on the preferences.
+--start pi0 is the authors' code: policy and reference from the base model, the reward from scratch.
 
     python aihf_llm.py                                   # embedded digit-sorting task, AIHF-RL, offline, CPU, minutes
+    python aihf_llm.py --start pi0                       # the authors' start: the base model and a reward from scratch
     python aihf_llm.py --model_name_or_path EleutherAI/pythia-160m --dataset_name Anthropic/hh-rlhf \
         --max_length 512 --max_prompt_length 384 --response_length 128 --rm_learning_rate 1e-6 --learning_rate 1e-6 \
         --total_episodes 64000 --bf16 --logprob_chunk_size 4096   # demos: the chosen responses of half the pairs
@@ -104,18 +106,18 @@ class Args:
     """examples whose prompt is longer than this are dropped (counted and reported)"""
 
     # Starting point
-    start: Literal["pi0", "rlhf"] = "pi0"
-    """pi0: policy and reference start at the base model, the reward from scratch (the authors' code). rlhf: RLHF's
-    start, then the joint rounds: SFT on the demonstrations (policy and reference = SFT) and, for rl, Bradley-Terry
-    pre-training of the reward on the preferences, with RLHF's PPO budget and settings (--sft_epochs,
-    --reward_pretrain_steps, --total_episodes, --kl_coef and --learning_rate default to rlhf_llm.py's)"""
+    start: Literal["rlhf", "pi0"] = "rlhf"
+    """rlhf: RLHF's start, then the joint rounds: SFT on the demonstrations (policy and reference = SFT) and, for rl,
+    Bradley-Terry pre-training of the reward on the preferences, with RLHF's PPO budget and settings (--sft_epochs,
+    --reward_pretrain_steps, --total_episodes, --kl_coef and --learning_rate default to rlhf_llm.py's). pi0: policy and
+    reference start at the base model, the reward from scratch (the authors' code)"""
     sft_epochs: Optional[int] = None
     """epochs of SFT on the demonstrations first (default: 0 with --start pi0, 3 with --start rlhf)"""
     sft_learning_rate: float = 3e-4
     """AdamW learning rate of SFT (embedded task; 1e-5 suits Pythia on HH)"""
     reward_pretrain_steps: Optional[int] = None
-    """rl: Bradley-Terry steps on the preferences before the loop (default: 0 with --start pi0; 120 with --start rlhf,
-    the embedded task's RLHF budget: on real data set it, e.g. one epoch = pairs / batch_size)"""
+    """rl: Bradley-Terry steps on the preferences before the loop (default: 0 with --start pi0 or --w_pref 0; 120 with
+    --start rlhf, the embedded task's RLHF budget: on real data set it, e.g. one epoch = pairs / batch_size)"""
 
     # rl: the reward step and PPO
     reward_steps: int = 1
@@ -2079,7 +2081,7 @@ def validate_args(args: Args):
     check_ranges(args, RANGES)
     rlhf_start = args.start == "rlhf"  # the defaults that --start sets, unless given
     for name, value in (("sft_epochs", 3 if rlhf_start else 0),
-                        ("reward_pretrain_steps", 120 if rlhf_start and args.algo == "rl" else 0),
+                        ("reward_pretrain_steps", 120 if rlhf_start and args.algo == "rl" and args.w_pref else 0),
                         ("kl_coef", 0.05 if rlhf_start else 0.02), ("total_episodes", 2048 if rlhf_start else 8192),
                         ("learning_rate", (3e-5 if rlhf_start else 1e-4) if args.algo == "rl" else 5e-5)):
         if getattr(args, name) is None:

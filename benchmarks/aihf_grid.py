@@ -70,11 +70,12 @@ def methods(demos, prefs):
                                             "--total_episodes", EPISODES]),
         "aihf_rl_rlhf_start": ("aihf_llm.py", ["--algo", "rl", "--start", "rlhf", *sft, "--reward_pretrain_steps", PAIR_STEPS,
                                                "--total_episodes", EPISODES, "--num_eval_demos", 0]),
-        "aihf_rl": ("aihf_llm.py", ["--algo", "rl", "--total_episodes", 2 * EPISODES, "--num_eval_demos", 0]),
-        "irl": ("aihf_llm.py", ["--algo", "rl", "--w_pref", 0, "--total_episodes", 2 * EPISODES, "--num_eval_demos", 0]),
-        "aihf_direct": ("aihf_llm.py", ["--algo", "direct", "--num_epochs", epochs(steps_direct, max(demos, prefs)),
+        "aihf_rl": ("aihf_llm.py", ["--algo", "rl", "--start", "pi0", "--total_episodes", 2 * EPISODES, "--num_eval_demos", 0]),
+        "irl": ("aihf_llm.py", ["--algo", "rl", "--start", "pi0", "--w_pref", 0, "--total_episodes", 2 * EPISODES,
+                                "--num_eval_demos", 0]),
+        "aihf_direct": ("aihf_llm.py", ["--algo", "direct", "--start", "pi0", "--num_epochs", epochs(steps_direct, max(demos, prefs)),
                                         "--num_eval_demos", 0]),
-        "aihf_selfplay": ("aihf_llm.py", ["--algo", "selfplay", "--num_rounds", 2,
+        "aihf_selfplay": ("aihf_llm.py", ["--algo", "selfplay", "--start", "pi0", "--num_rounds", 2,
                                           "--num_epochs", epochs(steps_direct / 2, max(demos, prefs)), "--num_eval_demos", 0]),
     }
 
@@ -320,10 +321,10 @@ def sweep_table(table):
     if not sweep:
         return []
     rows = []
-    for algo in ("aihf_rl", "aihf_direct"):
+    for algo in (AIHF, "aihf_rl", "aihf_direct"):
         runs = {(1.0, 1.0): default.get(algo, {})}
         for method, by_seed in sweep.items():
-            if method.startswith(algo + "_wd"):
+            if method.startswith(algo + "_wd") and (algo == AIHF or not method.startswith(AIHF)):
                 w_demo, w_pref = method[len(algo) + 3:].split("_wp")
                 runs[(float(w_demo), float(w_pref))] = by_seed
         for (w_demo, w_pref), by_seed in sorted(runs.items(), key=lambda kv: (-kv[0][0] / max(kv[0][1], 1e-9), kv[0])):

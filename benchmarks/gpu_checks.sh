@@ -34,7 +34,7 @@ timeout 65 python3 benchmarks/bench_logprob.py --device cuda --dtype bfloat16 --
 timeout 80 python3 benchmarks/bench_aihf_round.py --device cuda --bf16 --hidden 768 --layers 12 --vocabs 50304 \
   --memory_vocab 50304 --response_length 128 --chunk 4096 --rounds 3 --out "$out/aihf_round_gpu.md" || echo "bench_aihf_round did not finish"
 for algo in rl direct selfplay; do
-  timeout 40 python3 aihf_llm.py --algo "$algo" --bf16 --device cuda --task.cache_dir "$cache" --task.num_demos 160 \
+  timeout 40 python3 aihf_llm.py --algo "$algo" --start pi0 --bf16 --device cuda --task.cache_dir "$cache" --task.num_demos 160 \
     --task.num_prefs 96 --task.num_eval_prompts 32 --task.num_eval_prefs 64 --num_eval_demos 32 --batch_size 16 \
     --total_episodes 96 --rollout_batch_size 16 --num_epochs 1 --eval_every 0 --output_dir "$runs" --run_name "aihf_$algo" \
     && cp "$runs/aihf_$algo/metrics.json" "$out/aihf_${algo}_bf16_tiny_metrics.json" || echo "aihf_llm.py --algo $algo --bf16 failed"

@@ -19,7 +19,7 @@ NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 # Tiny but complete: every stage trains, a few rounds of each algorithm.
 TINY = ["--task.num_demos", 160, "--task.num_prefs", 96, "--task.num_eval_prompts", 128, "--task.num_eval_prefs", 256,
         "--num_eval_demos", 32, "--batch_size", 16, "--total_episodes", 96, "--rollout_batch_size", 16, "--num_ppo_epochs", 2,
-        "--num_epochs", 1, "--eval_every", 0, "--num_threads", 1]
+        "--num_epochs", 1, "--eval_every", 0, "--num_threads", 1, "--start", "pi0"]
 SMOKE_RUNS = {"rl": ("aihf_llm.py", [*TINY, "--algo", "rl", "--reward_steps", 2, "--rm_learning_rate", 3e-4,
                                       "--total_episodes", 192, "--learning_rate", 2e-4]),
               "direct": ("aihf_llm.py", [*TINY, "--algo", "direct"]),
@@ -252,7 +252,8 @@ def test_killed_selfplay_run_resumes_to_the_same_result(runs, task_cache, tmp_pa
 
 @pytest.mark.parametrize("algo", ["rl", "direct"])
 def test_hh_format_data_and_local_models(algo, tiny_hh, tmp_path):
-    proc = run_script("aihf_llm.py", "--algo", algo, "--model_name_or_path", tiny_hh["model"], "--dataset_name", tiny_hh["train"],
+    proc = run_script("aihf_llm.py", "--algo", algo, "--start", "pi0", "--model_name_or_path", tiny_hh["model"],
+                      "--dataset_name", tiny_hh["train"],
                       "--max_length", 200, "--max_prompt_length", 160, "--response_length", 6, "--batch_size", 4,
                       "--total_episodes", 8, "--rollout_batch_size", 4, "--num_eval_demos", 4, "--num_epochs", 1,
                       "--num_threads", 1, "--output_dir", tmp_path, "--run_name", "hh")
@@ -265,7 +266,7 @@ def test_hh_format_data_and_local_models(algo, tiny_hh, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--w_demo", 0, "--w_pref", 0], "--w_demo and --w_pref are both 0"),
     (["--algo", "direct", "--task.num_demos", 16], "demonstrations (--task.num_demos - --num_eval_demos)"),
-    (["--algo", "rl", "--task.num_demos", 40, "--w_demo", 0], "demonstration prompts"),
+    (["--algo", "rl", "--start", "pi0", "--task.num_demos", 40, "--w_demo", 0], "demonstration prompts"),
     (["--algo", "direct", "--reward_pretrain_steps", 10], "are for --algo rl"),
     (["--algo", "direct", "--num_rounds", 3], "--num_rounds is for --algo selfplay"),
     (["--w_pref", -1], "--w_pref must be in [0,"),
@@ -289,8 +290,8 @@ def test_reward_warm_start_then_irl_from_demonstrations_only(task_cache, tmp_pat
 
 
 def test_start_sets_the_warm_start_defaults_unless_given():
-    """--start rlhf: SFT first, Bradley-Terry pre-training of the reward (rl) and RLHF's PPO settings; --start pi0 (the
-    default): none of them. A flag given explicitly wins either way."""
+    """--start rlhf (the default): SFT first, Bradley-Terry pre-training of the reward (rl, with a preference term) and
+    RLHF's PPO settings; --start pi0: none of them. A flag given explicitly wins either way."""
     import tyro
 
     def resolved(*flags):
@@ -298,8 +299,9 @@ def test_start_sets_the_warm_start_defaults_unless_given():
         A.validate_args(args)
         return args.sft_epochs, args.reward_pretrain_steps, args.kl_coef, args.learning_rate, args.total_episodes
 
-    assert resolved() == (0, 0, 0.02, 1e-4, 8192)
-    assert resolved("--start", "rlhf") == (3, 120, 0.05, 3e-5, 2048)
+    assert resolved() == resolved("--start", "rlhf") == (3, 120, 0.05, 3e-5, 2048)
+    assert resolved("--start", "pi0") == (0, 0, 0.02, 1e-4, 8192)
+    assert resolved("--w_pref", 0) == (3, 0, 0.05, 3e-5, 2048)  # IRL from demonstrations: no preference pre-training
     assert resolved("--start", "rlhf", "--algo", "direct") == (3, 0, 0.05, 5e-5, 2048)
     assert resolved("--start", "rlhf", "--sft_epochs", 1, "--reward_pretrain_steps", 0, "--kl_coef", 0.1,
                     "--total_episodes", 64) == (1, 0, 0.1, 3e-5, 64)

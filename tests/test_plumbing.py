@@ -32,14 +32,15 @@ LR = {"sft_learning_rate": 1.1e-4, "rm_learning_rate": 1.3e-4, "learning_rate": 
 MAX_GRAD_NORM, WARMUP_RATIO, TEMPERATURE = 0.37, 0.3, 0.63
 OPTIM = ["--max_grad_norm", MAX_GRAD_NORM, "--warmup_ratio", WARMUP_RATIO]
 RL = ["--temperature", TEMPERATURE, "--forward_batch_size", 8]
+PI0 = ["--start", "pi0"]  # each stage by its own flag, none from --start's defaults
 RUNS = {  # name: (module, flags, the learning-rate flag of each new_optimizer call, in order)
-    "aihf_rl": ("aihf_llm", ["--algo", "rl", "--sft_epochs", 1, "--reward_pretrain_steps", 2, "--reward_steps", 2,
+    "aihf_rl": ("aihf_llm", [*PI0, "--algo", "rl", "--sft_epochs", 1, "--reward_pretrain_steps", 2, "--reward_steps", 2,
                              "--total_episodes", 64, "--rollout_batch_size", 16, "--batch_size", 8, "--num_ppo_epochs", 1,
                              "--gradient_accumulation_steps", 2, "--num_eval_demos", 16, *RL],
                 ["sft_learning_rate", "rm_learning_rate", "learning_rate"]),
-    "aihf_direct": ("aihf_llm", ["--algo", "direct", "--sft_epochs", 1, "--batch_size", 8, "--gradient_accumulation_steps", 2,
+    "aihf_direct": ("aihf_llm", [*PI0, "--algo", "direct", "--sft_epochs", 1, "--batch_size", 8, "--gradient_accumulation_steps", 2,
                                  "--num_eval_demos", 16, *RL], ["sft_learning_rate", "learning_rate"]),
-    "aihf_selfplay": ("aihf_llm", ["--algo", "selfplay", "--num_rounds", 2, "--batch_size", 8, "--num_eval_demos", 16, *RL],
+    "aihf_selfplay": ("aihf_llm", [*PI0, "--algo", "selfplay", "--num_rounds", 2, "--batch_size", 8, "--num_eval_demos", 16, *RL],
                       ["learning_rate", "learning_rate"]),
     "dpo": ("dpo_llm", ["--sft_epochs", 1, "--num_epochs", 1, "--batch_size", 8, "--gradient_accumulation_steps", 2],
             ["sft_learning_rate", "learning_rate"]),

@@ -149,7 +149,8 @@ def tiny_local_run(script, hh):
     return {
         "afd_llm.py": [*common, "--sft_epochs", 1, "--rm_epochs", 1, "--response_length", 6, "--max_n", 2],
         "dpo_llm.py": [*common, "--sft_epochs", 1, "--num_epochs", 1],
-        "aihf_llm.py": [*common, "--response_length", 6, "--total_episodes", 8, "--rollout_batch_size", 4, "--num_eval_demos", 4],
+        "aihf_llm.py": [*common, "--start", "pi0", "--response_length", 6, "--total_episodes", 8, "--rollout_batch_size", 4,
+                        "--num_eval_demos", 4],
         "rlhf_llm.py": [*common, "--reward_model_path", hh["model"], "--sft_epochs", 1, "--rm_epochs", 1,
                         "--response_length", 6, "--total_episodes", 8, "--rollout_batch_size", 4, "--num_reward_norm_samples", 4],
     }[script]
@@ -187,7 +188,7 @@ BF16_RUNS = {
     "afd_llm.py": ["--task.num_demos", 48, "--task.num_prefs", 0, "--sft_epochs", 1, "--rm_epochs", 1, "--rm_eval_fraction", 0.25,
                    "--batch_size", 8, "--max_n", 2],
     "aihf_llm.py": ["--task.num_demos", 160, "--task.num_prefs", 96, "--num_eval_demos", 32, "--batch_size", 16,
-                    "--total_episodes", 96, "--rollout_batch_size", 16, "--num_ppo_epochs", 2, "--sft_epochs", 1],
+                    "--total_episodes", 96, "--rollout_batch_size", 16, "--num_ppo_epochs", 2, "--start", "pi0", "--sft_epochs", 1],
 }
 
 
