@@ -324,6 +324,305 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
 
 
 # ==========================================================================================================
+# Main: the algorithm box, one call per stage
+# ==========================================================================================================
+def main():
+    """Load and check everything, then SFT on the demonstrations, the discriminator's data (demonstrations against
+    samples of pi_0 and/or pi_SFT), the discriminator D = sigmoid(r), Best-of-N with r over the SFT model at every
+    N up to --max_n, and with --policy_opt ppo PPO on r; then the final evaluation. A killed run resumes (--resume)
+    in the stage, and at the step, where it stopped."""
+    args = parse_args()
+    device, autocast = setup_torch(args)
+    started = time.time()
+    # everything that can fail on bad input happens before the run directory exists
+    task, model_path, _, pref_eval, demo_data = load_data(args)
+    model, tokenizer = load_policy(model_path, device)
+    check_same_tokenizer(args.reward_model_path, tokenizer, model_path)
+    response_length = args.response_length or (task.max_response_tokens if task is not None else 128)
+    data = afd_examples(args, model, tokenizer, task, pref_eval, demo_data, response_length)
+
+    run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "rm_data")
+    run = Run(args, device, autocast, tokenizer, task, response_length, run_dir, state, summary_writer(run_dir))
+    policy = parallelize(model, args)  # policy(fn, *args) runs fn(model, *args); under torchrun with DDP or FSDP2
+    sft_path = os.path.join(run_dir, "sft_model") if args.sft_epochs else model_path
+    rm_path = os.path.join(run_dir, "reward_model")
+    print(f"[run] {run_dir}: {len(data['sft'])} demonstrations, {len(data['rm_index'])} discriminator prompts "
+          f"({data['num_rm_eval']} held out), {len(data['bon_prompts'])} Best-of-N prompts x {args.max_n} samples, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
+          f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
+    if "gold_reward_init" not in run.metrics:
+        run.metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_init"))
+
+    if state["stage"] == "sft":  # 1. SFT on the demonstrations (the forward KL)
+        train_sft(run, model, policy, data["sft"], save_to=sft_path, next_stage="rm_data")
+    if state["stage"] == "rm_data":  # 2. demonstrations against samples of pi_0 and/or pi_SFT
+        discriminator_data(run, model, policy, model_path, demo_data, data)
+    if state["stage"] == "rm":  # 3. the discriminator; its logit is the reward
+        train_discriminator(run, model, policy, data, sft_path, rm_path)
+    if state["stage"] == "bon":  # 4. Best-of-N with that reward, over the SFT model's samples
+        run_best_of_n(run, model, policy, data, rm_path)
+    if state["stage"] == "ppo":  # 5. (--policy_opt ppo) PPO on that reward, as in rlhf_llm.py
+        train_ppo(run, model, policy, data["ppo_prompts"], sft_path, rm_path)
+
+    if args.policy_opt == "ppo":
+        run.metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, ""))
+    elif task is not None:  # the final policy is Best-of-N at --max_n over the SFT model, the model saved below
+        run.metrics["gold_reward"] = run.metrics[f"gold_reward_bon_{args.max_n}"]
+        run.metrics["gold_reward_greedy"] = run.metrics.get("gold_reward_greedy_sft", run.metrics["gold_reward_greedy_init"])
+        print(f"[eval] Best-of-{args.max_n} (final): gold reward {run.metrics['gold_reward']:.3f}; "
+              f"the saved SFT model's greedy response {run.metrics['gold_reward_greedy']:.3f}")
+    finish_run(run_dir, run.writer, model, tokenizer, args, state, started, "afd", run.metrics)
+
+
+# ==========================================================================================================
+# The stages: each owns its loop, its logs and its checkpoints, and starts again where a killed run stopped
+# ==========================================================================================================
+def train_sft(run, model, policy, demos, save_to, next_stage):
+    """SFT on the demonstrations, -mean log pi(y_t | x, y_<t) over the response tokens; the model saved to `save_to`."""
+    args, state = run.args, run.state
+    steps = batch_order(len(demos), args.batch_size, args.sft_epochs, args.seed)
+    optimizer, scheduler = new_optimizer(model.parameters(), args.sft_learning_rate, len(steps), args, state)
+    model.train()
+    bar = progress_bar(len(steps), "sft", state["step"])
+    for step in range(state["step"], len(steps)):
+        total_loss = torch.zeros((), device=run.device)
+        for m in range(args.gradient_accumulation_steps):
+            sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
+            batch = sft_batch([demos[i] for i in this_rank(run.micro_batch(steps[step], m))], run.pad_id)
+            loss = policy(sft_batch_loss, [t.to(run.device) for t in batch], args, run.autocast)
+            loss.backward()
+            total_loss += loss.detach()
+        grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
+        bar.update()
+        if step % 20 == 0 or step + 1 == len(steps):
+            total_loss = global_mean(total_loss).item()
+            run.log({"sft/loss": total_loss, "sft/grad_norm": grad_norm.item()})
+            bar.set_postfix(loss=f"{total_loss:.4f}")
+            bar.write(f"[sft] step {step + 1}/{len(steps)} loss {total_loss:.4f}")
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(run.dir, state, model, optimizer, scheduler)
+    bar.close()
+    save_model(save_to, model, run.tokenizer)
+    run.metrics.update(evaluate_gold(run.task, policy, run.tokenizer, args.seed, "_sft"))
+    state.update(stage=next_stage, step=0)
+    save_checkpoint(run.dir, state, model, optimizer, scheduler)
+
+
+def discriminator_data(run, model, policy, model_path, demo_data, data):
+    """The discriminator's data: for each of its prompts the demonstration, and one sample of pi_0 and/or of the SFT
+    model, paired as --rm_data says (discriminator_pairs); kept in the run's state, so a resumed run trains on the same."""
+    args, state = run.args, run.state
+    demo_prompts, demo_completions = demo_data
+    prompts = [demo_prompts[i] for i in data["rm_index"]]
+    responses = {"demo": [demo_completions[i] for i in data["rm_index"]]}
+    queries, query_mask = (t.to(run.device) for t in left_pad(this_rank(data["rm_prompt_ids"]), run.pad_id))  # this process's share
+    for source in [s for s in ("init", "sft") if s in RM_DATA[args.rm_data]]:
+        # pi_0, or the SFT model
+        sampler = parallelize(load_policy(model_path, run.device)[0].requires_grad_(False), args) if source == "init" else policy
+        sampler.eval()
+        seed_share(args.seed * 7919 + (2 if source == "init" else 3))
+        sampled = sampler(generate, queries, query_mask, run.response_length, args.temperature, run.pad_id, run.eos_id,
+                          args.forward_batch_size, run.autocast)
+        responses[source] = gather(decode_responses(run.tokenizer, sampled, run.eos_id, run.pad_id), len(data["rm_prompt_ids"]))
+        del sampler
+    positives, negatives = discriminator_pairs(args.rm_data, responses)
+    state["rm_data"] = {"prompts": prompts, "positives": positives, "negatives": negatives}
+    print(f"[rm data] {args.rm_data}: {len(prompts)} prompts; e.g. {prompts[0][-60:]!r} -> positive {positives[0][:60]!r}, "
+          f"negative {negatives[0][:60]!r}")
+    if run.task is not None:  # how good the two sides are, by the gold reward the discriminator never sees
+        run.metrics["rm_gold_positive"] = run.task.gold_reward(prompts, positives).mean().item()
+        run.metrics["rm_gold_negative"] = run.task.gold_reward(prompts, negatives).mean().item()
+        print(f"[rm data] gold reward of the positives {run.metrics['rm_gold_positive']:.3f}, "
+              f"of the negatives {run.metrics['rm_gold_negative']:.3f}")
+    state.update(stage="rm", step=0)
+    save_whole({**state, "model": model.state_dict()}, os.path.join(run.dir, "checkpoint.pt"))
+
+
+def train_discriminator(run, model, policy, data, sft_path, rm_path):
+    """The discriminator D = sigmoid(z), logistic loss (positives 1, negatives 0), z read at the EOS token on the SFT
+    model's backbone; the reward is r = z. Its held-out accuracies, its ranking of held-out human preferences, and
+    with --policy_opt ppo its normalisation on SFT samples; saved to rm_path."""
+    args, state, device, pad_id = run.args, run.state, run.device, run.pad_id
+    rm_data, num_rm_eval = state["rm_data"], data["num_rm_eval"]
+    examples = tokenize_examples(run.tokenizer, rm_data["prompts"], [rm_data["positives"], rm_data["negatives"]], args,
+                                 "discriminator data")
+    train_examples, heldout_examples = examples[:-num_rm_eval], examples[-num_rm_eval:]
+    reward_model, _ = load_reward_model(args.reward_model_path or sft_path, device)
+    if state["step"]:
+        reward_model.load_state_dict(state["reward_model"])
+    discriminator = parallelize(reward_model, args)
+
+    def discriminator_accuracy():
+        """On the held-out prompts: positives with D > 1/2 and negatives with D < 1/2 (accuracy), positive above
+        negative on the same prompt (pair accuracy), mean D of each side."""
+        z = discriminator(response_logits, [(p, r) for p, pos, neg in heldout_examples for r in (pos, neg)], pad_id,
+                          args.forward_batch_size, device, run.autocast)
+        labels = discriminator_labels(len(heldout_examples))
+        return {"rm_accuracy": ((z > 0).float() == labels).float().mean().item(),
+                "rm_pair_accuracy": pair_accuracy(z[0::2], z[1::2]),
+                "rm_d_positive": torch.sigmoid(z[0::2]).mean().item(), "rm_d_negative": torch.sigmoid(z[1::2]).mean().item()}
+
+    steps = batch_order(len(train_examples), args.batch_size, args.rm_epochs, args.seed + 1)
+    optimizer, scheduler = new_optimizer(reward_model.parameters(), args.rm_learning_rate, max(1, len(steps)), args, state)
+    reward_model.eval()  # no dropout (also in the value model and policy below)
+    bar = progress_bar(len(steps), "discriminator", state["step"])
+    for step in range(state["step"], len(steps)):
+        stats = torch.zeros(4, device=device)
+        for m in range(args.gradient_accumulation_steps):
+            sync_gradients(m + 1 == args.gradient_accumulation_steps, discriminator)
+            rows = pair_rows_batch([train_examples[i] for i in this_rank(run.micro_batch(steps[step], m))], pad_id)
+            ids, mask = (t.to(device) for t in rows)  # rows [positive_0, negative_0, positive_1, negative_1, ...]
+            labels = discriminator_labels(len(ids) // 2).to(device)
+            with run.autocast:
+                logits = discriminator(sequence_rewards, ids, mask)  # z(x, y), D = sigmoid(z)
+            loss = discriminator_loss(logits, labels).sum() / (2 * run.rank_batch)
+            loss.backward()
+            d = torch.sigmoid(logits.detach())
+            stats += torch.stack([loss.detach(), ((d > 0.5).float() == labels).float().sum() / (2 * run.rank_batch),
+                                  d[0::2].sum() / run.rank_batch, d[1::2].sum() / run.rank_batch])
+        grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, args, state)
+        bar.update()
+        if step % 10 == 0 or step + 1 == len(steps):
+            loss_v, acc, d_pos, d_neg = global_mean(stats).tolist()
+            run.log({"rm/loss": loss_v, "rm/accuracy": acc, "rm/d_positive": d_pos, "rm/d_negative": d_neg,
+                     "rm/grad_norm": grad_norm.item()})
+            bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc:.2f}")
+            bar.write(f"[rm] step {step + 1}/{len(steps)} loss {loss_v:.4f} acc {acc:.2f} D(positive) {d_pos:.3f} "
+                      f"D(negative) {d_neg:.3f}")
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(run.dir, state, model, optimizer, scheduler, reward_model=reward_model.state_dict())
+            bar.write(f"[rm] checkpoint at step {step + 1}")
+    bar.close()
+    metrics = run.metrics
+    metrics.update(discriminator_accuracy())
+    print(f"[rm] held-out: accuracy {metrics['rm_accuracy']:.3f}, pair accuracy {metrics['rm_pair_accuracy']:.3f}, "
+          f"D(positive) {metrics['rm_d_positive']:.3f}, D(negative) {metrics['rm_d_negative']:.3f}")
+    if data["eval_pairs"]:  # does the reward learned from demonstrations alone rank held-out human preferences right?
+        z = discriminator(response_logits, [(p, r) for p, chosen, rejected in data["eval_pairs"] for r in (chosen, rejected)],
+                          pad_id, args.forward_batch_size, device, run.autocast)
+        metrics["rm_pref_accuracy"] = pair_accuracy(z[0::2], z[1::2])
+        print(f"[rm] held-out preference pairs ranked right: {metrics['rm_pref_accuracy']:.3f}")
+    if args.policy_opt == "ppo":
+        normalize_on_sft_samples(run, reward_model, discriminator, policy, data["ppo_prompts"])
+    save_model(rm_path, reward_model, run.tokenizer)
+    state.update(stage="bon", step=0)
+    save_whole({**state, "model": model.state_dict()}, os.path.join(run.dir, "checkpoint.pt"))
+
+
+def run_best_of_n(run, model, policy, data, rm_path):
+    """Best-of-N with r: --max_n samples of the SFT model per held-out prompt, drawn once and scored once; for every
+    N, the mean reward (and gold reward) of the best of the first N (best_of_n_curve). Samples in bon_samples.jsonl."""
+    args, state, metrics, task = run.args, run.state, run.metrics, run.task
+    bon_prompts, bon_prompt_ids = data["bon_prompts"], data["bon_prompt_ids"]
+    reward_model, _ = load_reward_model(rm_path, run.device)
+    reward_model.eval()
+    discriminator = parallelize(reward_model.requires_grad_(False), args)
+    queries, query_mask = (t.to(run.device) for t in left_pad(this_rank(bon_prompt_ids), run.pad_id))  # this process's share
+    sampled = gather(sample_candidates(policy, queries, query_mask, args.max_n, run.response_length, args, run.pad_id,
+                                       run.eos_id, seed=(args.seed * 7919 + 4) * 100_003, autocast=run.autocast),
+                     len(bon_prompt_ids))
+    texts = decode_responses(run.tokenizer, sampled.flatten(0, 1), run.eos_id, run.pad_id)  # prompt-major: prompt i, samples 0 .. max_n-1
+    repeated = [p for p in bon_prompts for _ in range(args.max_n)]
+    examples = tokenize_examples(run.tokenizer, repeated, [texts], args, "Best-of-N candidates")
+    rewards = afd_reward(discriminator(response_logits, examples, run.pad_id, args.forward_batch_size, run.device, run.autocast))
+    rewards = rewards.view(len(bon_prompts), args.max_n)
+    gold = task.gold_reward(repeated, texts).view(len(bon_prompts), args.max_n) if task is not None else None
+    for n, reward, gold_reward in best_of_n_curve(rewards, gold, args.max_n):
+        metrics[f"reward_bon_{n}"] = reward
+        run.writer.add_scalar("bon/reward", reward, n)
+        if gold is not None:
+            metrics[f"gold_reward_bon_{n}"] = gold_reward
+            run.writer.add_scalar("bon/gold_reward", gold_reward, n)
+        if n & (n - 1) == 0 or n == args.max_n:
+            print(f"[bon] N = {n}: learned reward {reward:.3f}" + (f", gold reward {gold_reward:.3f}" if gold is not None else ""))
+    if gold is not None:  # the ceiling: a Best-of-N that could read the gold reward
+        metrics["gold_reward_bon_oracle"] = gold.max(1).values.mean().item()
+        print(f"[bon] N = {args.max_n} choosing by the gold reward itself: {metrics['gold_reward_bon_oracle']:.3f}")
+    if RANK == 0:  # (the first process writes)
+        with open(os.path.join(run.dir, "bon_samples.jsonl"), "w") as f:
+            for i, prompt in enumerate(bon_prompts):
+                row = {"prompt": prompt, "responses": texts[i * args.max_n : (i + 1) * args.max_n], "rewards": rewards[i].tolist()}
+                f.write(json.dumps({**row, "gold_rewards": gold[i].tolist()} if gold is not None else row) + "\n")
+    state.update(stage="ppo" if args.policy_opt == "ppo" else "done", step=0)
+    save_whole({**state, "model": model.state_dict()}, os.path.join(run.dir, "checkpoint.pt"))
+
+
+def normalize_on_sft_samples(run, reward_model, reward, policy, ppo_prompts):
+    """N+: PPO's hyper-parameters assume a reward with mean 0 on the SFT model's samples: the reward's bias is set to
+    its mean on --num_reward_norm_samples of them (normalize_reward)."""
+    args = run.args
+    samples = min(args.num_reward_norm_samples, len(ppo_prompts))
+    queries, query_mask = sample_prompts(ppo_prompts, samples, args.seed * 7919 + 1, run.pad_id, run.device)
+    seed_share(args.seed * 7919 + 1)
+    raw = reward(normalize_reward, policy, queries, query_mask, run.response_length, args, run.pad_id, run.eos_id,
+                 run.autocast, samples)
+    run.metrics["reward_bias"] = reward_model.config.reward_bias
+    print(f"[rm] reward on {len(raw)} SFT samples: mean {raw.mean().item():.3f} std {raw.std().item():.3f} -> bias subtracted")
+
+
+def train_ppo(run, model, policy, ppo_prompts, sft_path, rm_path):
+    """PPO against the saved reward model, with a per-token KL penalty to the SFT policy (pi_ref), the value model
+    started from the reward model (N+); --total_episodes / --rollout_batch_size iterations of: roll out, score, learn."""
+    args, state = run.args, run.state
+    ref_policy, reward_model, value_model = load_ppo_models(sft_path, rm_path, run.device)
+    if "value_model" in state:
+        value_model.load_state_dict(state["value_model"])
+    # N+: no dropout anywhere, so the ratio pi / pi_old is exactly 1 on the first minibatch; eval() mode throughout.
+    for m in (model, ref_policy, reward_model, value_model):
+        m.eval()
+    ref, reward, value = (parallelize(m, args) for m in (ref_policy, reward_model, value_model))
+    num_iterations = args.total_episodes // args.rollout_batch_size
+    optimizer, scheduler = new_optimizer(list(model.parameters()) + list(value_model.parameters()), args.learning_rate,
+                                         max(1, num_iterations), args)  # N+: learning rate annealed linearly
+    if state["step"]:  # (PPO draws its own seeds per iteration: no RNG state to restore)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    ppo_started = time.time()
+    bar = progress_bar(num_iterations, "ppo", state["step"])
+    for update in range(state["step"], num_iterations):
+        timings, seed = {}, args.seed * 1_000_003 + update
+        # 1. roll out: prompts -> responses sampled at the temperature, with the KV cache
+        t0 = time.time()
+        queries, query_mask = sample_prompts(ppo_prompts, args.rollout_batch_size, seed, run.pad_id, run.device)
+        seed_share(seed)  # the sampling of iteration `update`, also after --resume
+        responses = policy(generate, queries, query_mask, run.response_length, args.temperature, run.pad_id, run.eos_id,
+                           args.forward_batch_size, run.autocast)
+        timings["time/generate"] = time.time() - t0
+        # 2. score: log-probs, values, rewards, KL shaping, GAE, whitening (no grad)
+        t0 = time.time()
+        batch = score_rollouts(policy, ref, reward, value, queries, query_mask, responses, args, run.pad_id, run.eos_id,
+                               run.autocast)
+        timings["time/score"] = time.time() - t0
+        # 3. learn: PPO epochs over minibatches of this batch
+        t0 = time.time()
+        stats = ppo_update(policy, value, optimizer, batch, args, run.autocast, seed=seed)
+        scheduler.step()
+        timings["time/train"] = time.time() - t0
+        state["step"], state["global_step"] = update + 1, state["global_step"] + 1
+        bar.update()
+        logs = {**ppo_logs(run, batch, queries, stats, scheduler, update + 1), **timings}
+        run.log(logs)
+        scores, mean_kl = logs["objective/scores"], logs["objective/kl"]
+        run.metrics.update(kl=mean_kl, scores=scores)
+        bar.set_postfix(score=f"{scores:.3f}", kl=f"{mean_kl:.3f}")
+        if update % 10 == 0 or update + 1 == num_iterations:
+            bar.write(f"[ppo] iteration {update + 1}/{num_iterations} score {scores:.3f} kl {mean_kl:.3f} "
+                      f"entropy {logs['objective/entropy']:.2f} approxkl {stats['policy/approxkl_avg']:.4f} "
+                      f"clipfrac {stats['policy/clipfrac_avg']:.3f}"
+                      + (f" gold {logs['objective/gold_reward']:.3f}" if run.task is not None else "")
+                      + f" ({time.time() - ppo_started:.0f}s)")
+        if args.eval_every and (update + 1) % args.eval_every == 0 and update + 1 < num_iterations:
+            run.log(evaluate_gold(run.task, policy, run.tokenizer, args.seed, "_ppo"), prefix="eval/")
+        if args.save_every and (update + 1) % args.save_every == 0:
+            save_checkpoint(run.dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
+            bar.write(f"[ppo] checkpoint at iteration {update + 1}")
+    bar.close()
+    save_model(os.path.join(run.dir, "value_model"), value_model)
+    state.update(stage="done")
+    save_checkpoint(run.dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
+
+
+# ==========================================================================================================
 # Models: the policy, the discriminator (a reward model), generation and scoring, the PPO update
 # ==========================================================================================================
 def load_policy(path: str, device):
@@ -600,6 +899,27 @@ def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query
 ROLLOUT_STATISTICS = ("scores", "has_eos", "response_mask", "kl", "kl_k3", "entropy", "non_score_reward")
 
 
+def ppo_logs(run, batch, queries, stats, scheduler, iterations_done):
+    """A PPO iteration's scalars: the rollouts' statistics over every process's rollouts (the batch's entries are
+    gathered in place), PPO's own (stats), the learning rate, and on the embedded task the gold reward of the rollouts
+    themselves (the task's "human")."""
+    batch.update({k: gather(batch[k]) for k in ROLLOUT_STATISTICS})
+    scores, non_score_reward = batch["scores"].mean().item(), batch["non_score_reward"].mean().item()
+    # objective/entropy is the exact entropy summed over the response (TRL logs the sampled -log pi instead)
+    logs = {"objective/kl": batch["kl"].mean().item(), "objective/kl_k3": batch["kl_k3"].mean().item(),
+            "objective/entropy": batch["entropy"].mean().item(), "objective/non_score_reward": non_score_reward,
+            "objective/scores": scores, "objective/rlhf_reward": scores + non_score_reward,
+            "val/num_eos_tokens": batch["has_eos"].sum().item(),
+            "val/response_length": batch["response_mask"].sum(1).float().mean().item(),
+            "lr": scheduler.get_last_lr()[0], "episode": iterations_done * run.args.rollout_batch_size, **stats}
+    if run.task is not None:
+        text = run.tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
+        prompts = run.tokenizer.batch_decode(queries, skip_special_tokens=True)
+        gold = run.task.gold_reward(prompts, [" " + r.strip() for r in text]).mean()
+        logs["objective/gold_reward"] = global_mean(gold).item()
+    return logs
+
+
 def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
     """num_ppo_epochs epochs over the rollout batch in shuffled minibatches; returns the averaged diagnostics.
     policy, value_model: parallelize()'s wrappers; under torchrun each process's minibatch is its share of one."""
@@ -694,6 +1014,44 @@ def load_data(args):
     else:
         demos = pref_train[:2]
     return None, args.model_name_or_path or "EleutherAI/pythia-160m", pref_train, pref_eval, demos
+
+
+def afd_examples(args, model, tokenizer, task, pref_eval, demo_data, response_length):
+    """The run's examples, tokenized and checked against the batch sizes and the model's context before anything is
+    written: demonstrations (sft), held-out pairs (eval_pairs), the discriminator's prompts (rm_index into the
+    demonstrations, rm_prompt_ids; the last num_rm_eval held out), Best-of-N's held-out prompts and PPO's prompts."""
+    demo_prompts, demo_completions = demo_data
+    sft_examples = tokenize_examples(tokenizer, demo_prompts, [demo_completions], args, "demonstrations") if args.sft_epochs else []
+    eval_pairs = tokenize_examples(tokenizer, pref_eval[0], pref_eval[1:], args, "held-out pairs") if pref_eval[0] else []
+    # The discriminator's prompts: the first --num_rm_samples demonstrations whose prompt fits; the last
+    # --rm_eval_fraction of them are held out to measure its accuracy.
+    rm_index, rm_prompt_ids = fitting_prompts(tokenizer, demo_prompts, args.max_prompt_length)
+    if args.num_rm_samples is not None and args.num_rm_samples > len(rm_index):
+        fail(f"--num_rm_samples {args.num_rm_samples} exceeds the {len(rm_index)} demonstrations whose prompt fits "
+             f"--max_prompt_length {args.max_prompt_length}; lower it or leave it unset (all of them)")
+    rm_index, rm_prompt_ids = rm_index[: args.num_rm_samples], rm_prompt_ids[: args.num_rm_samples]
+    num_rm_eval = max(1, round(len(rm_index) * args.rm_eval_fraction))
+    # Best-of-N runs on held-out prompts: the embedded task's evaluation prompts, or those of the held-out pairs.
+    bon_prompts = task.eval_prompts if task is not None else list(dict.fromkeys(pref_eval[0]))[: args.num_bon_prompts]
+    bon_index, bon_prompt_ids = fitting_prompts(tokenizer, bon_prompts, args.max_prompt_length)
+    bon_prompts = [bon_prompts[i] for i in bon_index]
+    # PPO prompts (--policy_opt ppo): the demonstrations' prompts, each once.
+    _, ppo_prompts = fitting_prompts(tokenizer, list(dict.fromkeys(demo_prompts)), args.max_prompt_length)
+    ppo = args.policy_opt == "ppo"
+    check_batches_fit([("demonstrations", len(sft_examples), args.sft_epochs, args.batch_size, "--batch_size"),
+                       (f"discriminator training prompts ({len(rm_index)} sampled (--num_rm_samples) minus {num_rm_eval} held out "
+                        "(--rm_eval_fraction))", len(rm_index) - num_rm_eval, args.rm_epochs, args.batch_size, "--batch_size"),
+                       ("PPO prompts", len(ppo_prompts), ppo and args.total_episodes, args.rollout_batch_size, "--rollout_batch_size")])
+    if not bon_prompts:
+        fail(f"no held-out prompts for Best-of-N (none fits --max_prompt_length {args.max_prompt_length}, or the held-out "
+             f"split --eval_split {args.eval_split!r} is empty); raise --max_prompt_length or give held-out pairs")
+    check_context(model, rm_prompt_ids + bon_prompt_ids + ppo_prompts, response_length, sft_examples + eval_pairs)
+    # a reward model used as is must have a trained head: a new one is random, and PPO would chase its noise
+    if not args.rm_epochs and not load_reward_model(args.reward_model_path, "cpu")[1]:
+        fail(f"--reward_model_path {args.reward_model_path!r} has no trained `score` head (a plain causal LM?); "
+             "give a saved reward model or train one (--rm_epochs > 0)")
+    return {"sft": sft_examples, "eval_pairs": eval_pairs, "rm_index": rm_index, "rm_prompt_ids": rm_prompt_ids,
+            "num_rm_eval": num_rm_eval, "bon_prompts": bon_prompts, "bon_prompt_ids": bon_prompt_ids, "ppo_prompts": ppo_prompts}
 
 
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -882,302 +1240,6 @@ def fitting_prompts(tokenizer, prompts, max_prompt_length):
 
 
 # ==========================================================================================================
-# Main: SFT, the discriminator's data, the discriminator, Best-of-N (and PPO)
-# ==========================================================================================================
-def main():
-    args = parse_args()
-    device, autocast = setup_torch(args)
-    started = time.time()
-
-    # ---- data and models: everything that can fail on bad input happens before the run directory exists ----
-    task, model_path, _, pref_eval, (demo_prompts, demo_completions) = load_data(args)
-    model, tokenizer = load_policy(model_path, device)
-    check_same_tokenizer(args.reward_model_path, tokenizer, model_path)
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    response_length = args.response_length or (task.max_response_tokens if task is not None else 128)
-    sft_examples = tokenize_examples(tokenizer, demo_prompts, [demo_completions], args, "demonstrations") if args.sft_epochs else []
-    eval_pairs = tokenize_examples(tokenizer, pref_eval[0], pref_eval[1:], args, "held-out pairs") if pref_eval[0] else []
-    # The discriminator's prompts: the first --num_rm_samples demonstrations whose prompt fits; the last
-    # --rm_eval_fraction of them are held out to measure its accuracy.
-    rm_index, rm_prompt_ids = fitting_prompts(tokenizer, demo_prompts, args.max_prompt_length)
-    if args.num_rm_samples is not None and args.num_rm_samples > len(rm_index):
-        fail(f"--num_rm_samples {args.num_rm_samples} exceeds the {len(rm_index)} demonstrations whose prompt fits "
-             f"--max_prompt_length {args.max_prompt_length}; lower it or leave it unset (all of them)")
-    rm_index, rm_prompt_ids = rm_index[: args.num_rm_samples], rm_prompt_ids[: args.num_rm_samples]
-    num_rm_eval = max(1, round(len(rm_index) * args.rm_eval_fraction))
-    # Best-of-N runs on held-out prompts: the embedded task's evaluation prompts, or those of the held-out pairs.
-    bon_prompts = task.eval_prompts if task is not None else list(dict.fromkeys(pref_eval[0]))[: args.num_bon_prompts]
-    bon_index, bon_prompt_ids = fitting_prompts(tokenizer, bon_prompts, args.max_prompt_length)
-    bon_prompts = [bon_prompts[i] for i in bon_index]
-    # PPO prompts (--policy_opt ppo): the demonstrations' prompts, each once.
-    _, ppo_prompts = fitting_prompts(tokenizer, list(dict.fromkeys(demo_prompts)), args.max_prompt_length)
-    micro = args.batch_size // args.gradient_accumulation_steps
-    rank_batch = args.batch_size // WORLD_SIZE  # examples per optimizer step on this process (all of them on one)
-    ppo = args.policy_opt == "ppo"
-    check_batches_fit([("demonstrations", len(sft_examples), args.sft_epochs, args.batch_size, "--batch_size"),
-                       (f"discriminator training prompts ({len(rm_index)} sampled (--num_rm_samples) minus {num_rm_eval} held out "
-                        "(--rm_eval_fraction))", len(rm_index) - num_rm_eval, args.rm_epochs, args.batch_size, "--batch_size"),
-                       ("PPO prompts", len(ppo_prompts), ppo and args.total_episodes, args.rollout_batch_size, "--rollout_batch_size")])
-    if not bon_prompts:
-        fail(f"no held-out prompts for Best-of-N (none fits --max_prompt_length {args.max_prompt_length}, or the held-out "
-             f"split --eval_split {args.eval_split!r} is empty); raise --max_prompt_length or give held-out pairs")
-    check_context(model, rm_prompt_ids + bon_prompt_ids + ppo_prompts, response_length, sft_examples + eval_pairs)
-    # a reward model used as is must have a trained head: a new one is random, and PPO would chase its noise
-    if not args.rm_epochs and not load_reward_model(args.reward_model_path, "cpu")[1]:
-        fail(f"--reward_model_path {args.reward_model_path!r} has no trained `score` head (a plain causal LM?); "
-             "give a saved reward model or train one (--rm_epochs > 0)")
-
-    run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "rm_data")
-    policy = parallelize(model, args)  # policy(fn, *args) runs fn(model, *args); under torchrun with DDP or FSDP2
-    writer = summary_writer(run_dir)
-    metrics = state["metrics"]
-    sft_path = os.path.join(run_dir, "sft_model") if args.sft_epochs else model_path
-    rm_path = os.path.join(run_dir, "reward_model")
-    print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(rm_index)} discriminator prompts ({num_rm_eval} held out), "
-          f"{len(bon_prompts)} Best-of-N prompts x {args.max_n} samples, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters, device {device}, log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
-    if "gold_reward_init" not in metrics:
-        metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_init"))
-
-    # ---- stage 1: SFT on the demonstrations, -mean log pi(y_t | x, y_<t) over response tokens (the forward KL) ----
-    if state["stage"] == "sft":
-        steps = batch_order(len(sft_examples), args.batch_size, args.sft_epochs, args.seed)
-        optimizer, scheduler = new_optimizer(model.parameters(), args.sft_learning_rate, len(steps), args, state)
-        model.train()
-        bar = progress_bar(len(steps), "sft", state["step"])
-        for step in range(state["step"], len(steps)):
-            total_loss = torch.zeros((), device=device)
-            for m in range(args.gradient_accumulation_steps):
-                sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
-                batch = sft_batch([sft_examples[i] for i in this_rank(steps[step][m * micro : (m + 1) * micro])], pad_id)
-                loss = policy(sft_batch_loss, [t.to(device) for t in batch], args, autocast)
-                loss.backward()
-                total_loss += loss.detach()
-            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
-            bar.update()
-            if step % 20 == 0 or step + 1 == len(steps):
-                total_loss = global_mean(total_loss)
-                writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
-                writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
-                bar.set_postfix(loss=f"{total_loss.item():.4f}")
-                bar.write(f"[sft] step {step + 1}/{len(steps)} loss {total_loss.item():.4f}")
-            if args.save_every and (step + 1) % args.save_every == 0:
-                save_checkpoint(run_dir, state, model, optimizer, scheduler)
-        bar.close()
-        save_model(sft_path, model, tokenizer)
-        metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_sft"))
-        state.update(stage="rm_data", step=0)
-        save_checkpoint(run_dir, state, model, optimizer, scheduler)
-
-    # ---- stage 2: the discriminator's data: demonstrations and one sample of pi_0 and/or pi_SFT per prompt ----
-    if state["stage"] == "rm_data":
-        prompts = [demo_prompts[i] for i in rm_index]
-        responses = {"demo": [demo_completions[i] for i in rm_index]}
-        queries, query_mask = (t.to(device) for t in left_pad(this_rank(rm_prompt_ids), pad_id))  # this process's share
-        for source in [s for s in ("init", "sft") if s in RM_DATA[args.rm_data]]:
-            # pi_0, or the SFT model
-            sampler = parallelize(load_policy(model_path, device)[0].requires_grad_(False), args) if source == "init" else policy
-            sampler.eval()
-            seed_share(args.seed * 7919 + (2 if source == "init" else 3))
-            sampled = sampler(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
-                              args.forward_batch_size, autocast)
-            responses[source] = gather(decode_responses(tokenizer, sampled, eos_id, pad_id), len(rm_prompt_ids))
-            del sampler
-        positives, negatives = discriminator_pairs(args.rm_data, responses)
-        state["rm_data"] = {"prompts": prompts, "positives": positives, "negatives": negatives}
-        print(f"[rm data] {args.rm_data}: {len(prompts)} prompts; e.g. {prompts[0][-60:]!r} -> positive {positives[0][:60]!r}, "
-              f"negative {negatives[0][:60]!r}")
-        if task is not None:  # how good the two sides are, by the gold reward the discriminator never sees
-            metrics["rm_gold_positive"] = task.gold_reward(prompts, positives).mean().item()
-            metrics["rm_gold_negative"] = task.gold_reward(prompts, negatives).mean().item()
-            print(f"[rm data] gold reward of the positives {metrics['rm_gold_positive']:.3f}, "
-                  f"of the negatives {metrics['rm_gold_negative']:.3f}")
-        state.update(stage="rm", step=0)
-        save_whole({**state, "model": model.state_dict()}, os.path.join(run_dir, "checkpoint.pt"))
-
-    # ---- stage 3: the discriminator D = sigmoid(z), logistic loss, z read at the EOS token; reward r = z ----
-    if state["stage"] == "rm":
-        data = state["rm_data"]
-        examples = tokenize_examples(tokenizer, data["prompts"], [data["positives"], data["negatives"]], args, "discriminator data")
-        train_examples, heldout_examples = examples[:-num_rm_eval], examples[-num_rm_eval:]
-        reward_model, _ = load_reward_model(args.reward_model_path or sft_path, device)
-        if state["step"]:
-            reward_model.load_state_dict(state["reward_model"])
-        discriminator = parallelize(reward_model, args)
-
-        def discriminator_accuracy():
-            """On the held-out prompts: positives with D > 1/2 and negatives with D < 1/2 (accuracy), positive above
-            negative on the same prompt (pair accuracy), mean D of each side."""
-            z = discriminator(response_logits, [(p, r) for p, pos, neg in heldout_examples for r in (pos, neg)], pad_id,
-                              args.forward_batch_size, device, autocast)
-            labels = discriminator_labels(len(heldout_examples))
-            return {"rm_accuracy": ((z > 0).float() == labels).float().mean().item(),
-                    "rm_pair_accuracy": pair_accuracy(z[0::2], z[1::2]),
-                    "rm_d_positive": torch.sigmoid(z[0::2]).mean().item(), "rm_d_negative": torch.sigmoid(z[1::2]).mean().item()}
-
-        steps = batch_order(len(train_examples), args.batch_size, args.rm_epochs, args.seed + 1)
-        optimizer, scheduler = new_optimizer(reward_model.parameters(), args.rm_learning_rate, max(1, len(steps)), args, state)
-        reward_model.eval()  # no dropout (also in the value model and policy below)
-        bar = progress_bar(len(steps), "discriminator", state["step"])
-        for step in range(state["step"], len(steps)):
-            stats = torch.zeros(4, device=device)
-            for m in range(args.gradient_accumulation_steps):
-                sync_gradients(m + 1 == args.gradient_accumulation_steps, discriminator)
-                rows = pair_rows_batch([train_examples[i] for i in this_rank(steps[step][m * micro : (m + 1) * micro])], pad_id)
-                ids, mask = (t.to(device) for t in rows)  # rows [positive_0, negative_0, positive_1, negative_1, ...]
-                labels = discriminator_labels(len(ids) // 2).to(device)
-                with autocast:
-                    logits = discriminator(sequence_rewards, ids, mask)  # z(x, y), D = sigmoid(z)
-                loss = discriminator_loss(logits, labels).sum() / (2 * rank_batch)
-                loss.backward()
-                d = torch.sigmoid(logits.detach())
-                stats += torch.stack([loss.detach(), ((d > 0.5).float() == labels).float().sum() / (2 * rank_batch),
-                                      d[0::2].sum() / rank_batch, d[1::2].sum() / rank_batch])
-            grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, args, state)
-            bar.update()
-            if step % 10 == 0 or step + 1 == len(steps):
-                loss_v, acc, d_pos, d_neg = global_mean(stats).tolist()
-                for k, v in {"rm/loss": loss_v, "rm/accuracy": acc, "rm/d_positive": d_pos, "rm/d_negative": d_neg,
-                             "rm/grad_norm": grad_norm.item()}.items():
-                    writer.add_scalar(k, v, state["global_step"])
-                bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc:.2f}")
-                bar.write(f"[rm] step {step + 1}/{len(steps)} loss {loss_v:.4f} acc {acc:.2f} D(positive) {d_pos:.3f} "
-                          f"D(negative) {d_neg:.3f}")
-            if args.save_every and (step + 1) % args.save_every == 0:
-                save_checkpoint(run_dir, state, model, optimizer, scheduler, reward_model=reward_model.state_dict())
-                bar.write(f"[rm] checkpoint at step {step + 1}")
-        bar.close()
-        metrics.update(discriminator_accuracy())
-        print(f"[rm] held-out: accuracy {metrics['rm_accuracy']:.3f}, pair accuracy {metrics['rm_pair_accuracy']:.3f}, "
-              f"D(positive) {metrics['rm_d_positive']:.3f}, D(negative) {metrics['rm_d_negative']:.3f}")
-        if eval_pairs:  # does the reward learned from demonstrations alone rank held-out human preferences right?
-            z = discriminator(response_logits, [(p, r) for p, chosen, rejected in eval_pairs for r in (chosen, rejected)],
-                              pad_id, args.forward_batch_size, device, autocast)
-            metrics["rm_pref_accuracy"] = pair_accuracy(z[0::2], z[1::2])
-            print(f"[rm] held-out preference pairs ranked right: {metrics['rm_pref_accuracy']:.3f}")
-        if ppo:  # N+: PPO's hyper-parameters assume a reward with mean 0 on the SFT model's samples
-            samples = min(args.num_reward_norm_samples, len(ppo_prompts))
-            queries, query_mask = sample_prompts(ppo_prompts, samples, args.seed * 7919 + 1, pad_id, device)
-            seed_share(args.seed * 7919 + 1)
-            raw = discriminator(normalize_reward, policy, queries, query_mask, response_length, args, pad_id, eos_id,
-                                autocast, samples)
-            metrics["reward_bias"] = reward_model.config.reward_bias
-            print(f"[rm] reward on {len(raw)} SFT samples: mean {raw.mean().item():.3f} std {raw.std().item():.3f} -> bias subtracted")
-        save_model(rm_path, reward_model, tokenizer)
-        del reward_model, discriminator, optimizer
-        state.update(stage="bon", step=0)
-        save_whole({**state, "model": model.state_dict()}, os.path.join(run_dir, "checkpoint.pt"))
-
-    # ---- stage 4: Best-of-N with r: --max_n samples of the SFT model per held-out prompt, drawn once, for every N ----
-    if state["stage"] == "bon":
-        reward_model, _ = load_reward_model(rm_path, device)
-        reward_model.eval()
-        discriminator = parallelize(reward_model.requires_grad_(False), args)
-        queries, query_mask = (t.to(device) for t in left_pad(this_rank(bon_prompt_ids), pad_id))  # this process's share
-        sampled = gather(sample_candidates(policy, queries, query_mask, args.max_n, response_length, args, pad_id, eos_id,
-                                           seed=(args.seed * 7919 + 4) * 100_003, autocast=autocast), len(bon_prompt_ids))
-        texts = decode_responses(tokenizer, sampled.flatten(0, 1), eos_id, pad_id)  # prompt-major: prompt i, samples 0 .. max_n-1
-        repeated = [p for p in bon_prompts for _ in range(args.max_n)]
-        examples = tokenize_examples(tokenizer, repeated, [texts], args, "Best-of-N candidates")
-        rewards = afd_reward(discriminator(response_logits, examples, pad_id, args.forward_batch_size, device, autocast))
-        rewards = rewards.view(len(bon_prompts), args.max_n)
-        gold = task.gold_reward(repeated, texts).view(len(bon_prompts), args.max_n) if task is not None else None
-        for n, reward, gold_reward in best_of_n_curve(rewards, gold, args.max_n):
-            metrics[f"reward_bon_{n}"] = reward
-            writer.add_scalar("bon/reward", reward, n)
-            if gold is not None:
-                metrics[f"gold_reward_bon_{n}"] = gold_reward
-                writer.add_scalar("bon/gold_reward", gold_reward, n)
-            if n & (n - 1) == 0 or n == args.max_n:
-                print(f"[bon] N = {n}: learned reward {reward:.3f}" + (f", gold reward {gold_reward:.3f}" if gold is not None else ""))
-        if gold is not None:  # the ceiling: a Best-of-N that could read the gold reward
-            metrics["gold_reward_bon_oracle"] = gold.max(1).values.mean().item()
-            print(f"[bon] N = {args.max_n} choosing by the gold reward itself: {metrics['gold_reward_bon_oracle']:.3f}")
-        if RANK == 0:  # (the first process writes)
-            with open(os.path.join(run_dir, "bon_samples.jsonl"), "w") as f:
-                for i, prompt in enumerate(bon_prompts):
-                    row = {"prompt": prompt, "responses": texts[i * args.max_n : (i + 1) * args.max_n], "rewards": rewards[i].tolist()}
-                    f.write(json.dumps({**row, "gold_rewards": gold[i].tolist()} if gold is not None else row) + "\n")
-        del reward_model, discriminator
-        state.update(stage="ppo" if ppo else "done", step=0)
-        save_whole({**state, "model": model.state_dict()}, os.path.join(run_dir, "checkpoint.pt"))
-
-    # ---- stage 5 (--policy_opt ppo): PPO on r with a per-token KL penalty to the SFT policy, as in rlhf_llm.py ----
-    if state["stage"] == "ppo":
-        ref_policy, reward_model, value_model = load_ppo_models(sft_path, rm_path, device)
-        if "value_model" in state:
-            value_model.load_state_dict(state["value_model"])
-        # N+: no dropout anywhere, so the ratio pi / pi_old is exactly 1 on the first minibatch; eval() mode throughout.
-        for m in (model, ref_policy, reward_model, value_model):
-            m.eval()
-        ref, reward, value = (parallelize(m, args) for m in (ref_policy, reward_model, value_model))
-        num_iterations = args.total_episodes // args.rollout_batch_size
-        optimizer, scheduler = new_optimizer(list(model.parameters()) + list(value_model.parameters()), args.learning_rate,
-                                             max(1, num_iterations), args)  # N+: learning rate annealed linearly
-        if state["step"]:  # (PPO draws its own seeds per iteration: no RNG state to restore)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        ppo_started = time.time()
-        bar = progress_bar(num_iterations, "ppo", state["step"])
-        for update in range(state["step"], num_iterations):
-            # 1. roll out: prompts -> responses sampled at the temperature, with the KV cache
-            queries, query_mask = sample_prompts(ppo_prompts, args.rollout_batch_size, args.seed * 1_000_003 + update, pad_id, device)
-            seed_share(args.seed * 1_000_003 + update)  # the sampling of iteration `update`, also after --resume
-            responses = policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
-                               args.forward_batch_size, autocast)
-            # 2. score: log-probs, values, the discriminator's reward r = z (sequence_rewards, minus the normalising
-            #    bias), KL shaping, GAE, whitening (no grad)
-            batch = score_rollouts(policy, ref, reward, value, queries, query_mask, responses, args, pad_id, eos_id, autocast)
-            # 3. learn: PPO epochs over minibatches of this batch
-            stats = ppo_update(policy, value, optimizer, batch, args, autocast, seed=args.seed * 1_000_003 + update)
-            scheduler.step()
-            state["step"], state["global_step"] = update + 1, state["global_step"] + 1
-            bar.update()
-            batch.update({k: gather(batch[k]) for k in ROLLOUT_STATISTICS})  # every process's rollouts, for the logs
-            mean_kl, scores = batch["kl"].mean().item(), batch["scores"].mean().item()
-            logs = {"objective/kl": mean_kl, "objective/kl_k3": batch["kl_k3"].mean().item(),
-                    "objective/entropy": batch["entropy"].mean().item(),
-                    "objective/non_score_reward": batch["non_score_reward"].mean().item(),
-                    "objective/rlhf_reward": scores + batch["non_score_reward"].mean().item(), "objective/scores": scores,
-                    "val/num_eos_tokens": batch["has_eos"].sum().item(),
-                    "val/response_length": batch["response_mask"].sum(1).float().mean().item(),
-                    "lr": scheduler.get_last_lr()[0], "episode": (update + 1) * args.rollout_batch_size, **stats}
-            if task is not None:  # the gold reward of the training samples themselves
-                text = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
-                prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
-                logs["objective/gold_reward"] = global_mean(task.gold_reward(prompts, [" " + r.strip() for r in text]).mean()).item()
-            for k, v in logs.items():
-                writer.add_scalar(k, v, state["global_step"])
-            metrics.update(kl=mean_kl, scores=scores)
-            bar.set_postfix(score=f"{scores:.3f}", kl=f"{mean_kl:.3f}")
-            if update % 10 == 0 or update + 1 == num_iterations:
-                bar.write(f"[ppo] iteration {update + 1}/{num_iterations} score {scores:.3f} kl {mean_kl:.3f} "
-                          f"entropy {logs['objective/entropy']:.2f} approxkl {stats['policy/approxkl_avg']:.4f}"
-                          + (f" gold {logs['objective/gold_reward']:.3f}" if task is not None else "")
-                          + f" ({time.time() - ppo_started:.0f}s)")
-            if args.eval_every and (update + 1) % args.eval_every == 0 and update + 1 < num_iterations:
-                for k, v in evaluate_gold(task, policy, tokenizer, args.seed, "_ppo").items():
-                    writer.add_scalar(f"eval/{k}", v, state["global_step"])
-            if args.save_every and (update + 1) % args.save_every == 0:
-                save_checkpoint(run_dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
-                bar.write(f"[ppo] checkpoint at iteration {update + 1}")
-        bar.close()
-        save_model(os.path.join(run_dir, "value_model"), value_model)
-        state.update(stage="done")
-        save_checkpoint(run_dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
-
-    # ---- final evaluation, model, metrics ----
-    if ppo:
-        metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, ""))
-    elif task is not None:  # the final policy is Best-of-N at --max_n over the SFT model, the model saved below
-        metrics["gold_reward"] = metrics[f"gold_reward_bon_{args.max_n}"]
-        metrics["gold_reward_greedy"] = metrics.get("gold_reward_greedy_sft", metrics["gold_reward_greedy_init"])
-        print(f"[eval] Best-of-{args.max_n} (final): gold reward {metrics['gold_reward']:.3f}; "
-              f"the saved SFT model's greedy response {metrics['gold_reward_greedy']:.3f}")
-    finish_run(run_dir, writer, model, tokenizer, args, state, started, "afd", metrics)
-
-
-# ==========================================================================================================
 # Machinery: the fused chunked LM-head losses, training plumbing, checkpoints, input validation
 # ==========================================================================================================
 # Naively, log p(y_t) needs logits = hidden @ W^T for all N tokens: an (N, V) tensor, plus its log-softmax,
@@ -1189,7 +1251,8 @@ def main():
 # hidden states and LM-head weight are computed *inside the forward*, chunk by chunk (fused_linear_loss), so the
 # logits are never recomputed. Where the gradient is not known in the forward (per-token log-probs for any later
 # use, as in PPO's ratio), a chunked Function keeps only the log-sum-exp per token and recomputes each chunk's
-# logits in the backward (ChunkedLogprobs; ChunkedLogprobsEntropy also returns the entropy).
+# logits in the backward (ChunkedLogprobs, or ChunkedLogprobsEntropy, which also returns the entropy: each script
+# carries the one it needs).
 #
 # For log p(y) = z_y - logsumexp(z):  d log p(y) / dz = onehot(y) - softmax(z).
 def fused_linear_loss(loss_fn, hidden, weight, targets, seq_ids, *seq_inputs, group_size=1, scale=1.0, chunk_size):
@@ -1829,6 +1892,50 @@ def check_processes(args, batches):
 
 
 # ---- run directory and checkpoints ----
+@dataclass
+class Run:
+    """What every stage reads besides its models and data: the flags, the constants derived from them, and the run's
+    records (its folder, the state that checkpoints save and --resume reads, the TensorBoard writer)."""
+
+    args: Args
+    device: torch.device
+    autocast: torch.autocast  # bf16 with --bf16, else a disabled one
+    tokenizer: object
+    task: object  # the embedded task (its gold reward), None on real data
+    response_length: int
+    dir: str
+    state: dict  # stage, step, global_step, metrics
+    writer: object
+
+    @property
+    def pad_id(self):
+        return self.tokenizer.pad_token_id
+
+    @property
+    def eos_id(self):
+        return self.tokenizer.eos_token_id
+
+    @property
+    def metrics(self):
+        return self.state["metrics"]
+
+    @property
+    def micro(self):  # examples per micro-batch (--gradient_accumulation_steps of them per optimizer step)
+        return self.args.batch_size // self.args.gradient_accumulation_steps
+
+    @property
+    def rank_batch(self):  # examples per optimizer step on this process (all of them on one)
+        return self.args.batch_size // WORLD_SIZE
+
+    def micro_batch(self, indices, m):
+        """The m-th micro-batch of an optimizer step's example indices."""
+        return indices[m * self.micro : (m + 1) * self.micro]
+
+    def log(self, scalars: dict, prefix: str = ""):
+        for k, v in scalars.items():
+            self.writer.add_scalar(prefix + k, v, self.state["global_step"])
+
+
 def open_run(args, model, first_stage):
     """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model (whole,
     loaded before parallelize() shards it). Every process reads the checkpoint; the first writes the directory."""

@@ -356,6 +356,298 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
 
 
 # ==========================================================================================================
+# Main: the algorithm box, one call per stage
+# ==========================================================================================================
+def main():
+    """Load and check everything, then RLHF's start (SFT; for rl, Bradley-Terry pre-training of the reward), then the
+    joint rounds: AIHF-RL (a reward step and a PPO iteration per round) or direct / self-play AIHF (DPO-form losses
+    on demonstration pairs and preference pairs), then the final evaluation. A killed run resumes (--resume) in the
+    stage, and at the step, where it stopped."""
+    args = parse_args()
+    device, autocast = setup_torch(args)
+    started = time.time()
+    # everything that can fail on bad input happens before the run directory exists
+    task, model_path, pref_train, pref_eval, demo_data = load_aihf_data(args)
+    model, tokenizer = load_policy(model_path, device)
+    check_same_tokenizer(args.reward_model_path, tokenizer, model_path)
+    response_length = args.response_length or (task.max_response_tokens if task is not None else 128)
+    prefs, eval_pairs, demos, eval_demos = aihf_examples(args, model, tokenizer, pref_train, pref_eval, demo_data,
+                                                         response_length)
+
+    run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "start")
+    run = Run(args, device, autocast, tokenizer, task, response_length, run_dir, state, summary_writer(run_dir))
+    policy = parallelize(model, args)  # policy(fn, *args) runs fn(model, *args); under torchrun with DDP or FSDP2
+    start_path = os.path.join(run_dir, "sft_model") if args.sft_epochs else model_path  # pi_ref, and the reward's backbone
+    print(f"[run] {run_dir}: AIHF-{args.algo}, {len(demos)} demonstrations (+{len(eval_demos)} held out), {len(prefs)} pairs, "
+          f"{len(eval_pairs)} held-out pairs, w_demo {args.w_demo}, w_pref {args.w_pref}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
+          f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
+    if "gold_reward_init" not in run.metrics:
+        run.metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_init"))
+
+    if state["stage"] == "sft":  # RLHF's start: pi_ref = the policy after SFT on the demonstrations
+        train_sft(run, model, policy, demos, save_to=start_path, next_stage="start")
+    if state["stage"] == "start":
+        state.update(stage="reward_pretrain" if args.algo == "rl" and args.reward_pretrain_steps else args.algo, step=0)
+    if args.algo == "rl":
+        models = aihf_rl_models(run, model, start_path)
+        if state["stage"] == "reward_pretrain":  # RLHF's start of the reward: Bradley-Terry on the preferences
+            pretrain_reward(run, model, models, prefs)
+        if state["stage"] == "rl":
+            aihf_rl(run, model, policy, models, demos, prefs)
+        if "reward_pref_accuracy" not in run.metrics:
+            run.metrics.update(reward_accuracies(run, models["reward"], policy, eval_pairs, eval_demos))
+    else:
+        aihf_direct(run, model, policy, demos, prefs, eval_demos, eval_pairs)
+
+    run.metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, ""))
+    algo = {"rl": "aihf_rl", "direct": "aihf_direct", "selfplay": "aihf_selfplay"}[args.algo]
+    finish_run(run_dir, run.writer, model, tokenizer, args, state, started, algo, run.metrics)
+
+
+# ==========================================================================================================
+# The stages: each owns its loop, its logs and its checkpoints, and starts again where a killed run stopped
+# ==========================================================================================================
+def train_sft(run, model, policy, demos, save_to, next_stage):
+    """SFT on the demonstrations, -mean log pi(y_t | x, y_<t) over the response tokens; the model saved to `save_to`."""
+    args, state = run.args, run.state
+    steps = batch_order(len(demos), args.batch_size, args.sft_epochs, args.seed)
+    optimizer, scheduler = new_optimizer(model.parameters(), args.sft_learning_rate, len(steps), args, state)
+    model.train()
+    bar = progress_bar(len(steps), "sft", state["step"])
+    for step in range(state["step"], len(steps)):
+        total_loss = torch.zeros((), device=run.device)
+        for m in range(args.gradient_accumulation_steps):
+            sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
+            batch = sft_batch([demos[i] for i in this_rank(run.micro_batch(steps[step], m))], run.pad_id)
+            loss = policy(sft_batch_loss, [t.to(run.device) for t in batch], args, run.autocast)
+            loss.backward()
+            total_loss += loss.detach()
+        grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
+        bar.update()
+        if step % 20 == 0 or step + 1 == len(steps):
+            total_loss = global_mean(total_loss).item()
+            run.log({"sft/loss": total_loss, "sft/grad_norm": grad_norm.item()})
+            bar.set_postfix(loss=f"{total_loss:.4f}")
+            bar.write(f"[sft] step {step + 1}/{len(steps)} loss {total_loss:.4f}")
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(run.dir, state, model, optimizer, scheduler)
+    bar.close()
+    save_model(save_to, model, run.tokenizer)
+    run.metrics.update(evaluate_gold(run.task, policy, run.tokenizer, args.seed, "_sft"))
+    state.update(stage=next_stage, step=0)
+    save_checkpoint(run.dir, state, model, optimizer, scheduler)
+
+
+def aihf_rl_models(run, model, start_path):
+    """AIHF-RL's other models, as parallelize() wraps them: pi_ref (fixed at the starting policy), the reward (on the
+    starting policy's backbone unless --reward_model_path) and the value model; restored from the checkpoint if any."""
+    args, state = run.args, run.state
+    ref_policy, _ = load_policy(start_path, run.device)
+    reward_model, _ = load_reward_model(args.reward_model_path or start_path, run.device)
+    ref_policy.requires_grad_(False)
+    if "reward_model" in state:
+        reward_model.load_state_dict(state["reward_model"])
+        reward_model.config.reward_bias = state["reward_bias"]
+    # N+: no dropout anywhere (the ratio pi / pi_old is exactly 1 on the first minibatch); eval() mode throughout.
+    for m in (model, ref_policy, reward_model):
+        m.eval()
+    value_model = copy.deepcopy(reward_model)  # N+: the value model starts as the reward model (when the RL stage starts)
+    if "value_model" in state:
+        value_model.load_state_dict(state["value_model"])
+        value_model.config.reward_bias = state["value_bias"]
+    ref, reward, value = (parallelize(m, args) for m in (ref_policy, reward_model, value_model))
+    return {"reward_model": reward_model, "value_model": value_model, "ref": ref, "reward": reward, "value": value}
+
+
+def pretrain_reward(run, model, models, prefs):
+    """The reward's warm start: Bradley-Terry steps on the preferences, -log sigmoid(r(x, y_w) - r(x, y_l))."""
+    args, state, reward_model, reward = run.args, run.state, models["reward_model"], models["reward"]
+    steps = cycled_batches(len(prefs), args.batch_size, args.reward_pretrain_steps, args.seed + 1)
+    optimizer, scheduler = new_optimizer(reward_model.parameters(), args.rm_learning_rate, len(steps), args, state)
+    bar = progress_bar(len(steps), "reward pre-training", state["step"])
+    for step in range(state["step"], len(steps)):
+        stats = torch.zeros(2, device=run.device)
+        for m in range(args.gradient_accumulation_steps):
+            sync_gradients(m + 1 == args.gradient_accumulation_steps, reward)
+            rows = pair_rows_batch([prefs[i] for i in this_rank(run.micro_batch(steps[step], m))], run.pad_id)
+            ids, mask = (t.to(run.device) for t in rows)
+            with run.autocast:
+                rewards = reward(sequence_rewards, ids, mask)
+            loss = bt_loss(rewards[0::2], rewards[1::2]).sum() / run.rank_batch
+            loss.backward()
+            stats += torch.stack([loss.detach(), (rewards[0::2] > rewards[1::2]).float().sum() / run.rank_batch])
+        grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, args, state)
+        bar.update()
+        if step % 20 == 0 or step + 1 == len(steps):
+            loss_v, acc = global_mean(stats).tolist()
+            run.log({"reward_pretrain/loss": loss_v, "reward_pretrain/accuracy": acc, "reward_pretrain/grad_norm": grad_norm.item()})
+            bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc:.2f}")
+            bar.write(f"[reward pre-training] step {step + 1}/{len(steps)} loss {loss_v:.4f} acc {acc:.2f}")
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(run.dir, state, model, optimizer, scheduler, reward_model=reward_model.state_dict(), reward_bias=0.0)
+    bar.close()
+    state.update(stage="rl", step=0)
+    save_checkpoint(run.dir, state, model, optimizer, scheduler, reward_model=reward_model.state_dict(), reward_bias=0.0)
+
+
+def aihf_rl(run, model, policy, models, demos, prefs):
+    """AIHF-RL's rounds. Each: roll out the policy on a batch of demonstration prompts; --reward_steps steps on
+    L(phi) = w_demo mean BT(y^E > y~pi) + w_pref mean BT(y_w > y_l); one PPO iteration on that (then frozen) reward
+    with a per-token KL penalty to pi_ref. The reward model is saved at the end."""
+    args, state = run.args, run.state
+    reward_model, value_model, ref, reward, value = (models[k] for k in ("reward_model", "value_model", "ref", "reward", "value"))
+    if "value_model" not in state:
+        copy_weights(value_model, reward_model)  # N+: the value model starts as the reward model (its bias included)
+    rl_rounds = args.total_episodes // args.rollout_batch_size
+    policy_optimizer, scheduler = new_optimizer(list(model.parameters()) + list(value_model.parameters()),
+                                                args.learning_rate, max(1, rl_rounds), args)  # N+: lr annealed
+    reward_optimizer = torch.optim.AdamW(reward_model.parameters(), lr=args.rm_learning_rate, weight_decay=args.weight_decay)
+    reward_optimizer.register_load_state_dict_pre_hook(shard_optimizer_state)  # (FSDP2: each process keeps its shards)
+    if state["step"]:  # (each round draws its own seeds: no RNG state to restore)
+        policy_optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        reward_optimizer.load_state_dict(state["reward_optimizer"])
+
+    def rl_checkpoint():
+        save_checkpoint(run.dir, state, model, policy_optimizer, scheduler, reward_optimizer=reward_optimizer.state_dict(),
+                        reward_model=reward_model.state_dict(), reward_bias=reward_model.config.reward_bias,
+                        value_model=value_model.state_dict(), value_bias=value_model.config.reward_bias)
+
+    pref_steps = cycled_batches(len(prefs), args.batch_size, rl_rounds * args.reward_steps, args.seed + 2) if args.w_pref else []
+    rl_started = time.time()
+    bar = progress_bar(rl_rounds, "aihf-rl", state["step"])
+    for round_ in range(state["step"], rl_rounds):
+        timings, round_seed = {}, args.seed * 1_000_003 + round_
+        # 1. roll out: y ~ pi for a batch of demonstration prompts (the reward's negatives and PPO's rollouts)
+        t0 = time.time()
+        index = this_rank(draw(len(demos), args.rollout_batch_size, round_seed))  # this process's share of the prompts
+        queries, query_mask = (t.to(run.device) for t in left_pad([demos[i][0] for i in index], run.pad_id))
+        seed_share(round_seed)  # the sampling of round `round_`, also after --resume
+        responses = policy(generate, queries, query_mask, run.response_length, args.temperature, run.pad_id, run.eos_id,
+                           args.forward_batch_size, run.autocast)
+        samples, sample_mask, _ = truncate_after_eos(responses, run.eos_id, run.pad_id)
+        timings["time/generate"] = time.time() - t0
+        # 2. reward: --reward_steps steps on L(phi), each on the round's demo pairs and its own batch of preference pairs
+        t0 = time.time()
+        demo_pairs = [(demos[i][0], demos[i][1], s[m].tolist())
+                      for i, s, m in zip(index, samples.cpu(), sample_mask.cpu())] if args.w_demo else []
+        reward_stats = {}
+        for k in range(args.reward_steps):
+            pref_pairs = [prefs[i] for i in this_rank(pref_steps[round_ * args.reward_steps + k])] if args.w_pref else []
+            reward_stats = reward_step(reward, reward_optimizer, demo_pairs, pref_pairs, args, run.autocast, run.pad_id, run.device)
+        reward_stats = {k: global_mean(v) for k, v in reward_stats.items()}  # over every process's pairs
+        sequences, attention = torch.cat([queries, samples], 1), torch.cat([query_mask, sample_mask.long()], 1)
+        reward_stats["reward/raw_mean_on_samples"] = reward(center_reward, sequences, attention, args, run.autocast)
+        timings["time/reward"] = time.time() - t0
+        # 3. policy: one PPO iteration on the current (frozen) reward
+        t0 = time.time()
+        batch = score_rollouts(policy, ref, reward, value, queries, query_mask, responses, args, run.pad_id, run.eos_id,
+                               run.autocast)
+        stats = ppo_update(policy, value, policy_optimizer, batch, args, run.autocast, seed=round_seed)
+        scheduler.step()
+        timings["time/train"] = time.time() - t0
+        state["step"], state["global_step"] = round_ + 1, state["global_step"] + 1
+        bar.update()
+        logs = ppo_logs(run, batch, queries, stats, scheduler, round_ + 1)
+        logs.update({**{k: float(v) for k, v in reward_stats.items()}, **timings})
+        run.log(logs)
+        run.metrics.update(kl=logs["objective/kl"])
+        bar.set_postfix(kl=f"{logs['objective/kl']:.3f}", demo_margin=f"{logs.get('reward/demo_margin', 0):.3f}")
+        if round_ % 10 == 0 or round_ + 1 == rl_rounds:
+            bar.write(f"[aihf-rl] round {round_ + 1}/{rl_rounds}"
+                      + (f" reward loss {logs['reward/loss']:.4f}" if args.reward_steps else "")
+                      + (f" demo margin {logs['reward/demo_margin']:.3f}" if args.w_demo and args.reward_steps else "")
+                      + (f" pref acc {logs['reward/pref_accuracy']:.2f}" if args.w_pref and args.reward_steps else "")
+                      + f" kl {logs['objective/kl']:.3f} entropy {logs['objective/entropy']:.2f}"
+                      + f" approxkl {stats['policy/approxkl_avg']:.4f}"
+                      + (f" gold {logs['objective/gold_reward']:.3f}" if run.task is not None else "")
+                      + f" ({time.time() - rl_started:.0f}s)")
+        if args.eval_every and (round_ + 1) % args.eval_every == 0 and round_ + 1 < rl_rounds:
+            run.log(evaluate_gold(run.task, policy, run.tokenizer, args.seed, "_rl"), prefix="eval/")
+        if args.save_every and (round_ + 1) % args.save_every == 0:
+            rl_checkpoint()
+            bar.write(f"[aihf-rl] checkpoint at round {round_ + 1}")
+    bar.close()
+    save_model(os.path.join(run.dir, "reward_model"), reward_model)
+    state.update(stage="done")
+    rl_checkpoint()
+
+
+def aihf_direct(run, model, policy, demos, prefs, eval_demos, eval_pairs):
+    """Direct AIHF (one round) or Self-Play AIHF (--num_rounds): DPO-form losses with the implicit reward
+    beta log pi / pi_ref, on demonstration pairs (y^E preferred to a sample of the round's pi_ref, the policy as the
+    round starts) weighted w_demo and on the preference pairs weighted w_pref."""
+    args, state = run.args, run.state
+    num_rounds = args.num_rounds if args.algo == "selfplay" else 1
+    while state["stage"] in ("direct", "selfplay") and state.get("round", 0) < num_rounds:
+        round_ = state.get("round", 0)
+        if "round_data" not in state:  # the round's pairs and pi_ref log-probs, once (no second model in memory)
+            seed_share(args.seed * 1_000_003 + round_)
+            demo_pairs = sample_demo_pairs(policy, demos if args.w_demo else [], args, run.response_length, run.pad_id,
+                                           run.eos_id, run.device, run.autocast)
+            eval_demo_pairs = sample_demo_pairs(policy, eval_demos, args, run.response_length, run.pad_id, run.eos_id,
+                                                run.device, run.autocast)
+            ref_logps_of = partial(pair_logps, policy, micro=run.micro, pad_id=run.pad_id, args=args, device=run.device,
+                                   autocast=run.autocast)
+            state["round_data"] = {"demo_pairs": demo_pairs, "demo_ref": ref_logps_of(demo_pairs), "pref_ref": ref_logps_of(prefs),
+                                   "eval_pairs": eval_pairs, "eval_ref": ref_logps_of(eval_pairs),
+                                   "eval_demo_pairs": eval_demo_pairs, "eval_demo_ref": ref_logps_of(eval_demo_pairs)}
+        data = state["round_data"]
+        demo_pairs = data["demo_pairs"]
+        num_steps = args.num_epochs * max(len(demo_pairs) if args.w_demo else 0, len(prefs) if args.w_pref else 0) // args.batch_size
+        demo_steps = cycled_batches(len(demo_pairs), args.batch_size, num_steps, args.seed * 7 + round_) if args.w_demo else []
+        pref_steps = cycled_batches(len(prefs), args.batch_size, num_steps, args.seed * 11 + round_) if args.w_pref else []
+        optimizer, scheduler = new_optimizer(model.parameters(), args.learning_rate, num_steps, args, state)
+        model.train()
+        bar = progress_bar(num_steps, f"aihf-{args.algo} round {round_ + 1}/{num_rounds}", state["step"])
+        for step in range(state["step"], num_steps):
+            stats = torch.zeros(4, device=run.device)
+            for m in range(args.gradient_accumulation_steps):
+                sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
+                # one micro-batch: its demo pairs weighted w_demo / batch_size each, its preference pairs w_pref / batch_size
+                demo_index = this_rank(run.micro_batch(demo_steps[step], m)) if args.w_demo else []  # this process's share
+                pref_index = this_rank(run.micro_batch(pref_steps[step], m)) if args.w_pref else []
+                pairs = [demo_pairs[i] for i in demo_index] + [prefs[i] for i in pref_index]
+                n_demo = len(demo_index)
+                ref = torch.cat([data["demo_ref"].view(-1, 2)[demo_index] if args.w_demo else torch.zeros(0, 2),
+                                 data["pref_ref"].view(-1, 2)[pref_index] if args.w_pref else torch.zeros(0, 2)]).reshape(-1)
+                weights = direct_pair_weights(n_demo, len(pairs) - n_demo, args)
+                batch = [t.to(run.device) for t in pair_batch(pairs, run.pad_id)]
+                loss, chosen_r, rejected_r, _ = policy(direct_batch_loss, batch, ref.to(run.device), weights.to(run.device),
+                                                       args, run.autocast)
+                loss.backward()
+                none = torch.zeros((), device=run.device)
+                stats += torch.stack([loss.detach() * args.gradient_accumulation_steps,
+                                      (chosen_r[:n_demo] - rejected_r[:n_demo]).mean() if n_demo else none,
+                                      (chosen_r[n_demo:] - rejected_r[n_demo:]).mean() if n_demo < len(pairs) else none,
+                                      # TRL's name: the human pairs' accuracy, as in dpo_llm.py (demo pairs are easier)
+                                      (chosen_r[n_demo:] > rejected_r[n_demo:]).float().mean() if n_demo < len(pairs) else none])
+            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
+            bar.update()
+            if step % 10 == 0 or step + 1 == num_steps:
+                loss_v, demo_margin, pref_margin, acc = (global_mean(stats) / args.gradient_accumulation_steps).tolist()
+                run.log({"loss": loss_v, "reward/demo_margin": demo_margin, "rewards/margins": pref_margin,
+                         "rewards/accuracies": acc, "grad_norm": grad_norm.item(), "learning_rate": scheduler.get_last_lr()[0]})
+                bar.set_postfix(loss=f"{loss_v:.4f}")
+                bar.write(f"[aihf-{args.algo}] round {round_ + 1}/{num_rounds} step {step + 1}/{num_steps} loss {loss_v:.4f}"
+                          + (f" demo margin {demo_margin:.3f}" if args.w_demo else "")
+                          + (f" pref margin {pref_margin:.3f}" if args.w_pref else ""))
+            if args.eval_every and (step + 1) % args.eval_every == 0:
+                run.log(evaluate_gold(run.task, policy, run.tokenizer, args.seed, f"_{args.algo}"), prefix="eval/")
+            if args.save_every and (step + 1) % args.save_every == 0:
+                save_checkpoint(run.dir, state, model, optimizer, scheduler)
+                bar.write(f"[aihf-{args.algo}] checkpoint at round {round_ + 1} step {step + 1}")
+        bar.close()
+        final_round = round_ + 1 == num_rounds
+        if final_round:  # the held-out rankings of this round's implicit reward (pi_ref = the round's start)
+            run.metrics.update(implicit_reward_accuracies(run, policy, data))
+        state.update(round=round_ + 1, step=0, stage="done" if final_round else state["stage"])
+        state.pop("round_data")
+        save_checkpoint(run.dir, state, model, optimizer, scheduler)
+
+
+# ==========================================================================================================
 # Models: policy and reward model, generation and scoring, the reward step, PPO and the DPO-form step
 # ==========================================================================================================
 def load_policy(path: str, device):
@@ -695,6 +987,27 @@ def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query
 ROLLOUT_STATISTICS = ("scores", "has_eos", "response_mask", "kl", "kl_k3", "entropy", "non_score_reward")
 
 
+def ppo_logs(run, batch, queries, stats, scheduler, iterations_done):
+    """A PPO iteration's scalars: the rollouts' statistics over every process's rollouts (the batch's entries are
+    gathered in place), PPO's own (stats), the learning rate, and on the embedded task the gold reward of the rollouts
+    themselves (the task's "human")."""
+    batch.update({k: gather(batch[k]) for k in ROLLOUT_STATISTICS})
+    scores, non_score_reward = batch["scores"].mean().item(), batch["non_score_reward"].mean().item()
+    # objective/entropy is the exact entropy summed over the response (TRL logs the sampled -log pi instead)
+    logs = {"objective/kl": batch["kl"].mean().item(), "objective/kl_k3": batch["kl_k3"].mean().item(),
+            "objective/entropy": batch["entropy"].mean().item(), "objective/non_score_reward": non_score_reward,
+            "objective/scores": scores, "objective/rlhf_reward": scores + non_score_reward,
+            "val/num_eos_tokens": batch["has_eos"].sum().item(),
+            "val/response_length": batch["response_mask"].sum(1).float().mean().item(),
+            "lr": scheduler.get_last_lr()[0], "episode": iterations_done * run.args.rollout_batch_size, **stats}
+    if run.task is not None:
+        text = run.tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
+        prompts = run.tokenizer.batch_decode(queries, skip_special_tokens=True)
+        gold = run.task.gold_reward(prompts, [" " + r.strip() for r in text]).mean()
+        logs["objective/gold_reward"] = global_mean(gold).item()
+    return logs
+
+
 def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
     """num_ppo_epochs epochs over the rollout batch in shuffled minibatches; returns the averaged diagnostics.
     policy, value_model: parallelize()'s wrappers; under torchrun each process's minibatch is its share of one."""
@@ -763,34 +1076,36 @@ def evaluate_gold(task, policy, tokenizer, seed, suffix):
 
 
 @torch.no_grad()
-def reward_accuracies(reward_model, policy, eval_pairs, eval_demos, args, device, autocast, response_length, pad_id, eos_id):
+def reward_accuracies(run, reward_model, policy, eval_pairs, eval_demos):
     """AIHF-RL's learned reward on held-out data: the share of preference pairs it ranks right, and the share of
     demonstrations it ranks above a sample of the final policy for the same prompt. The models: parallelize()'s
     wrappers (every process computes the same)."""
+    args, device, chunk = run.args, run.device, run.args.forward_batch_size
     out = {}
     reward_model.eval()
     if eval_pairs:
-        ids, mask = (t.to(device) for t in pair_rows_batch(eval_pairs, pad_id))
-        with autocast:
-            rewards = torch.cat([reward_model(sequence_rewards, ids[s : s + args.forward_batch_size], mask[s : s + args.forward_batch_size])
-                                 for s in range(0, len(ids), args.forward_batch_size)])
+        ids, mask = (t.to(device) for t in pair_rows_batch(eval_pairs, run.pad_id))
+        with run.autocast:
+            rewards = torch.cat([reward_model(sequence_rewards, ids[s : s + chunk], mask[s : s + chunk])
+                                 for s in range(0, len(ids), chunk)])
         out["reward_pref_accuracy"] = (rewards[0::2] > rewards[1::2]).float().mean().item()
     if eval_demos:
-        queries, query_mask = (t.to(device) for t in left_pad([p for p, _ in eval_demos], pad_id))
+        queries, query_mask = (t.to(device) for t in left_pad([p for p, _ in eval_demos], run.pad_id))
         torch.manual_seed(args.seed)
-        samples, sample_mask, _ = truncate_after_eos(policy(generate, queries, query_mask, response_length, args.temperature,
-                                                            pad_id, eos_id, args.forward_batch_size, autocast), eos_id, pad_id)
+        responses = policy(generate, queries, query_mask, run.response_length, args.temperature, run.pad_id, run.eos_id,
+                           chunk, run.autocast)
+        samples, sample_mask, _ = truncate_after_eos(responses, run.eos_id, run.pad_id)
         rows = [(p, c, s[m].tolist()) for (p, c), s, m in zip(eval_demos, samples.cpu(), sample_mask.cpu())]
-        ids, mask = (t.to(device) for t in pair_rows_batch(rows, pad_id))
-        with autocast:
-            rewards = torch.cat([reward_model(sequence_rewards, ids[s : s + args.forward_batch_size], mask[s : s + args.forward_batch_size])
-                                 for s in range(0, len(ids), args.forward_batch_size)])
+        ids, mask = (t.to(device) for t in pair_rows_batch(rows, run.pad_id))
+        with run.autocast:
+            rewards = torch.cat([reward_model(sequence_rewards, ids[s : s + chunk], mask[s : s + chunk])
+                                 for s in range(0, len(ids), chunk)])
         out["reward_demo_accuracy"] = (rewards[0::2] > rewards[1::2]).float().mean().item()
     return out
 
 
 @torch.no_grad()
-def implicit_reward_accuracies(policy, data, args, micro, pad_id, device, autocast):
+def implicit_reward_accuracies(run, policy, data):
     """Direct/self-play AIHF's implicit reward beta log(pi / pi_ref) on held-out data: the share of preference pairs it
     ranks right, and of held-out demonstrations it ranks above a sample of pi_ref (the kind of pair it trains on).
     policy: parallelize()'s wrapper."""
@@ -798,7 +1113,8 @@ def implicit_reward_accuracies(policy, data, args, micro, pad_id, device, autoca
     for name, pairs, ref in (("reward_pref_accuracy", data["eval_pairs"], data["eval_ref"]),
                              ("reward_demo_accuracy", data["eval_demo_pairs"], data["eval_demo_ref"])):
         if pairs:
-            _, chosen, rejected = dpo_loss(pair_logps(policy, pairs, micro, pad_id, args, device, autocast), ref, args.beta)
+            logps = pair_logps(policy, pairs, run.micro, run.pad_id, run.args, run.device, run.autocast)
+            _, chosen, rejected = dpo_loss(logps, ref, run.args.beta)
             out[name] = (chosen > rejected).float().mean().item()
     return out
 
@@ -834,6 +1150,24 @@ def load_aihf_data(args):
         demos, pairs = (pairs[0][:cut], pairs[1][:cut]), tuple(c[cut:] for c in pairs)
         print(f"[data] demonstrations: the chosen responses of the first {cut} training pairs; preferences: the other {len(pairs[0])}")
     return None, args.model_name_or_path or "EleutherAI/pythia-160m", pairs, pref_eval, demos
+
+
+def aihf_examples(args, model, tokenizer, pref_train, pref_eval, demo_data, response_length):
+    """(training pairs, held-out pairs, training demonstrations, held-out demonstrations), tokenized; checked against
+    the batch sizes and the model's context before anything is written."""
+    demo_prompts, demo_completions = demo_data
+    use_prefs = args.w_pref or (args.algo == "rl" and args.reward_pretrain_steps)  # the warm start reads them too
+    prefs = tokenize_examples(tokenizer, pref_train[0], pref_train[1:], args, "preference pairs") if use_prefs else []
+    eval_pairs = tokenize_examples(tokenizer, pref_eval[0], pref_eval[1:], args, "held-out pairs") if pref_eval[0] else []
+    demos = tokenize_examples(tokenizer, demo_prompts, [demo_completions], args, "demonstrations") \
+        if len(demo_prompts) else []
+    demos, eval_demos = demos[: len(demos) - args.num_eval_demos], demos[len(demos) - args.num_eval_demos :]
+    check_batches_fit([("demonstrations", len(demos), args.sft_epochs or args.w_demo, args.batch_size, "--batch_size"),
+                       ("preference pairs", len(prefs), use_prefs, args.batch_size, "--batch_size"),
+                       ("demonstration prompts", len(demos), args.algo == "rl" and args.total_episodes,
+                        args.rollout_batch_size, "--rollout_batch_size")])
+    check_context(model, [p for p, _ in demos], response_length, prefs + eval_pairs + demos + eval_demos)
+    return prefs, eval_pairs, demos, eval_demos
 
 
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -1028,293 +1362,6 @@ def cycled_batches(num_examples, batch_size, num_steps, seed):
 
 
 # ==========================================================================================================
-# Main: optional SFT warm start, then AIHF-RL (reward step + PPO per round) or direct/self-play AIHF
-# ==========================================================================================================
-def main():
-    args = parse_args()
-    device, autocast = setup_torch(args)
-    started = time.time()
-
-    # ---- data and models: everything that can fail on bad input happens before the run directory exists ----
-    task, model_path, pref_train, pref_eval, (demo_prompts, demo_completions) = load_aihf_data(args)
-    model, tokenizer = load_policy(model_path, device)
-    check_same_tokenizer(args.reward_model_path, tokenizer, model_path)
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    response_length = args.response_length or (task.max_response_tokens if task is not None else 128)
-    use_prefs = args.w_pref or (args.algo == "rl" and args.reward_pretrain_steps)  # the warm start reads them too
-    prefs = tokenize_examples(tokenizer, pref_train[0], pref_train[1:], args, "preference pairs") if use_prefs else []
-    eval_pairs = tokenize_examples(tokenizer, pref_eval[0], pref_eval[1:], args, "held-out pairs") if pref_eval[0] else []
-    demos = tokenize_examples(tokenizer, demo_prompts, [demo_completions], args, "demonstrations") \
-        if len(demo_prompts) else []
-    demos, eval_demos = demos[: len(demos) - args.num_eval_demos], demos[len(demos) - args.num_eval_demos :]
-    micro = args.batch_size // args.gradient_accumulation_steps
-    rank_batch = args.batch_size // WORLD_SIZE  # examples per optimizer step on this process (all of them on one)
-    check_batches_fit([("demonstrations", len(demos), args.sft_epochs or args.w_demo, args.batch_size, "--batch_size"),
-                       ("preference pairs", len(prefs), use_prefs, args.batch_size, "--batch_size"),
-                       ("demonstration prompts", len(demos), args.algo == "rl" and args.total_episodes,
-                        args.rollout_batch_size, "--rollout_batch_size")])
-    check_context(model, [p for p, _ in demos], response_length, prefs + eval_pairs + demos + eval_demos)
-
-    run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "start")
-    policy = parallelize(model, args)  # policy(fn, *args) runs fn(model, *args); under torchrun with DDP or FSDP2
-    writer = summary_writer(run_dir)
-    metrics = state["metrics"]
-    start_path = os.path.join(run_dir, "sft_model") if args.sft_epochs else model_path  # pi_ref, and the reward's backbone
-    print(f"[run] {run_dir}: AIHF-{args.algo}, {len(demos)} demonstrations (+{len(eval_demos)} held out), {len(prefs)} pairs, "
-          f"{len(eval_pairs)} held-out pairs, w_demo {args.w_demo}, w_pref {args.w_pref}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
-          f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
-    if "gold_reward_init" not in metrics:
-        metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_init"))
-
-    # ---- optional warm start: SFT on the demonstrations, -mean log pi(y_t | x, y_<t) ----
-    if state["stage"] == "sft":
-        steps = batch_order(len(demos), args.batch_size, args.sft_epochs, args.seed)
-        optimizer, scheduler = new_optimizer(model.parameters(), args.sft_learning_rate, len(steps), args, state)
-        model.train()
-        bar = progress_bar(len(steps), "sft", state["step"])
-        for step in range(state["step"], len(steps)):
-            total_loss = torch.zeros((), device=device)
-            for m in range(args.gradient_accumulation_steps):
-                sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
-                batch = sft_batch([demos[i] for i in this_rank(steps[step][m * micro : (m + 1) * micro])], pad_id)
-                loss = policy(sft_batch_loss, [t.to(device) for t in batch], args, autocast)
-                loss.backward()
-                total_loss += loss.detach()
-            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
-            bar.update()
-            if step % 20 == 0 or step + 1 == len(steps):
-                total_loss = global_mean(total_loss)
-                writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
-                writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
-                bar.set_postfix(loss=f"{total_loss.item():.4f}")
-                bar.write(f"[sft] step {step + 1}/{len(steps)} loss {total_loss.item():.4f}")
-            if args.save_every and (step + 1) % args.save_every == 0:
-                save_checkpoint(run_dir, state, model, optimizer, scheduler)
-        bar.close()
-        save_model(start_path, model, tokenizer)
-        metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_sft"))
-        state.update(stage="start", step=0)
-        save_checkpoint(run_dir, state, model, optimizer, scheduler)
-    if state["stage"] == "start":
-        state.update(stage="reward_pretrain" if args.algo == "rl" and args.reward_pretrain_steps else args.algo, step=0)
-
-    if args.algo == "rl":
-        ref_policy, _ = load_policy(start_path, device)  # pi_ref: fixed at the starting policy
-        reward_model, _ = load_reward_model(args.reward_model_path or start_path, device)
-        ref_policy.requires_grad_(False)
-        if "reward_model" in state:
-            reward_model.load_state_dict(state["reward_model"])
-            reward_model.config.reward_bias = state["reward_bias"]
-        # N+: no dropout anywhere (the ratio pi / pi_old is exactly 1 on the first minibatch); eval() mode throughout.
-        for m in (model, ref_policy, reward_model):
-            m.eval()
-        value_model = copy.deepcopy(reward_model)  # N+: the value model starts as the reward model (when the RL stage starts)
-        if "value_model" in state:
-            value_model.load_state_dict(state["value_model"])
-            value_model.config.reward_bias = state["value_bias"]
-        ref, reward, value = (parallelize(m, args) for m in (ref_policy, reward_model, value_model))
-
-    # ---- rl, optional warm start of the reward: Bradley-Terry on the preferences ----
-    if state["stage"] == "reward_pretrain":
-        steps = cycled_batches(len(prefs), args.batch_size, args.reward_pretrain_steps, args.seed + 1)
-        optimizer, scheduler = new_optimizer(reward_model.parameters(), args.rm_learning_rate, len(steps), args, state)
-        bar = progress_bar(len(steps), "reward pre-training", state["step"])
-        for step in range(state["step"], len(steps)):
-            stats = torch.zeros(2, device=device)
-            for m in range(args.gradient_accumulation_steps):
-                sync_gradients(m + 1 == args.gradient_accumulation_steps, reward)
-                rows = pair_rows_batch([prefs[i] for i in this_rank(steps[step][m * micro : (m + 1) * micro])], pad_id)
-                ids, mask = (t.to(device) for t in rows)
-                with autocast:
-                    rewards = reward(sequence_rewards, ids, mask)
-                loss = bt_loss(rewards[0::2], rewards[1::2]).sum() / rank_batch
-                loss.backward()
-                stats += torch.stack([loss.detach(), (rewards[0::2] > rewards[1::2]).float().sum() / rank_batch])
-            grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, args, state)
-            bar.update()
-            if step % 20 == 0 or step + 1 == len(steps):
-                loss_v, acc = global_mean(stats).tolist()
-                for k, v in {"reward_pretrain/loss": loss_v, "reward_pretrain/accuracy": acc, "reward_pretrain/grad_norm": grad_norm.item()}.items():
-                    writer.add_scalar(k, v, state["global_step"])
-                bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc:.2f}")
-                bar.write(f"[reward pre-training] step {step + 1}/{len(steps)} loss {loss_v:.4f} acc {acc:.2f}")
-            if args.save_every and (step + 1) % args.save_every == 0:
-                save_checkpoint(run_dir, state, model, optimizer, scheduler, reward_model=reward_model.state_dict(), reward_bias=0.0)
-        bar.close()
-        state.update(stage="rl", step=0)
-        save_checkpoint(run_dir, state, model, optimizer, scheduler, reward_model=reward_model.state_dict(), reward_bias=0.0)
-
-    # ---- AIHF-RL: each round, a reward step on demonstrations vs the policy's samples and on the preferences,
-    #      then a PPO iteration on the current reward with a per-token KL penalty to pi_ref ----
-    if state["stage"] == "rl":
-        if "value_model" not in state:
-            copy_weights(value_model, reward_model)  # N+: the value model starts as the reward model (its bias included)
-        rl_rounds = args.total_episodes // args.rollout_batch_size
-        policy_optimizer, scheduler = new_optimizer(list(model.parameters()) + list(value_model.parameters()),
-                                                    args.learning_rate, max(1, rl_rounds), args)  # N+: lr annealed
-        reward_optimizer = torch.optim.AdamW(reward_model.parameters(), lr=args.rm_learning_rate, weight_decay=args.weight_decay)
-        reward_optimizer.register_load_state_dict_pre_hook(shard_optimizer_state)  # (FSDP2: each process keeps its shards)
-        if state["step"]:  # (each round draws its own seeds: no RNG state to restore)
-            policy_optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            reward_optimizer.load_state_dict(state["reward_optimizer"])
-
-        def rl_checkpoint():
-            save_checkpoint(run_dir, state, model, policy_optimizer, scheduler, reward_optimizer=reward_optimizer.state_dict(),
-                            reward_model=reward_model.state_dict(), reward_bias=reward_model.config.reward_bias,
-                            value_model=value_model.state_dict(), value_bias=value_model.config.reward_bias)
-
-        pref_steps = cycled_batches(len(prefs), args.batch_size, rl_rounds * args.reward_steps, args.seed + 2) if args.w_pref else []
-        rl_started = time.time()
-        bar = progress_bar(rl_rounds, "aihf-rl", state["step"])
-        for round_ in range(state["step"], rl_rounds):
-            timings, round_seed = {}, args.seed * 1_000_003 + round_
-            # 1. roll out: y ~ pi for a batch of demonstration prompts (the reward's negatives and PPO's rollouts)
-            t0 = time.time()
-            index = this_rank(draw(len(demos), args.rollout_batch_size, round_seed))  # this process's share of the prompts
-            queries, query_mask = (t.to(device) for t in left_pad([demos[i][0] for i in index], pad_id))
-            seed_share(round_seed)  # the sampling of round `round_`, also after --resume
-            responses = policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
-                               args.forward_batch_size, autocast)
-            samples, sample_mask, _ = truncate_after_eos(responses, eos_id, pad_id)
-            timings["time/generate"] = time.time() - t0
-            # 2. reward: --reward_steps steps on L(phi) = w_demo mean BT(y^E > y~pi) + w_pref mean BT(y_w > y_l)
-            t0 = time.time()
-            demo_pairs = [(demos[i][0], demos[i][1], s[m].tolist())
-                          for i, s, m in zip(index, samples.cpu(), sample_mask.cpu())] if args.w_demo else []
-            reward_stats = {}
-            for k in range(args.reward_steps):
-                pref_pairs = [prefs[i] for i in this_rank(pref_steps[round_ * args.reward_steps + k])] if args.w_pref else []
-                reward_stats = reward_step(reward, reward_optimizer, demo_pairs, pref_pairs, args, autocast, pad_id, device)
-            reward_stats = {k: global_mean(v) for k, v in reward_stats.items()}  # over every process's pairs
-            sequences, attention = torch.cat([queries, samples], 1), torch.cat([query_mask, sample_mask.long()], 1)
-            reward_stats["reward/raw_mean_on_samples"] = reward(center_reward, sequences, attention, args, autocast)
-            timings["time/reward"] = time.time() - t0
-            # 3. policy: one PPO iteration on the current (frozen) reward
-            t0 = time.time()
-            batch = score_rollouts(policy, ref, reward, value, queries, query_mask, responses, args, pad_id, eos_id, autocast)
-            stats = ppo_update(policy, value, policy_optimizer, batch, args, autocast, seed=round_seed)
-            scheduler.step()
-            timings["time/train"] = time.time() - t0
-            state["step"], state["global_step"] = round_ + 1, state["global_step"] + 1
-            bar.update()
-            batch.update({k: gather(batch[k]) for k in ROLLOUT_STATISTICS})  # every process's rollouts, for the logs
-            mean_kl, scores = batch["kl"].mean().item(), batch["scores"].mean().item()
-            logs = {"objective/kl": mean_kl, "objective/kl_k3": batch["kl_k3"].mean().item(),
-                    "objective/entropy": batch["entropy"].mean().item(),
-                    "objective/non_score_reward": batch["non_score_reward"].mean().item(), "objective/scores": scores,
-                    "objective/rlhf_reward": scores + batch["non_score_reward"].mean().item(),
-                    "val/num_eos_tokens": batch["has_eos"].sum().item(),
-                    "val/response_length": batch["response_mask"].sum(1).float().mean().item(),
-                    "lr": scheduler.get_last_lr()[0], "episode": (round_ + 1) * args.rollout_batch_size,
-                    **{k: float(v) for k, v in reward_stats.items()}, **stats, **timings}
-            if task is not None:  # the gold reward of the round's samples themselves (the task's "human")
-                text = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
-                prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
-                logs["objective/gold_reward"] = global_mean(task.gold_reward(prompts, [" " + r.strip() for r in text]).mean()).item()
-            for k, v in logs.items():
-                writer.add_scalar(k, v, state["global_step"])
-            metrics.update(kl=mean_kl)
-            bar.set_postfix(kl=f"{mean_kl:.3f}", demo_margin=f"{logs.get('reward/demo_margin', 0):.3f}")
-            if round_ % 10 == 0 or round_ + 1 == rl_rounds:
-                bar.write(f"[aihf-rl] round {round_ + 1}/{rl_rounds}"
-                          + (f" reward loss {logs['reward/loss']:.4f}" if args.reward_steps else "")
-                          + (f" demo margin {logs['reward/demo_margin']:.3f}" if args.w_demo and args.reward_steps else "")
-                          + (f" pref acc {logs['reward/pref_accuracy']:.2f}" if args.w_pref and args.reward_steps else "")
-                          + f" kl {mean_kl:.3f} entropy {logs['objective/entropy']:.2f} approxkl {stats['policy/approxkl_avg']:.4f}"
-                          + (f" gold {logs['objective/gold_reward']:.3f}" if task is not None else "")
-                          + f" ({time.time() - rl_started:.0f}s)")
-            if args.eval_every and (round_ + 1) % args.eval_every == 0 and round_ + 1 < rl_rounds:
-                for k, v in evaluate_gold(task, policy, tokenizer, args.seed, "_rl").items():
-                    writer.add_scalar(f"eval/{k}", v, state["global_step"])
-            if args.save_every and (round_ + 1) % args.save_every == 0:
-                rl_checkpoint()
-                bar.write(f"[aihf-rl] checkpoint at round {round_ + 1}")
-        bar.close()
-        save_model(os.path.join(run_dir, "reward_model"), reward_model)
-        state.update(stage="done")
-        rl_checkpoint()
-
-    # ---- Direct / Self-Play AIHF: DPO-form losses on demonstration pairs and preference pairs, in rounds ----
-    num_rounds = args.num_rounds if args.algo == "selfplay" else 1
-    while state["stage"] in ("direct", "selfplay") and state.get("round", 0) < num_rounds:
-        round_ = state.get("round", 0)
-        if "round_data" not in state:  # the round's pairs and pi_ref log-probs, once (no second model in memory)
-            # demo pairs: y^E preferred to a sample of this round's pi_ref (pi_ref = the policy as the round starts)
-            seed_share(args.seed * 1_000_003 + round_)
-            demo_pairs = sample_demo_pairs(policy, demos if args.w_demo else [], args, response_length, pad_id, eos_id, device, autocast)
-            eval_demo_pairs = sample_demo_pairs(policy, eval_demos, args, response_length, pad_id, eos_id, device, autocast)
-            ref_logps_of = partial(pair_logps, policy, micro=micro, pad_id=pad_id, args=args, device=device, autocast=autocast)
-            state["round_data"] = {"demo_pairs": demo_pairs, "demo_ref": ref_logps_of(demo_pairs), "pref_ref": ref_logps_of(prefs),
-                                   "eval_pairs": eval_pairs, "eval_ref": ref_logps_of(eval_pairs),
-                                   "eval_demo_pairs": eval_demo_pairs, "eval_demo_ref": ref_logps_of(eval_demo_pairs)}
-        data = state["round_data"]
-        demo_pairs = data["demo_pairs"]
-        num_steps = args.num_epochs * max(len(demo_pairs) if args.w_demo else 0, len(prefs) if args.w_pref else 0) // args.batch_size
-        demo_steps = cycled_batches(len(demo_pairs), args.batch_size, num_steps, args.seed * 7 + round_) if args.w_demo else []
-        pref_steps = cycled_batches(len(prefs), args.batch_size, num_steps, args.seed * 11 + round_) if args.w_pref else []
-        optimizer, scheduler = new_optimizer(model.parameters(), args.learning_rate, num_steps, args, state)
-        model.train()
-        bar = progress_bar(num_steps, f"aihf-{args.algo} round {round_ + 1}/{num_rounds}", state["step"])
-        for step in range(state["step"], num_steps):
-            stats = torch.zeros(4, device=device)
-            for m in range(args.gradient_accumulation_steps):
-                sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
-                # one micro-batch: its demo pairs weighted w_demo / batch_size each, its preference pairs w_pref / batch_size
-                part = slice(m * micro, (m + 1) * micro)
-                demo_index = this_rank(demo_steps[step][part]) if args.w_demo else []  # this process's share
-                pref_index = this_rank(pref_steps[step][part]) if args.w_pref else []
-                pairs = [demo_pairs[i] for i in demo_index] + [prefs[i] for i in pref_index]
-                n_demo = len(demo_index)
-                ref = torch.cat([data["demo_ref"].view(-1, 2)[demo_index] if args.w_demo else torch.zeros(0, 2),
-                                 data["pref_ref"].view(-1, 2)[pref_index] if args.w_pref else torch.zeros(0, 2)]).reshape(-1)
-                weights = direct_pair_weights(n_demo, len(pairs) - n_demo, args)
-                batch = [t.to(device) for t in pair_batch(pairs, pad_id)]
-                loss, chosen_r, rejected_r, _ = policy(direct_batch_loss, batch, ref.to(device), weights.to(device), args, autocast)
-                loss.backward()
-                stats += torch.stack([loss.detach() * args.gradient_accumulation_steps,
-                                      (chosen_r[:n_demo] - rejected_r[:n_demo]).mean() if n_demo else torch.zeros((), device=device),
-                                      (chosen_r[n_demo:] - rejected_r[n_demo:]).mean() if n_demo < len(pairs) else torch.zeros((), device=device),
-                                      # TRL's name: the human pairs' accuracy, as in dpo_llm.py (demo pairs are easier)
-                                      (chosen_r[n_demo:] > rejected_r[n_demo:]).float().mean() if n_demo < len(pairs)
-                                      else torch.zeros((), device=device)])
-            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
-            bar.update()
-            if step % 10 == 0 or step + 1 == num_steps:
-                loss_v, demo_margin, pref_margin, acc = (global_mean(stats) / args.gradient_accumulation_steps).tolist()
-                logs = {"loss": loss_v, "reward/demo_margin": demo_margin, "rewards/margins": pref_margin,
-                        "rewards/accuracies": acc, "grad_norm": grad_norm.item(), "learning_rate": scheduler.get_last_lr()[0]}
-                for k, v in logs.items():
-                    writer.add_scalar(k, v, state["global_step"])
-                bar.set_postfix(loss=f"{loss_v:.4f}")
-                bar.write(f"[aihf-{args.algo}] round {round_ + 1}/{num_rounds} step {step + 1}/{num_steps} loss {loss_v:.4f}"
-                          + (f" demo margin {demo_margin:.3f}" if args.w_demo else "")
-                          + (f" pref margin {pref_margin:.3f}" if args.w_pref else ""))
-            if args.eval_every and (step + 1) % args.eval_every == 0:
-                for k, v in evaluate_gold(task, policy, tokenizer, args.seed, f"_{args.algo}").items():
-                    writer.add_scalar(f"eval/{k}", v, state["global_step"])
-            if args.save_every and (step + 1) % args.save_every == 0:
-                save_checkpoint(run_dir, state, model, optimizer, scheduler)
-                bar.write(f"[aihf-{args.algo}] checkpoint at round {round_ + 1} step {step + 1}")
-        bar.close()
-        final_round = round_ + 1 == num_rounds
-        if final_round:  # the held-out rankings of this round's implicit reward (pi_ref = the round's start)
-            metrics.update(implicit_reward_accuracies(policy, data, args, micro, pad_id, device, autocast))
-        state.update(round=round_ + 1, step=0, stage="done" if final_round else state["stage"])
-        state.pop("round_data")
-        save_checkpoint(run_dir, state, model, optimizer, scheduler)
-
-    # ---- final evaluation, model, metrics ----
-    if args.algo == "rl" and "reward_pref_accuracy" not in metrics:
-        metrics.update(reward_accuracies(reward, policy, eval_pairs, eval_demos, args, device, autocast, response_length,
-                                         pad_id, eos_id))
-    metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, ""))
-    algo = {"rl": "aihf_rl", "direct": "aihf_direct", "selfplay": "aihf_selfplay"}[args.algo]
-    finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, metrics)
-
-
-# ==========================================================================================================
 # Machinery: the fused chunked LM-head losses, training plumbing, checkpoints, input validation
 # ==========================================================================================================
 # Naively, log p(y_t) needs logits = hidden @ W^T for all N tokens: an (N, V) tensor, plus its log-softmax,
@@ -1326,7 +1373,8 @@ def main():
 # hidden states and LM-head weight are computed *inside the forward*, chunk by chunk (fused_linear_loss), so the
 # logits are never recomputed. Where the gradient is not known in the forward (per-token log-probs for any later
 # use, as in PPO's ratio), a chunked Function keeps only the log-sum-exp per token and recomputes each chunk's
-# logits in the backward (ChunkedLogprobs; ChunkedLogprobsEntropy also returns the entropy).
+# logits in the backward (ChunkedLogprobs, or ChunkedLogprobsEntropy, which also returns the entropy: each script
+# carries the one it needs).
 #
 # For log p(y) = z_y - logsumexp(z):  d log p(y) / dz = onehot(y) - softmax(z).
 def fused_linear_loss(loss_fn, hidden, weight, targets, seq_ids, *seq_inputs, group_size=1, scale=1.0, chunk_size):
@@ -2002,6 +2050,50 @@ def check_processes(args, batches):
 
 
 # ---- run directory and checkpoints ----
+@dataclass
+class Run:
+    """What every stage reads besides its models and data: the flags, the constants derived from them, and the run's
+    records (its folder, the state that checkpoints save and --resume reads, the TensorBoard writer)."""
+
+    args: Args
+    device: torch.device
+    autocast: torch.autocast  # bf16 with --bf16, else a disabled one
+    tokenizer: object
+    task: object  # the embedded task (its gold reward), None on real data
+    response_length: int
+    dir: str
+    state: dict  # stage, step, global_step, metrics
+    writer: object
+
+    @property
+    def pad_id(self):
+        return self.tokenizer.pad_token_id
+
+    @property
+    def eos_id(self):
+        return self.tokenizer.eos_token_id
+
+    @property
+    def metrics(self):
+        return self.state["metrics"]
+
+    @property
+    def micro(self):  # examples per micro-batch (--gradient_accumulation_steps of them per optimizer step)
+        return self.args.batch_size // self.args.gradient_accumulation_steps
+
+    @property
+    def rank_batch(self):  # examples per optimizer step on this process (all of them on one)
+        return self.args.batch_size // WORLD_SIZE
+
+    def micro_batch(self, indices, m):
+        """The m-th micro-batch of an optimizer step's example indices."""
+        return indices[m * self.micro : (m + 1) * self.micro]
+
+    def log(self, scalars: dict, prefix: str = ""):
+        for k, v in scalars.items():
+            self.writer.add_scalar(prefix + k, v, self.state["global_step"])
+
+
 def open_run(args, model, first_stage):
     """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model (whole,
     loaded before parallelize() shards it). Every process reads the checkpoint; the first writes the directory."""

@@ -298,6 +298,275 @@ def bt_teacher_prob(ret_a, ret_b, temperature):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# main: the algorithm box, one call per stage
+# ----------------------------------------------------------------------------------------------------------
+def main(args: Optional[Args] = None):
+    """Make the data (expert demonstrations, labelled preference segments), then RLHF's start where asked (behaviour
+    cloning, Bradley-Terry pre-training of the reward), then the loop: reward steps every --sac_steps_per_iter
+    (aihf, irl) and a SAC update every step on the learned reward (IPL: its critic step); then the final metrics.
+    A killed run resumes (--resume) at its last checkpoint."""
+    args = validate_args(tyro.cli(Args, use_underscores=True) if args is None else args)
+    started = time.time()
+    torch.set_num_threads(args.num_threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True)
+    # the data before any run folder exists: data errors leave nothing half-written
+    data = make_data(args) if args.algo != "sac" else None
+    t = Learner(args, data)
+
+    run_dir, ckpt = open_run(args, None if data is None else data["key"])
+    writer = open_writer(run_dir, args, data)
+    resumed = None
+    if ckpt is not None:
+        resumed = restore(ckpt, args, t.agent, t.reward_net, t.reward_opt, t.sample_gen, t.rng, t.rb)
+        print(f"resumed at step {resumed[0]} ({'with' if resumed[3] else 'refilling'} the replay buffer)")
+    else:
+        if args.bc_steps > 0:  # RLHF's start of the policy
+            behaviour_cloning(t, writer)
+        pretrain_reward_on_preferences(t, writer)  # RLHF's reward model (optional for aihf)
+        if args.bc_steps > 0:
+            evaluate_start(t, writer)
+    metrics = train(t, writer, run_dir, ckpt, started, *(resumed or (0, -float("inf"), [], False)))
+    writer.close()
+    print(json.dumps(metrics))
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stages
+# ----------------------------------------------------------------------------------------------------------
+class Learner:
+    """What the stages share: the env, the SAC agent and its replay buffer, the reward r_phi and its optimizer, the
+    demonstrations and preference segments as tensors, and the run's generators (minibatches; warm-up actions)."""
+
+    def __init__(self, args: Args, data):
+        self.args, self.data = args, data
+        self.env = env = make_train_env(args)
+        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        self.low, self.high = env.action_space.low, env.action_space.high
+        self.absorbing = absorbing = args.termination == "absorbing"
+        self.agent = SAC(obs_dim, act_dim, self.low, self.high, args, absorbing)
+        self.rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps * (2 if absorbing else 1)), obs_dim + absorbing,
+                               act_dim)
+        self.sample_gen = torch.Generator().manual_seed(args.seed)
+        self.rng = np.random.default_rng(args.seed)
+        self.reward_net = self.reward_opt = None
+        if args.algo in ("aihf", "irl", "rlhf"):
+            self.reward_net = RewardNet(obs_dim + absorbing + (0 if args.reward_input == "state" else act_dim))
+            self.reward_opt = torch.optim.Adam(self.reward_net.parameters(), lr=args.reward_lr, weight_decay=args.reward_wd)
+        if data is not None:
+            demo_obs, demo_act = data["demo_obs"], data["demo_act"]
+            if absorbing:
+                demo_obs, demo_act = with_absorbing_rows(demo_obs, demo_act, data["demo_terminated"])
+            self.demo_obs, self.demo_act = torch.as_tensor(demo_obs), torch.as_tensor(demo_act)
+            if args.num_prefs > 0:
+                self.pool = {k: torch.as_tensor(data[f"pool_{k}"]) for k in ("obs", "act", "next_obs", "terminated")}
+                self.chosen, self.rejected = torch.as_tensor(data["chosen"]), torch.as_tensor(data["rejected"])
+        # r_phi of real (obs, action): their absorbing flag is 0
+        self.reward_of = None if self.reward_net is None else \
+            (lambda o, a: self.reward_net(reward_features(F.pad(o, (0, 1)) if absorbing else o, a, args.reward_input)))
+
+    def minibatch(self, n, size):
+        """Indices of a random minibatch, or all n when size >= n (full batch)."""
+        return torch.arange(n) if size >= n else torch.randint(n, (size,), generator=self.sample_gen)
+
+    def pref_returns(self):
+        """R_phi(chosen), R_phi(rejected): r_phi summed over each segment of a batch of pairs."""
+        i = torch.randint(len(self.chosen), (self.args.pref_batch_size,), generator=self.sample_gen)
+        steps = torch.arange(self.args.segment_len)
+        return tuple(self.reward_of(self.pool["obs"][s], self.pool["act"][s]).sum(1)
+                     for s in (self.chosen[i].unsqueeze(1) + steps, self.rejected[i].unsqueeze(1) + steps))
+
+    def ipl_segments(self):
+        """IPL: pairs cropped to one random window of --ipl_window steps, each side as (obs, act, next_obs, term)."""
+        args = self.args
+        i = torch.randint(len(self.chosen), (args.ipl_pairs,), generator=self.sample_gen)
+        offset = torch.randint(args.segment_len - args.ipl_window + 1, (), generator=self.sample_gen)
+        steps = offset + torch.arange(args.ipl_window)
+        return tuple(tuple(self.pool[k][s] for k in ("obs", "act", "next_obs", "terminated"))
+                     for s in (self.chosen[i].unsqueeze(1) + steps, self.rejected[i].unsqueeze(1) + steps))
+
+    def policy_samples(self, step):
+        """The reward step's policy samples: fixed-length rollouts, or the latest replay rows."""
+        if self.args.termination == "rollouts":
+            length = self.env.spec.max_episode_steps or 1000
+            return fixed_length_rollouts(self.agent.actor, self.args.env_id, -(-self.args.policy_samples // length), length,
+                                         self.args.seed + 80_000 + step)
+        return self.rb.recent(self.args.policy_samples)
+
+
+def behaviour_cloning(t: Learner, writer):
+    """RLHF's first stage: the actor's mean action regressed on the demonstrations' actions (MSE), --bc_steps steps."""
+    args = t.args
+    bc_opt = torch.optim.Adam(t.agent.actor.parameters(), lr=args.policy_lr)
+    bar = progress_bar(args.bc_steps, "behaviour cloning")
+    bc_obs, bc_act = torch.as_tensor(t.data["demo_obs"]), torch.as_tensor(t.data["demo_act"])  # no absorbing rows
+    for i in range(args.bc_steps):
+        j = torch.randint(len(bc_obs), (256,), generator=t.sample_gen)
+        bc_loss = F.mse_loss(t.agent.actor.act_mean(bc_obs[j]), bc_act[j])
+        adam_step(bc_opt, bc_loss)
+        bar.update()
+        if i % args.log_every == 0 or i == args.bc_steps - 1:
+            writer.add_scalar("losses/bc_loss", bc_loss.item(), i)
+            bar.set_postfix(bc_loss=f"{bc_loss.item():.4f}")
+    bar.close()
+
+
+def pretrain_reward_on_preferences(t: Learner, writer):
+    """--reward_pretrain_steps of Bradley-Terry on the preference segments alone (RLHF's reward model; optional for
+    aihf); for IPL, its critic loss on the segments alone."""
+    args = t.args
+    bar = progress_bar(args.reward_pretrain_steps, "reward pre-training")
+    for i in range(args.reward_pretrain_steps):
+        if args.algo == "ipl":
+            stats = t.agent.update_critic_ipl(*t.ipl_segments(), None, args.ipl_reg_weight, args.ipl_replay_weight)
+            t.agent.update_target()
+            loss = stats["losses/qf_loss"]
+        else:
+            chosen_returns, rejected_returns = t.pref_returns()
+            loss = bt_loss(chosen_returns, rejected_returns).mean()
+            adam_step(t.reward_opt, loss)
+            stats = {"rewards/accuracies": (chosen_returns > rejected_returns).float().mean()}
+        bar.update()
+        if i % args.log_every == 0 or i == args.reward_pretrain_steps - 1:
+            writer.add_scalar("losses/reward_pretrain_loss", loss.item(), i)
+            writer.add_scalar("rewards/pretrain_accuracies", stats["rewards/accuracies"].item(), i)
+            bar.set_postfix(loss=f"{loss.item():.4f}", accuracy=f"{stats['rewards/accuracies'].item():.3f}")
+    bar.close()
+
+
+def evaluate_start(t: Learner, writer):
+    """The behaviour-cloned policy's return, and the pre-trained reward's correlation with the true one."""
+    bc_ret, _, corr = evaluate_policy(t.agent.actor, t.args.env_id, t.args.eval_episodes, t.args.seed + 50_000, t.reward_of)
+    writer.add_scalar("charts/bc_return", bc_ret, 0)
+    writer.add_scalar("charts/reward_corr", corr, 0)
+    print(f"BC policy return {bc_ret:.1f}, learned reward's correlation with the true reward {corr:.3f}")
+
+
+def train(t: Learner, writer, run_dir, ckpt, started, start_step, best_eval, eval_history, resumed_buffer):
+    """The loop, one env step at a time: (aihf, irl) --reward_steps reward steps every --sac_steps_per_iter steps,
+    act, then a SAC update on the learned reward relabelled at sample time (sac: the true reward; ipl: IPL's critic
+    step); evaluations, checkpoints, and the final actor and metrics.json."""
+    args, agent, env, rb = t.args, t.agent, t.env, t.rb
+    learn_reward = args.algo in ("aihf", "irl")
+    obs, _ = env.reset(seed=args.seed + start_step)
+    warm_actor = args.bc_steps > 0  # a behaviour-cloned actor collects the warm-up steps, else random actions
+    update_from = start_step + (0 if (resumed_buffer or start_step == 0) else args.learning_starts)
+    update_from = max(update_from, args.learning_starts)
+    ep_ret, ep_len, last_eval = 0.0, 0, (float("nan"), float("nan"), float("nan"))
+    t0, step0 = time.time(), start_step
+    actor_loss = alpha_loss = None
+    bar = progress_bar(args.total_timesteps, f"{args.algo} {args.env_id}", initial=start_step)
+    for global_step in range(start_step, args.total_timesteps):
+        if learn_reward and global_step >= update_from and \
+                (global_step - args.learning_starts) % args.sac_steps_per_iter == 0:
+            loss, stats = update_reward(t, global_step)
+            writer.add_scalar("losses/reward_loss", loss.item(), global_step)
+            for name, value in stats.items():
+                writer.add_scalar(name, value.item(), global_step)
+
+        # act
+        if global_step < args.learning_starts and not warm_actor:
+            action = t.rng.uniform(t.low, t.high).astype(np.float32)
+        else:
+            with torch.no_grad():
+                action = agent.actor.sample(torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0))[0][0].numpy()
+        obs, reward, episode_over, _ = env_step(env, obs, action, rb, t.absorbing)
+        ep_ret += reward
+        ep_len += 1
+        if episode_over:
+            writer.add_scalar("charts/episodic_return", ep_ret, global_step)
+            writer.add_scalar("charts/episodic_length", ep_len, global_step)
+            ep_ret, ep_len = 0.0, 0
+
+        # SAC update on the true reward (sac), the learned reward relabelled at sample time (aihf, irl, rlhf), or
+        # IPL's critic step on preference segments plus this replay batch (ipl)
+        if global_step >= update_from:
+            b_obs, b_act, b_rew, b_next, b_done = rb.sample(args.batch_size, t.sample_gen)
+            if args.algo == "ipl":
+                stats = agent.update_critic_ipl(*t.ipl_segments(), (b_obs, b_act, b_next, b_done), args.ipl_reg_weight,
+                                                args.ipl_replay_weight)
+                qf_loss = stats.pop("losses/qf_loss")
+            else:
+                if t.reward_net is not None:
+                    with torch.no_grad():
+                        b_rew = t.reward_net(reward_features(b_obs, b_act, args.reward_input))
+                qf_loss, q = agent.update_critic(b_obs, b_act, b_rew, b_next, b_done)
+                stats = {"losses/qf1_values": q[0], "losses/qf2_values": q[1]}  # logged as their means
+            if global_step % args.policy_frequency == 0:
+                for _ in range(args.policy_frequency):
+                    actor_loss, alpha_loss = agent.update_actor(b_obs)
+            if global_step % args.target_network_frequency == 0:
+                agent.update_target()
+            if global_step % args.log_every == 0:
+                writer.add_scalar("losses/qf_loss", qf_loss.item() / 2, global_step)
+                for name, value in stats.items():
+                    writer.add_scalar(name, value.mean().item(), global_step)
+                if actor_loss is not None:
+                    writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
+                writer.add_scalar("losses/alpha", agent.alpha.item(), global_step)
+                if alpha_loss is not None:
+                    writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
+                writer.add_scalar("charts/SPS", int((global_step + 1 - step0) / (time.time() - t0)), global_step)
+                bar.set_postfix(qf_loss=f"{qf_loss.item() / 2:.3f}",
+                                actor_loss="-" if actor_loss is None else f"{actor_loss.item():.2f}")
+        bar.update()
+
+        step = global_step + 1
+        if step % args.eval_every == 0 or step == args.total_timesteps:
+            last_eval = evaluate_policy(agent.actor, args.env_id, args.eval_episodes, args.seed + 40_000 + step,
+                                        t.reward_of)
+            eval_history.append((step, last_eval[0]))
+            writer.add_scalar("charts/eval_return", last_eval[0], step)
+            writer.add_scalar("charts/eval_return_std", last_eval[1], step)
+            if t.reward_net is not None:
+                writer.add_scalar("charts/reward_corr", last_eval[2], step)
+            print(f"step {step}: eval return {last_eval[0]:.1f} +- {last_eval[1]:.1f}  "
+                  f"SPS {int((step - step0) / (time.time() - t0))}", flush=True)
+            if last_eval[0] > best_eval:
+                best_eval = last_eval[0]
+                record_expert(args, agent.actor, run_dir, step, last_eval[0])
+        if args.save_every and (step % args.save_every == 0 or step == args.total_timesteps):
+            save_checkpoint(args, run_dir, step, agent, t.reward_net, t.reward_opt, t.sample_gen, t.rng, rb, best_eval,
+                            eval_history, None if t.data is None else t.data["key"], wall_s(ckpt, started))
+    bar.close()
+
+    env.close()
+    save_actor(agent.actor, args.env_id, os.path.join(run_dir, "actor.pt"), dict(step=args.total_timesteps))
+    data = t.data
+    metrics = dict(algo=args.algo, task=args.env_id, seed=args.seed, steps=args.total_timesteps,
+                   wall_s=round(wall_s(ckpt, started), 1),
+                   sps=round((args.total_timesteps - step0) / (time.time() - t0), 1),
+                   eval_return_mean=last_eval[0], eval_return_std=last_eval[1],
+                   last10_mean=last_tenth_mean([r for _, r in eval_history]), best_eval_return=best_eval,
+                   reward_corr=None if t.reward_net is None else last_eval[2],
+                   expert_return=None if data is None else data["expert_return"],
+                   expert_return_std=None if data is None else data["expert_return_std"],
+                   demo_return=None if data is None else data["demo_return"],
+                   num_demos=None if data is None else args.num_demos,
+                   num_prefs=None if data is None else args.num_prefs)
+    write_json(metrics, os.path.join(run_dir, "metrics.json"))
+    return metrics
+
+
+def update_reward(t: Learner, global_step):
+    """AIHF's (IRL's) reward step, --reward_steps times: the ML-IRL contrast of r_phi on demonstrations against the
+    policy's samples, plus --pref_weight times Bradley-Terry on segment returns. Returns the last step's loss, stats."""
+    args = t.args
+    pol_obs, pol_act = t.policy_samples(global_step)
+    for _ in range(args.reward_steps):
+        i, j = t.minibatch(len(pol_obs), args.reward_batch_size), t.minibatch(len(t.demo_obs), args.reward_batch_size)
+        policy_rewards = t.reward_net(reward_features(pol_obs[i], pol_act[i], args.reward_input))
+        demo_rewards = t.reward_net(reward_features(t.demo_obs[j], t.demo_act[j], args.reward_input))
+        chosen_returns, rejected_returns = t.pref_returns() if args.pref_weight != 0 else (None, None)
+        loss, stats = aihf_reward_loss(policy_rewards, demo_rewards, chosen_returns, rejected_returns, args.pref_weight)
+        adam_step(t.reward_opt, loss)
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Networks and the SAC agent
 # ----------------------------------------------------------------------------------------------------------
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
@@ -706,233 +975,6 @@ def evaluate_policy(actor, env_id, episodes, seed, reward_fn=None):
     return float(returns.mean()), float(returns.std()), corr
 
 
-# ----------------------------------------------------------------------------------------------------------
-# main: data, pre-training stages, then the loop of reward steps and SAC steps
-# ----------------------------------------------------------------------------------------------------------
-def main(args: Optional[Args] = None):
-    args = validate_args(tyro.cli(Args, use_underscores=True) if args is None else args)
-    started = time.time()
-    torch.set_num_threads(args.num_threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True)
-
-    # ---- data (before any run folder exists: data errors leave nothing half-written) ----
-    data = make_data(args) if args.algo != "sac" else None
-    env = make_train_env(args)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    low, high = env.action_space.low, env.action_space.high
-    absorbing = args.termination == "absorbing"
-    flag = (lambda o: F.pad(o, (0, 1))) if absorbing else (lambda o: o)  # real observations: absorbing flag 0
-    agent = SAC(obs_dim, act_dim, low, high, args, absorbing)
-    rb = ReplayBuffer(min(args.buffer_size, args.total_timesteps * (2 if absorbing else 1)), obs_dim + absorbing,
-                      act_dim)
-    sample_gen = torch.Generator().manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    learn_reward = args.algo in ("aihf", "irl")
-    reward_net = reward_opt = None
-    if args.algo in ("aihf", "irl", "rlhf"):
-        reward_net = RewardNet(obs_dim + absorbing + (0 if args.reward_input == "state" else act_dim))
-        reward_opt = torch.optim.Adam(reward_net.parameters(), lr=args.reward_lr, weight_decay=args.reward_wd)
-    if data is not None:
-        demo_obs, demo_act = data["demo_obs"], data["demo_act"]
-        if absorbing:
-            demo_obs, demo_act = with_absorbing_rows(demo_obs, demo_act, data["demo_terminated"])
-        demo_obs, demo_act = torch.as_tensor(demo_obs), torch.as_tensor(demo_act)
-        if args.num_prefs > 0:
-            pool = {k: torch.as_tensor(data[f"pool_{k}"]) for k in ("obs", "act", "next_obs", "terminated")}
-            chosen, rejected = torch.as_tensor(data["chosen"]), torch.as_tensor(data["rejected"])
-    reward_of = None if reward_net is None else \
-        (lambda o, a: reward_net(reward_features(flag(o), a, args.reward_input)))  # r_phi of real (obs, action)
-
-    def minibatch(n, size):  # indices of a random minibatch, or all n when size >= n (full batch)
-        return torch.arange(n) if size >= n else torch.randint(n, (size,), generator=sample_gen)
-
-    def pref_returns():  # R_phi(chosen), R_phi(rejected): r_phi summed over each segment of a batch of pairs
-        i = torch.randint(len(chosen), (args.pref_batch_size,), generator=sample_gen)
-        steps = torch.arange(args.segment_len)
-        return tuple(reward_of(pool["obs"][s], pool["act"][s]).sum(1)
-                     for s in (chosen[i].unsqueeze(1) + steps, rejected[i].unsqueeze(1) + steps))
-
-    def ipl_segments():  # IPL: pairs cropped to one random window of ipl_window steps: (obs, act, next_obs, term)
-        i = torch.randint(len(chosen), (args.ipl_pairs,), generator=sample_gen)
-        offset = torch.randint(args.segment_len - args.ipl_window + 1, (), generator=sample_gen)
-        steps = offset + torch.arange(args.ipl_window)
-        return tuple(tuple(pool[k][s] for k in ("obs", "act", "next_obs", "terminated"))
-                     for s in (chosen[i].unsqueeze(1) + steps, rejected[i].unsqueeze(1) + steps))
-
-    def policy_samples(step):  # the reward step's policy samples: fixed-length rollouts, or the latest replay rows
-        if args.termination == "rollouts":
-            length = env.spec.max_episode_steps or 1000
-            return fixed_length_rollouts(agent.actor, args.env_id, -(-args.policy_samples // length), length,
-                                         args.seed + 80_000 + step)
-        return rb.recent(args.policy_samples)
-
-    run_dir, ckpt = open_run(args, None if data is None else data["key"])
-    from torch.utils.tensorboard import SummaryWriter  # imported late: keeps --help fast
-
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters",
-                    "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    if data is not None:
-        writer.add_scalar("charts/expert_return", data["expert_return"], 0)
-        writer.add_scalar("charts/demo_return", data["demo_return"], 0)
-    start_step, best_eval, eval_history, resumed_buffer = 0, -float("inf"), [], False
-    if ckpt is not None:
-        start_step, best_eval, eval_history, resumed_buffer = restore(ckpt, args, agent, reward_net, reward_opt,
-                                                                      sample_gen, rng, rb)
-        print(f"resumed at step {start_step} ({'with' if resumed_buffer else 'refilling'} the replay buffer)")
-    else:
-        if args.bc_steps > 0:
-            # ---- behaviour cloning on the demos (MSE on the mean action): the RLHF baseline's stage 1 ----
-            bc_opt = torch.optim.Adam(agent.actor.parameters(), lr=args.policy_lr)
-            bar = progress_bar(args.bc_steps, "behaviour cloning")
-            bc_obs, bc_act = torch.as_tensor(data["demo_obs"]), torch.as_tensor(data["demo_act"])  # no absorbing rows
-            for i in range(args.bc_steps):
-                j = torch.randint(len(bc_obs), (256,), generator=sample_gen)
-                bc_loss = F.mse_loss(agent.actor.act_mean(bc_obs[j]), bc_act[j])
-                adam_step(bc_opt, bc_loss)
-                bar.update()
-                if i % args.log_every == 0 or i == args.bc_steps - 1:
-                    writer.add_scalar("losses/bc_loss", bc_loss.item(), i)
-                    bar.set_postfix(bc_loss=f"{bc_loss.item():.4f}")
-            bar.close()
-        # ---- reward pre-training: Bradley-Terry on the preferences alone (rlhf's reward model; optional for aihf) ----
-        bar = progress_bar(args.reward_pretrain_steps, "reward pre-training")
-        for i in range(args.reward_pretrain_steps):
-            if args.algo == "ipl":  # IPL: its critic loss on the preference segments alone
-                stats = agent.update_critic_ipl(*ipl_segments(), None, args.ipl_reg_weight, args.ipl_replay_weight)
-                agent.update_target()
-                loss = stats["losses/qf_loss"]
-            else:
-                chosen_returns, rejected_returns = pref_returns()
-                loss = bt_loss(chosen_returns, rejected_returns).mean()
-                adam_step(reward_opt, loss)
-                stats = {"rewards/accuracies": (chosen_returns > rejected_returns).float().mean()}
-            bar.update()
-            if i % args.log_every == 0 or i == args.reward_pretrain_steps - 1:
-                writer.add_scalar("losses/reward_pretrain_loss", loss.item(), i)
-                writer.add_scalar("rewards/pretrain_accuracies", stats["rewards/accuracies"].item(), i)
-                bar.set_postfix(loss=f"{loss.item():.4f}", accuracy=f"{stats['rewards/accuracies'].item():.3f}")
-        bar.close()
-        if args.bc_steps > 0:
-            bc_ret, _, corr = evaluate_policy(agent.actor, args.env_id, args.eval_episodes, args.seed + 50_000,
-                                              reward_of)
-            writer.add_scalar("charts/bc_return", bc_ret, 0)
-            writer.add_scalar("charts/reward_corr", corr, 0)
-            print(f"BC policy return {bc_ret:.1f}, learned reward's correlation with the true reward {corr:.3f}")
-
-    # ---- the loop: (aihf/irl) reward steps every sac_steps_per_iter, a SAC (ipl: IPL critic) update every step ----
-    obs, _ = env.reset(seed=args.seed + start_step)
-    warm_actor = args.bc_steps > 0  # a behaviour-cloned actor collects the warm-up steps, else random actions
-    update_from = start_step + (0 if (resumed_buffer or start_step == 0) else args.learning_starts)
-    update_from = max(update_from, args.learning_starts)
-    ep_ret, ep_len, last_eval = 0.0, 0, (float("nan"), float("nan"), float("nan"))
-    t0, step0 = time.time(), start_step
-    actor_loss = alpha_loss = None
-    bar = progress_bar(args.total_timesteps, f"{args.algo} {args.env_id}", initial=start_step)
-    for global_step in range(start_step, args.total_timesteps):
-        if learn_reward and global_step >= update_from and \
-                (global_step - args.learning_starts) % args.sac_steps_per_iter == 0:
-            pol_obs, pol_act = policy_samples(global_step)
-            for _ in range(args.reward_steps):
-                i, j = minibatch(len(pol_obs), args.reward_batch_size), minibatch(len(demo_obs), args.reward_batch_size)
-                policy_rewards = reward_net(reward_features(pol_obs[i], pol_act[i], args.reward_input))
-                demo_rewards = reward_net(reward_features(demo_obs[j], demo_act[j], args.reward_input))
-                chosen_returns, rejected_returns = pref_returns() if args.pref_weight != 0 else (None, None)
-                loss, stats = aihf_reward_loss(policy_rewards, demo_rewards, chosen_returns, rejected_returns,
-                                               args.pref_weight)
-                adam_step(reward_opt, loss)
-            writer.add_scalar("losses/reward_loss", loss.item(), global_step)
-            for name, value in stats.items():
-                writer.add_scalar(name, value.item(), global_step)
-
-        # act
-        if global_step < args.learning_starts and not warm_actor:
-            action = rng.uniform(low, high).astype(np.float32)
-        else:
-            with torch.no_grad():
-                action = agent.actor.sample(torch.as_tensor(obs, dtype=torch.float32).unsqueeze(0))[0][0].numpy()
-        obs, reward, episode_over, _ = env_step(env, obs, action, rb, absorbing)
-        ep_ret += reward
-        ep_len += 1
-        if episode_over:
-            writer.add_scalar("charts/episodic_return", ep_ret, global_step)
-            writer.add_scalar("charts/episodic_length", ep_len, global_step)
-            ep_ret, ep_len = 0.0, 0
-
-        # SAC update on the true reward (sac), the learned reward relabelled at sample time (aihf, irl, rlhf), or
-        # IPL's critic step on preference segments plus this replay batch (ipl)
-        if global_step >= update_from:
-            b_obs, b_act, b_rew, b_next, b_done = rb.sample(args.batch_size, sample_gen)
-            if args.algo == "ipl":
-                stats = agent.update_critic_ipl(*ipl_segments(), (b_obs, b_act, b_next, b_done), args.ipl_reg_weight,
-                                                args.ipl_replay_weight)
-                qf_loss = stats.pop("losses/qf_loss")
-            else:
-                if reward_net is not None:
-                    with torch.no_grad():
-                        b_rew = reward_net(reward_features(b_obs, b_act, args.reward_input))
-                qf_loss, q = agent.update_critic(b_obs, b_act, b_rew, b_next, b_done)
-                stats = {"losses/qf1_values": q[0], "losses/qf2_values": q[1]}  # logged as their means
-            if global_step % args.policy_frequency == 0:
-                for _ in range(args.policy_frequency):
-                    actor_loss, alpha_loss = agent.update_actor(b_obs)
-            if global_step % args.target_network_frequency == 0:
-                agent.update_target()
-            if global_step % args.log_every == 0:
-                writer.add_scalar("losses/qf_loss", qf_loss.item() / 2, global_step)
-                for name, value in stats.items():
-                    writer.add_scalar(name, value.mean().item(), global_step)
-                if actor_loss is not None:
-                    writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
-                writer.add_scalar("losses/alpha", agent.alpha.item(), global_step)
-                if alpha_loss is not None:
-                    writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
-                writer.add_scalar("charts/SPS", int((global_step + 1 - step0) / (time.time() - t0)), global_step)
-                bar.set_postfix(qf_loss=f"{qf_loss.item() / 2:.3f}",
-                                actor_loss="-" if actor_loss is None else f"{actor_loss.item():.2f}")
-        bar.update()
-
-        step = global_step + 1
-        if step % args.eval_every == 0 or step == args.total_timesteps:
-            last_eval = evaluate_policy(agent.actor, args.env_id, args.eval_episodes, args.seed + 40_000 + step,
-                                        reward_of)
-            eval_history.append((step, last_eval[0]))
-            writer.add_scalar("charts/eval_return", last_eval[0], step)
-            writer.add_scalar("charts/eval_return_std", last_eval[1], step)
-            if reward_net is not None:
-                writer.add_scalar("charts/reward_corr", last_eval[2], step)
-            print(f"step {step}: eval return {last_eval[0]:.1f} +- {last_eval[1]:.1f}  "
-                  f"SPS {int((step - step0) / (time.time() - t0))}", flush=True)
-            if last_eval[0] > best_eval:
-                best_eval = last_eval[0]
-                record_expert(args, agent.actor, run_dir, step, last_eval[0])
-        if args.save_every and (step % args.save_every == 0 or step == args.total_timesteps):
-            save_checkpoint(args, run_dir, step, agent, reward_net, reward_opt, sample_gen, rng, rb, best_eval,
-                            eval_history, None if data is None else data["key"], wall_s(ckpt, started))
-    bar.close()
-
-    env.close()
-    save_actor(agent.actor, args.env_id, os.path.join(run_dir, "actor.pt"), dict(step=args.total_timesteps))
-    metrics = dict(algo=args.algo, task=args.env_id, seed=args.seed, steps=args.total_timesteps,
-                   wall_s=round(wall_s(ckpt, started), 1),
-                   sps=round((args.total_timesteps - step0) / (time.time() - t0), 1),
-                   eval_return_mean=last_eval[0], eval_return_std=last_eval[1],
-                   last10_mean=last_tenth_mean([r for _, r in eval_history]), best_eval_return=best_eval,
-                   reward_corr=None if reward_net is None else last_eval[2],
-                   expert_return=None if data is None else data["expert_return"],
-                   expert_return_std=None if data is None else data["expert_return_std"],
-                   demo_return=None if data is None else data["demo_return"],
-                   num_demos=None if data is None else args.num_demos,
-                   num_prefs=None if data is None else args.num_prefs)
-    write_json(metrics, os.path.join(run_dir, "metrics.json"))
-    writer.close()
-    print(json.dumps(metrics))
-    return metrics
-
-
 def last_tenth_mean(returns):
     """Mean of the last 10% of the evaluations (at least one): one evaluation alone can mislead either way."""
     if not returns:
@@ -1122,6 +1164,19 @@ def open_run(args: Args, data_key):
     return run_dir, ckpt
 
 
+def open_writer(run_dir, args: Args, data):
+    """The run's TensorBoard writer, with the flags as a table and the data's expert and demonstration returns."""
+    from torch.utils.tensorboard import SummaryWriter  # imported late: keeps --help fast
+
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters",
+                    "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    if data is not None:
+        writer.add_scalar("charts/expert_return", data["expert_return"], 0)
+        writer.add_scalar("charts/demo_return", data["demo_return"], 0)
+    return writer
+
+
 def wall_s(ckpt, started):
     """Wall-clock seconds of the whole run (data, pre-training stages, SAC, evals), including time before any
     --resume."""
@@ -1202,7 +1257,7 @@ def record_expert(args, actor, run_dir, step, quick_mean):
     write_json(table, jpath)
 
 
-# shared helpers: identical copies in every top-level script
+# ---- shared helpers: identical copies in every top-level script ----
 def fail(message: str):
     """Bad input: one line on stderr that names the problem and the fix; exit code 2, as for tyro's own errors."""
     print(f"error: {message}", file=sys.stderr)

@@ -169,6 +169,134 @@ def dpo_loss(policy_logps, ref_logps, beta, loss_type="sigmoid", label_smoothing
 
 
 # ==========================================================================================================
+# Main: the algorithm box, one call per stage
+# ==========================================================================================================
+def main():
+    """Load and check everything, then SFT on the demonstrations, DPO on the preferences against the frozen model
+    that enters it (pi_ref), and the final evaluation. A killed run resumes (--resume) in the stage, and at the step,
+    where it stopped."""
+    args = parse_args()
+    device, autocast = setup_torch(args)
+    started = time.time()
+    # everything that can fail on bad input happens before the run directory exists
+    task, model_path, pref_train, pref_eval, demo_data = load_data(args)
+    model, tokenizer = load_policy(model_path, device)
+    train_pairs, eval_pairs, sft_examples = dpo_examples(args, model, tokenizer, pref_train, pref_eval, demo_data)
+
+    run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "dpo")
+    run = Run(args, device, autocast, tokenizer, task, 0, run_dir, state, summary_writer(run_dir))  # (DPO samples nothing)
+    policy = parallelize(model, args)  # policy(fn, *args) runs fn(model, *args); under torchrun with DDP or FSDP2
+    print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(train_pairs)} pairs, {len(eval_pairs)} held-out pairs, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
+          f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
+    if "gold_reward_init" not in run.metrics:
+        run.metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_init"))
+
+    if state["stage"] == "sft":  # 1. SFT on the demonstrations
+        train_sft(run, model, policy, sft_examples, save_to=os.path.join(run_dir, "sft_model"), next_stage="dpo")
+    if state["stage"] == "dpo":  # 2. DPO against pi_ref = the model as it enters this stage
+        train_dpo(run, model, policy, train_pairs, eval_pairs)
+
+    final = preference_accuracy(run, policy, eval_pairs)
+    run.metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, ""))
+    if final:
+        run.metrics["pref_accuracy"] = final["eval/rewards/accuracies"]
+        run.metrics["eval_reward_margin"] = final["eval/rewards/margins"]
+    algo = args.loss_type if args.loss_type != "sigmoid" else "cdpo" if args.label_smoothing > 0 else "dpo"
+    finish_run(run_dir, run.writer, model, tokenizer, args, state, started, algo, run.metrics)
+
+
+# ==========================================================================================================
+# The stages: each owns its loop, its logs and its checkpoints, and starts again where a killed run stopped
+# ==========================================================================================================
+def train_sft(run, model, policy, demos, save_to, next_stage):
+    """SFT on the demonstrations, -mean log pi(y_t | x, y_<t) over the response tokens; the model saved to `save_to`."""
+    args, state = run.args, run.state
+    steps = batch_order(len(demos), args.batch_size, args.sft_epochs, args.seed)
+    optimizer, scheduler = new_optimizer(model.parameters(), args.sft_learning_rate, len(steps), args, state)
+    model.train()
+    bar = progress_bar(len(steps), "sft", state["step"])
+    for step in range(state["step"], len(steps)):
+        total_loss = torch.zeros((), device=run.device)
+        for m in range(args.gradient_accumulation_steps):
+            sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
+            batch = sft_batch([demos[i] for i in this_rank(run.micro_batch(steps[step], m))], run.pad_id)
+            loss = policy(sft_batch_loss, [t.to(run.device) for t in batch], args, run.autocast)
+            loss.backward()
+            total_loss += loss.detach()
+        grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
+        bar.update()
+        if step % 20 == 0 or step + 1 == len(steps):
+            total_loss = global_mean(total_loss).item()
+            run.log({"sft/loss": total_loss, "sft/grad_norm": grad_norm.item()})
+            bar.set_postfix(loss=f"{total_loss:.4f}")
+            bar.write(f"[sft] step {step + 1}/{len(steps)} loss {total_loss:.4f}")
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(run.dir, state, model, optimizer, scheduler)
+    bar.close()
+    save_model(save_to, model, run.tokenizer)
+    run.metrics.update(evaluate_gold(run.task, policy, run.tokenizer, args.seed, "_sft"))
+    state.update(stage=next_stage, step=0)
+    save_checkpoint(run.dir, state, model, optimizer, scheduler)
+
+
+def train_dpo(run, model, policy, train_pairs, eval_pairs):
+    """DPO (or cDPO / IPO, --loss_type) against the frozen reference pi_ref = the model as it enters this stage: its
+    log-probs of every pair are computed once, so no second model sits in memory while training."""
+    args, state, device = run.args, run.state, run.device
+    dpo_started, dpo_tokens = time.time(), torch.zeros((), dtype=torch.long, device=device)
+    steps = batch_order(len(train_pairs), args.batch_size, args.num_epochs, args.seed + 1)
+    if state["step"] == 0 or "ref_logps" not in state:
+        state["ref_logps"] = pair_logps(policy, train_pairs, run.micro, run.pad_id, args, device, run.autocast)
+        state["eval_ref_logps"] = pair_logps(policy, eval_pairs, run.micro, run.pad_id, args, device, run.autocast)
+    optimizer, scheduler = new_optimizer(model.parameters(), args.learning_rate, len(steps), args, state)
+    ref_logps = state["ref_logps"].view(-1, 2)  # (pairs, [chosen, rejected])
+    model.train()
+    bar = progress_bar(len(steps), "dpo", state["step"])
+    for step in range(state["step"], len(steps)):
+        stats = torch.zeros(6, device=device)
+        for m in range(args.gradient_accumulation_steps):
+            sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
+            index = this_rank(run.micro_batch(steps[step], m))  # this process's share of the micro-batch
+            batch = [t.to(device) for t in pair_batch([train_pairs[i] for i in index], run.pad_id)]
+            dpo_tokens += 2 * batch[1].sum() + batch[3].sum()  # tokens of the chosen and rejected sequences
+            loss, chosen_rewards, rejected_rewards, logps = policy(
+                dpo_batch_loss, batch, ref_logps[index].reshape(-1).to(device), args, run.autocast)
+            loss.backward()
+            stats += torch.stack([loss.detach() * args.gradient_accumulation_steps, chosen_rewards.mean(), rejected_rewards.mean(),
+                                  (chosen_rewards > rejected_rewards).float().mean(), logps[0::2].mean(), logps[1::2].mean()])
+        grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
+        bar.update()
+        if step % 10 == 0 or step + 1 == len(steps):
+            stats = (global_mean(stats) / args.gradient_accumulation_steps).tolist()
+            logs = {"loss": stats[0], "rewards/chosen": stats[1], "rewards/rejected": stats[2], "rewards/accuracies": stats[3],
+                    "rewards/margins": stats[1] - stats[2], "logps/chosen": stats[4], "logps/rejected": stats[5],
+                    "grad_norm": grad_norm.item(), "learning_rate": scheduler.get_last_lr()[0]}
+            run.log(logs)
+            bar.set_postfix(loss=f"{stats[0]:.4f}", acc=f"{stats[3]:.2f}")
+            bar.write(f"[dpo] step {step + 1}/{len(steps)} loss {stats[0]:.4f} margin {logs['rewards/margins']:.3f} acc {stats[3]:.2f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            run.log(preference_accuracy(run, policy, eval_pairs))
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(run.dir, state, model, optimizer, scheduler)
+    bar.close()
+    # Throughput of the DPO stage, reference log-probs included, all processes together (the benchmarks' figure).
+    run.metrics["dpo_tokens_per_s"] = round(global_sum(dpo_tokens).item() / (time.time() - dpo_started), 1)
+    state.update(stage="done")
+    save_checkpoint(run.dir, state, model, optimizer, scheduler)
+
+
+def preference_accuracy(run, policy, eval_pairs):
+    """Held-out pairs where the implicit reward ranks chosen above rejected, and the mean reward margin."""
+    if not eval_pairs:
+        return {}
+    logps = pair_logps(policy, eval_pairs, run.micro, run.pad_id, run.args, run.device, run.autocast)
+    _, chosen_rewards, rejected_rewards = dpo_loss(logps, run.state["eval_ref_logps"], run.args.beta)
+    return {"eval/rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "eval/rewards/margins": (chosen_rewards - rejected_rewards).mean().item()}
+
+
+# ==========================================================================================================
 # Models: the policy's forward passes, and the losses of a micro-batch
 # ==========================================================================================================
 def load_policy(path: str, device):
@@ -357,6 +485,19 @@ def load_data(args):
     return None, args.model_name_or_path or "EleutherAI/pythia-160m", pref_train, pref_eval, demos
 
 
+def dpo_examples(args, model, tokenizer, pref_train, pref_eval, demo_data):
+    """(training pairs, held-out pairs, demonstrations), tokenized; checked against the batch sizes and the model's
+    context before anything is written."""
+    demo_prompts, demo_completions = demo_data
+    train_pairs = tokenize_examples(tokenizer, pref_train[0], pref_train[1:], args, "preference pairs") if args.num_epochs else []
+    eval_pairs = tokenize_examples(tokenizer, pref_eval[0], pref_eval[1:], args, "held-out pairs") if pref_eval[0] else []
+    sft_examples = tokenize_examples(tokenizer, demo_prompts, [demo_completions], args, "demonstrations") if args.sft_epochs else []
+    check_batches_fit([("preference pairs", len(train_pairs), args.num_epochs, args.batch_size, "--batch_size"),
+                       ("demonstrations", len(sft_examples), args.sft_epochs, args.batch_size, "--batch_size")])
+    check_context(model, [], 0, train_pairs + eval_pairs + sft_examples)
+    return train_pairs, eval_pairs, sft_examples
+
+
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -521,132 +662,6 @@ def batch_order(num_examples, batch_size, epochs, seed):
 
 
 # ==========================================================================================================
-# Main: SFT, then DPO
-# ==========================================================================================================
-def main():
-    args = parse_args()
-    device, autocast = setup_torch(args)
-    started = time.time()
-
-    # ---- data and model: everything that can fail on bad input happens before the run directory exists ----
-    task, model_path, pref_train, pref_eval, (demo_prompts, demo_completions) = load_data(args)
-    model, tokenizer = load_policy(model_path, device)
-    pad_id = tokenizer.pad_token_id
-    train_pairs = tokenize_examples(tokenizer, pref_train[0], pref_train[1:], args, "preference pairs") if args.num_epochs else []
-    eval_pairs = tokenize_examples(tokenizer, pref_eval[0], pref_eval[1:], args, "held-out pairs") if pref_eval[0] else []
-    sft_examples = tokenize_examples(tokenizer, demo_prompts, [demo_completions], args, "demonstrations") if args.sft_epochs else []
-    micro = args.batch_size // args.gradient_accumulation_steps
-    check_batches_fit([("preference pairs", len(train_pairs), args.num_epochs, args.batch_size, "--batch_size"),
-                       ("demonstrations", len(sft_examples), args.sft_epochs, args.batch_size, "--batch_size")])
-    check_context(model, [], 0, train_pairs + eval_pairs + sft_examples)
-
-    run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "dpo")
-    policy = parallelize(model, args)  # policy(fn, *args) runs fn(model, *args); under torchrun with DDP or FSDP2
-    writer = summary_writer(run_dir)
-    metrics = state["metrics"]
-    print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(train_pairs)} pairs, {len(eval_pairs)} held-out pairs, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
-          f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
-    if "gold_reward_init" not in metrics:
-        metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_init"))
-
-    # ---- stage 1: SFT on the demonstrations, -mean log pi(y_t | x, y_<t) over response tokens ----
-    if state["stage"] == "sft":
-        steps = batch_order(len(sft_examples), args.batch_size, args.sft_epochs, args.seed)
-        optimizer, scheduler = new_optimizer(model.parameters(), args.sft_learning_rate, len(steps), args, state)
-        model.train()
-        bar = progress_bar(len(steps), "sft", state["step"])
-        for step in range(state["step"], len(steps)):
-            total_loss = torch.zeros((), device=device)
-            for m in range(args.gradient_accumulation_steps):
-                sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
-                batch = sft_batch([sft_examples[i] for i in this_rank(steps[step][m * micro : (m + 1) * micro])], pad_id)
-                loss = policy(sft_batch_loss, [t.to(device) for t in batch], args, autocast)
-                loss.backward()
-                total_loss += loss.detach()
-            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
-            bar.update()
-            if step % 20 == 0 or step + 1 == len(steps):
-                total_loss = global_mean(total_loss)
-                writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
-                writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
-                bar.set_postfix(loss=f"{total_loss.item():.4f}")
-                bar.write(f"[sft] step {step + 1}/{len(steps)} loss {total_loss.item():.4f}")
-            if args.save_every and (step + 1) % args.save_every == 0:
-                save_checkpoint(run_dir, state, model, optimizer, scheduler)
-        bar.close()
-        save_model(os.path.join(run_dir, "sft_model"), model, tokenizer)
-        metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_sft"))
-        state.update(stage="dpo", step=0)
-        save_checkpoint(run_dir, state, model, optimizer, scheduler)
-
-    # ---- stage 2: DPO against the frozen reference pi_ref = the model as it enters this stage ----
-    dpo_started, dpo_tokens = time.time(), torch.zeros((), dtype=torch.long, device=device)
-    steps = batch_order(len(train_pairs), args.batch_size, args.num_epochs, args.seed + 1)
-    if state["step"] == 0 or "ref_logps" not in state:
-        # log pi_ref of every sequence, once: no second model in memory while training
-        state["ref_logps"] = pair_logps(policy, train_pairs, micro, pad_id, args, device, autocast)
-        state["eval_ref_logps"] = pair_logps(policy, eval_pairs, micro, pad_id, args, device, autocast)
-    optimizer, scheduler = new_optimizer(model.parameters(), args.learning_rate, len(steps), args, state)
-    ref_logps = state["ref_logps"].view(-1, 2)  # (pairs, [chosen, rejected])
-
-    def preference_accuracy():
-        """Held-out pairs where the implicit reward ranks chosen above rejected, and the mean reward margin."""
-        if not eval_pairs:
-            return {}
-        logps = pair_logps(policy, eval_pairs, micro, pad_id, args, device, autocast)
-        _, chosen_rewards, rejected_rewards = dpo_loss(logps, state["eval_ref_logps"], args.beta)
-        return {"eval/rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-                "eval/rewards/margins": (chosen_rewards - rejected_rewards).mean().item()}
-
-    model.train()
-    bar = progress_bar(len(steps), "dpo", state["step"])
-    for step in range(state["step"], len(steps)):
-        stats = torch.zeros(6, device=device)
-        for m in range(args.gradient_accumulation_steps):
-            sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
-            index = this_rank(steps[step][m * micro : (m + 1) * micro])  # this process's share of the micro-batch
-            batch = [t.to(device) for t in pair_batch([train_pairs[i] for i in index], pad_id)]
-            dpo_tokens += 2 * batch[1].sum() + batch[3].sum()  # tokens of the chosen and rejected sequences
-            loss, chosen_rewards, rejected_rewards, logps = policy(
-                dpo_batch_loss, batch, ref_logps[index].reshape(-1).to(device), args, autocast)
-            loss.backward()
-            stats += torch.stack([loss.detach() * args.gradient_accumulation_steps, chosen_rewards.mean(), rejected_rewards.mean(),
-                                  (chosen_rewards > rejected_rewards).float().mean(), logps[0::2].mean(), logps[1::2].mean()])
-        grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
-        bar.update()
-        if step % 10 == 0 or step + 1 == len(steps):
-            stats = (global_mean(stats) / args.gradient_accumulation_steps).tolist()
-            logs = {"loss": stats[0], "rewards/chosen": stats[1], "rewards/rejected": stats[2], "rewards/accuracies": stats[3],
-                    "rewards/margins": stats[1] - stats[2], "logps/chosen": stats[4], "logps/rejected": stats[5],
-                    "grad_norm": grad_norm.item(), "learning_rate": scheduler.get_last_lr()[0]}
-            for k, v in logs.items():
-                writer.add_scalar(k, v, state["global_step"])
-            bar.set_postfix(loss=f"{stats[0]:.4f}", acc=f"{stats[3]:.2f}")
-            bar.write(f"[dpo] step {step + 1}/{len(steps)} loss {stats[0]:.4f} margin {logs['rewards/margins']:.3f} acc {stats[3]:.2f}")
-        if args.eval_every and (step + 1) % args.eval_every == 0:
-            for k, v in preference_accuracy().items():
-                writer.add_scalar(k, v, state["global_step"])
-        if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(run_dir, state, model, optimizer, scheduler)
-    bar.close()
-
-    # ---- final evaluation, model, metrics ----
-    if state["stage"] == "dpo":  # not when resuming a run killed during its final evaluation: no DPO step ran here
-        # Throughput of the DPO stage, reference log-probs included, all processes together (the benchmarks' figure).
-        metrics["dpo_tokens_per_s"] = round(global_sum(dpo_tokens).item() / (time.time() - dpo_started), 1)
-        state.update(stage="done")
-        save_checkpoint(run_dir, state, model, optimizer, scheduler)
-    final = preference_accuracy()
-    metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, ""))
-    if final:
-        metrics["pref_accuracy"] = final["eval/rewards/accuracies"]
-        metrics["eval_reward_margin"] = final["eval/rewards/margins"]
-    algo = args.loss_type if args.loss_type != "sigmoid" else "cdpo" if args.label_smoothing > 0 else "dpo"
-    finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, metrics)
-
-
-# ==========================================================================================================
 # Machinery: the fused chunked LM-head losses, training plumbing, checkpoints, input validation
 # ==========================================================================================================
 # Naively, log p(y_t) needs logits = hidden @ W^T for all N tokens: an (N, V) tensor, plus its log-softmax,
@@ -658,7 +673,8 @@ def main():
 # hidden states and LM-head weight are computed *inside the forward*, chunk by chunk (fused_linear_loss), so the
 # logits are never recomputed. Where the gradient is not known in the forward (per-token log-probs for any later
 # use, as in PPO's ratio), a chunked Function keeps only the log-sum-exp per token and recomputes each chunk's
-# logits in the backward (ChunkedLogprobs; ChunkedLogprobsEntropy also returns the entropy).
+# logits in the backward (ChunkedLogprobs, or ChunkedLogprobsEntropy, which also returns the entropy: each script
+# carries the one it needs).
 #
 # For log p(y) = z_y - logsumexp(z):  d log p(y) / dz = onehot(y) - softmax(z).
 def fused_linear_loss(loss_fn, hidden, weight, targets, seq_ids, *seq_inputs, group_size=1, scale=1.0, chunk_size):
@@ -1261,6 +1277,50 @@ def check_processes(args, batches):
 
 
 # ---- run directory and checkpoints ----
+@dataclass
+class Run:
+    """What every stage reads besides its models and data: the flags, the constants derived from them, and the run's
+    records (its folder, the state that checkpoints save and --resume reads, the TensorBoard writer)."""
+
+    args: Args
+    device: torch.device
+    autocast: torch.autocast  # bf16 with --bf16, else a disabled one
+    tokenizer: object
+    task: object  # the embedded task (its gold reward), None on real data
+    response_length: int
+    dir: str
+    state: dict  # stage, step, global_step, metrics
+    writer: object
+
+    @property
+    def pad_id(self):
+        return self.tokenizer.pad_token_id
+
+    @property
+    def eos_id(self):
+        return self.tokenizer.eos_token_id
+
+    @property
+    def metrics(self):
+        return self.state["metrics"]
+
+    @property
+    def micro(self):  # examples per micro-batch (--gradient_accumulation_steps of them per optimizer step)
+        return self.args.batch_size // self.args.gradient_accumulation_steps
+
+    @property
+    def rank_batch(self):  # examples per optimizer step on this process (all of them on one)
+        return self.args.batch_size // WORLD_SIZE
+
+    def micro_batch(self, indices, m):
+        """The m-th micro-batch of an optimizer step's example indices."""
+        return indices[m * self.micro : (m + 1) * self.micro]
+
+    def log(self, scalars: dict, prefix: str = ""):
+        for k, v in scalars.items():
+            self.writer.add_scalar(prefix + k, v, self.state["global_step"])
+
+
 def open_run(args, model, first_stage):
     """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model (whole,
     loaded before parallelize() shards it). Every process reads the checkpoint; the first writes the directory."""

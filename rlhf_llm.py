@@ -271,6 +271,218 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
 
 
 # ==========================================================================================================
+# Main: the algorithm box, one call per stage
+# ==========================================================================================================
+def main():
+    """Load and check everything, then SFT on the demonstrations, a Bradley-Terry reward model on the preferences
+    (normalised to mean 0 on SFT samples), PPO against it with a KL penalty to the SFT policy, and the final
+    evaluation. A killed run resumes (--resume) in the stage, and at the step, where it stopped."""
+    args = parse_args()
+    device, autocast = setup_torch(args)
+    started = time.time()
+    # everything that can fail on bad input happens before the run directory exists
+    task, model_path, pref_train, pref_eval, demo_data = load_data(args)
+    model, tokenizer = load_policy(model_path, device)
+    check_same_tokenizer(args.reward_model_path, tokenizer, model_path)
+    response_length = args.response_length or (task.max_response_tokens if task is not None else 128)
+    train_pairs, eval_pairs, sft_examples, ppo_prompts = rlhf_examples(args, model, tokenizer, pref_train, pref_eval,
+                                                                       demo_data, response_length)
+
+    run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "rm")
+    run = Run(args, device, autocast, tokenizer, task, response_length, run_dir, state, summary_writer(run_dir))
+    policy = parallelize(model, args)  # policy(fn, *args) runs fn(model, *args); under torchrun with DDP or FSDP2
+    sft_path = os.path.join(run_dir, "sft_model") if args.sft_epochs else model_path
+    rm_path = os.path.join(run_dir, "reward_model")
+    print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(train_pairs)} pairs, {len(eval_pairs)} held-out pairs, "
+          f"{len(ppo_prompts)} PPO prompts, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
+          f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
+    if "gold_reward_init" not in run.metrics:
+        run.metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_init"))
+
+    if state["stage"] == "sft":  # 1. SFT on the demonstrations
+        train_sft(run, model, policy, sft_examples, save_to=sft_path, next_stage="rm")
+    if state["stage"] == "rm":  # 2. the reward model, Bradley-Terry on the preferences
+        train_reward_model(run, model, policy, train_pairs, eval_pairs, ppo_prompts, sft_path, rm_path)
+    if state["stage"] == "ppo":  # 3. PPO against it, with a per-token KL penalty to the SFT policy
+        train_ppo(run, model, policy, ppo_prompts, sft_path, rm_path)
+
+    run.metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, ""))
+    finish_run(run_dir, run.writer, model, tokenizer, args, state, started, "rlhf", run.metrics)
+
+
+# ==========================================================================================================
+# The stages: each owns its loop, its logs and its checkpoints, and starts again where a killed run stopped
+# ==========================================================================================================
+def train_sft(run, model, policy, demos, save_to, next_stage):
+    """SFT on the demonstrations, -mean log pi(y_t | x, y_<t) over the response tokens; the model saved to `save_to`."""
+    args, state = run.args, run.state
+    steps = batch_order(len(demos), args.batch_size, args.sft_epochs, args.seed)
+    optimizer, scheduler = new_optimizer(model.parameters(), args.sft_learning_rate, len(steps), args, state)
+    model.train()
+    bar = progress_bar(len(steps), "sft", state["step"])
+    for step in range(state["step"], len(steps)):
+        total_loss = torch.zeros((), device=run.device)
+        for m in range(args.gradient_accumulation_steps):
+            sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
+            batch = sft_batch([demos[i] for i in this_rank(run.micro_batch(steps[step], m))], run.pad_id)
+            loss = policy(sft_batch_loss, [t.to(run.device) for t in batch], args, run.autocast)
+            loss.backward()
+            total_loss += loss.detach()
+        grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
+        bar.update()
+        if step % 20 == 0 or step + 1 == len(steps):
+            total_loss = global_mean(total_loss).item()
+            run.log({"sft/loss": total_loss, "sft/grad_norm": grad_norm.item()})
+            bar.set_postfix(loss=f"{total_loss:.4f}")
+            bar.write(f"[sft] step {step + 1}/{len(steps)} loss {total_loss:.4f}")
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(run.dir, state, model, optimizer, scheduler)
+    bar.close()
+    save_model(save_to, model, run.tokenizer)
+    run.metrics.update(evaluate_gold(run.task, policy, run.tokenizer, args.seed, "_sft"))
+    state.update(stage=next_stage, step=0)
+    save_checkpoint(run.dir, state, model, optimizer, scheduler)
+
+
+def train_reward_model(run, model, policy, train_pairs, eval_pairs, ppo_prompts, sft_path, rm_path):
+    """The reward model: -log sigmoid(r(x, y_w) - r(x, y_l)) (+ --reward_center_coef r^2), r read at the EOS token,
+    on the SFT model's backbone; its held-out accuracy; then normalised to mean 0 on SFT samples and saved."""
+    args, state = run.args, run.state
+    reward_model, _ = load_reward_model(args.reward_model_path or sft_path, run.device)
+    if state["step"]:
+        reward_model.load_state_dict(state["reward_model"])
+    reward = parallelize(reward_model, args)
+    eval_batches = [pair_rows_batch(eval_pairs[i : i + run.micro], run.pad_id) for i in range(0, len(eval_pairs), run.micro)]
+
+    @torch.no_grad()
+    def rm_accuracy():
+        """Held-out pairs where the reward model ranks chosen above rejected."""
+        if not eval_batches:
+            return {}
+        reward_model.eval()
+        rewards = []
+        for ids, mask in eval_batches:
+            with run.autocast:
+                rewards.append(reward(sequence_rewards, ids.to(run.device), mask.to(run.device)))
+        rewards = torch.cat(rewards).view(-1, 2)
+        return {"eval/accuracy": (rewards[:, 0] > rewards[:, 1]).float().mean().item(),
+                "eval/margin": (rewards[:, 0] - rewards[:, 1]).mean().item()}
+
+    steps = batch_order(len(train_pairs), args.batch_size, args.rm_epochs, args.seed + 1)
+    optimizer, scheduler = new_optimizer(reward_model.parameters(), args.rm_learning_rate, max(1, len(steps)), args, state)
+    reward_model.eval()  # no dropout (also in the value model and policy below)
+    bar = progress_bar(len(steps), "reward model", state["step"])
+    for step in range(state["step"], len(steps)):
+        stats = torch.zeros(3, device=run.device)
+        for m in range(args.gradient_accumulation_steps):
+            sync_gradients(m + 1 == args.gradient_accumulation_steps, reward)
+            rows = pair_rows_batch([train_pairs[i] for i in this_rank(run.micro_batch(steps[step], m))], run.pad_id)
+            ids, mask = (t.to(run.device) for t in rows)
+            with run.autocast:
+                rewards = reward(sequence_rewards, ids, mask)  # rows [c0, r0, c1, r1, ...]
+            chosen, rejected = rewards[0::2], rewards[1::2]
+            loss = reward_model_loss(chosen, rejected, args.reward_center_coef).sum() / run.rank_batch
+            loss.backward()
+            stats += torch.stack([loss.detach(), (chosen > rejected).float().sum() / run.rank_batch,
+                                  (chosen - rejected).detach().sum() / run.rank_batch])
+        grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, args, state)
+        bar.update()
+        if step % 10 == 0 or step + 1 == len(steps):
+            loss_v, acc, margin = global_mean(stats).tolist()
+            run.log({"rm/loss": loss_v, "rm/accuracy": acc, "rm/margin": margin, "rm/grad_norm": grad_norm.item()})
+            bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc:.2f}")
+            bar.write(f"[rm] step {step + 1}/{len(steps)} loss {loss_v:.4f} acc {acc:.2f} margin {margin:.3f}")
+        if args.eval_every and (step + 1) % (args.eval_every * 4) == 0:
+            run.log(rm_accuracy(), prefix="rm/")
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(run.dir, state, model, optimizer, scheduler, reward_model=reward_model.state_dict())
+    bar.close()
+    final = rm_accuracy()
+    if final:
+        run.metrics["rm_accuracy"], run.metrics["rm_eval_margin"] = final["eval/accuracy"], final["eval/margin"]
+        print(f"[rm] held-out preference accuracy {final['eval/accuracy']:.3f}")
+    normalize_on_sft_samples(run, reward_model, reward, policy, ppo_prompts)
+    save_model(rm_path, reward_model, run.tokenizer)
+    state.update(stage="ppo", step=0)
+    save_whole({**state, "model": model.state_dict()}, os.path.join(run.dir, "checkpoint.pt"))
+
+
+def normalize_on_sft_samples(run, reward_model, reward, policy, ppo_prompts):
+    """N+: PPO's hyper-parameters assume a reward with mean 0 on the SFT model's samples: the reward's bias is set to
+    its mean on --num_reward_norm_samples of them (normalize_reward)."""
+    args = run.args
+    samples = min(args.num_reward_norm_samples, len(ppo_prompts))
+    queries, query_mask = sample_prompts(ppo_prompts, samples, args.seed * 7919 + 1, run.pad_id, run.device)
+    seed_share(args.seed * 7919 + 1)
+    raw = reward(normalize_reward, policy, queries, query_mask, run.response_length, args, run.pad_id, run.eos_id,
+                 run.autocast, samples)
+    run.metrics["reward_bias"] = reward_model.config.reward_bias
+    print(f"[rm] reward on {len(raw)} SFT samples: mean {raw.mean().item():.3f} std {raw.std().item():.3f} -> bias subtracted")
+
+
+def train_ppo(run, model, policy, ppo_prompts, sft_path, rm_path):
+    """PPO against the saved reward model, with a per-token KL penalty to the SFT policy (pi_ref), the value model
+    started from the reward model (N+); --total_episodes / --rollout_batch_size iterations of: roll out, score, learn."""
+    args, state = run.args, run.state
+    ref_policy, reward_model, value_model = load_ppo_models(sft_path, rm_path, run.device)
+    if "value_model" in state:
+        value_model.load_state_dict(state["value_model"])
+    # N+: no dropout anywhere, so the ratio pi / pi_old is exactly 1 on the first minibatch; eval() mode throughout.
+    for m in (model, ref_policy, reward_model, value_model):
+        m.eval()
+    ref, reward, value = (parallelize(m, args) for m in (ref_policy, reward_model, value_model))
+    num_iterations = args.total_episodes // args.rollout_batch_size
+    optimizer, scheduler = new_optimizer(list(model.parameters()) + list(value_model.parameters()), args.learning_rate,
+                                         max(1, num_iterations), args)  # N+: learning rate annealed linearly
+    if state["step"]:  # (PPO draws its own seeds per iteration: no RNG state to restore)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    ppo_started = time.time()
+    bar = progress_bar(num_iterations, "ppo", state["step"])
+    for update in range(state["step"], num_iterations):
+        timings, seed = {}, args.seed * 1_000_003 + update
+        # 1. roll out: prompts -> responses sampled at the temperature, with the KV cache
+        t0 = time.time()
+        queries, query_mask = sample_prompts(ppo_prompts, args.rollout_batch_size, seed, run.pad_id, run.device)
+        seed_share(seed)  # the sampling of iteration `update`, also after --resume
+        responses = policy(generate, queries, query_mask, run.response_length, args.temperature, run.pad_id, run.eos_id,
+                           args.forward_batch_size, run.autocast)
+        timings["time/generate"] = time.time() - t0
+        # 2. score: log-probs, values, rewards, KL shaping, GAE, whitening (no grad)
+        t0 = time.time()
+        batch = score_rollouts(policy, ref, reward, value, queries, query_mask, responses, args, run.pad_id, run.eos_id,
+                               run.autocast)
+        timings["time/score"] = time.time() - t0
+        # 3. learn: PPO epochs over minibatches of this batch
+        t0 = time.time()
+        stats = ppo_update(policy, value, optimizer, batch, args, run.autocast, seed=seed)
+        scheduler.step()
+        timings["time/train"] = time.time() - t0
+        state["step"], state["global_step"] = update + 1, state["global_step"] + 1
+        bar.update()
+        logs = {**ppo_logs(run, batch, queries, stats, scheduler, update + 1), **timings}
+        run.log(logs)
+        scores, mean_kl = logs["objective/scores"], logs["objective/kl"]
+        run.metrics.update(kl=mean_kl, scores=scores)
+        bar.set_postfix(score=f"{scores:.3f}", kl=f"{mean_kl:.3f}")
+        if update % 10 == 0 or update + 1 == num_iterations:
+            bar.write(f"[ppo] iteration {update + 1}/{num_iterations} score {scores:.3f} kl {mean_kl:.3f} "
+                      f"entropy {logs['objective/entropy']:.2f} approxkl {stats['policy/approxkl_avg']:.4f} "
+                      f"clipfrac {stats['policy/clipfrac_avg']:.3f}"
+                      + (f" gold {logs['objective/gold_reward']:.3f}" if run.task is not None else "")
+                      + f" ({time.time() - ppo_started:.0f}s)")
+        if args.eval_every and (update + 1) % args.eval_every == 0 and update + 1 < num_iterations:
+            run.log(evaluate_gold(run.task, policy, run.tokenizer, args.seed, "_ppo"), prefix="eval/")
+        if args.save_every and (update + 1) % args.save_every == 0:
+            save_checkpoint(run.dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
+            bar.write(f"[ppo] checkpoint at iteration {update + 1}")
+    bar.close()
+    save_model(os.path.join(run.dir, "value_model"), value_model)
+    state.update(stage="done")
+    save_checkpoint(run.dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
+
+
+# ==========================================================================================================
 # Models: the policy, the reward and value models, generation and scoring, the PPO update
 # ==========================================================================================================
 def load_policy(path: str, device):
@@ -504,6 +716,27 @@ def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query
 ROLLOUT_STATISTICS = ("scores", "has_eos", "response_mask", "kl", "kl_k3", "entropy", "non_score_reward")
 
 
+def ppo_logs(run, batch, queries, stats, scheduler, iterations_done):
+    """A PPO iteration's scalars: the rollouts' statistics over every process's rollouts (the batch's entries are
+    gathered in place), PPO's own (stats), the learning rate, and on the embedded task the gold reward of the rollouts
+    themselves (the task's "human")."""
+    batch.update({k: gather(batch[k]) for k in ROLLOUT_STATISTICS})
+    scores, non_score_reward = batch["scores"].mean().item(), batch["non_score_reward"].mean().item()
+    # objective/entropy is the exact entropy summed over the response (TRL logs the sampled -log pi instead)
+    logs = {"objective/kl": batch["kl"].mean().item(), "objective/kl_k3": batch["kl_k3"].mean().item(),
+            "objective/entropy": batch["entropy"].mean().item(), "objective/non_score_reward": non_score_reward,
+            "objective/scores": scores, "objective/rlhf_reward": scores + non_score_reward,
+            "val/num_eos_tokens": batch["has_eos"].sum().item(),
+            "val/response_length": batch["response_mask"].sum(1).float().mean().item(),
+            "lr": scheduler.get_last_lr()[0], "episode": iterations_done * run.args.rollout_batch_size, **stats}
+    if run.task is not None:
+        text = run.tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
+        prompts = run.tokenizer.batch_decode(queries, skip_special_tokens=True)
+        gold = run.task.gold_reward(prompts, [" " + r.strip() for r in text]).mean()
+        logs["objective/gold_reward"] = global_mean(gold).item()
+    return logs
+
+
 def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
     """num_ppo_epochs epochs over the rollout batch in shuffled minibatches; returns the averaged diagnostics.
     policy, value_model: parallelize()'s wrappers; under torchrun each process's minibatch is its share of one."""
@@ -598,6 +831,28 @@ def load_data(args):
     else:
         demos = pref_train[:2]
     return None, args.model_name_or_path or "EleutherAI/pythia-160m", pref_train, pref_eval, demos
+
+
+def rlhf_examples(args, model, tokenizer, pref_train, pref_eval, demo_data, response_length):
+    """(training pairs, held-out pairs, demonstrations, PPO prompts), tokenized; checked against the batch sizes and
+    the model's context before anything is written."""
+    demo_prompts, demo_completions = demo_data
+    train_pairs = tokenize_examples(tokenizer, pref_train[0], pref_train[1:], args, "preference pairs") if args.rm_epochs else []
+    eval_pairs = tokenize_examples(tokenizer, pref_eval[0], pref_eval[1:], args, "held-out pairs") if pref_eval[0] else []
+    sft_examples = tokenize_examples(tokenizer, demo_prompts, [demo_completions], args, "demonstrations") if args.sft_epochs else []
+    # PPO prompts: the prompts of the demonstrations and of the training pairs (each once), short enough.
+    unique_prompts = list(dict.fromkeys(list(demo_prompts) + list(pref_train[0])))
+    ppo_prompts = [p for p in tokenizer(unique_prompts, add_special_tokens=True)["input_ids"] if 0 < len(p) <= args.max_prompt_length] \
+        if unique_prompts else []
+    check_batches_fit([("preference pairs", len(train_pairs), args.rm_epochs, args.batch_size, "--batch_size"),
+                       ("demonstrations", len(sft_examples), args.sft_epochs, args.batch_size, "--batch_size"),
+                       ("PPO prompts", len(ppo_prompts), args.total_episodes, args.rollout_batch_size, "--rollout_batch_size")])
+    check_context(model, ppo_prompts, response_length, train_pairs + eval_pairs + sft_examples)
+    # a reward model used as is must have a trained head: a new one is random, and PPO would chase its noise
+    if not args.rm_epochs and not load_reward_model(args.reward_model_path, "cpu")[1]:
+        fail(f"--reward_model_path {args.reward_model_path!r} has no trained `score` head (a plain causal LM?); "
+             "give a saved reward model or train one (--rm_epochs > 0)")
+    return train_pairs, eval_pairs, sft_examples, ppo_prompts
 
 
 DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -779,226 +1034,6 @@ def sample_prompts(prompts, n, seed, pad_id, device):
 
 
 # ==========================================================================================================
-# Main: SFT, reward model, PPO
-# ==========================================================================================================
-def main():
-    args = parse_args()
-    device, autocast = setup_torch(args)
-    started = time.time()
-
-    # ---- data and models: everything that can fail on bad input happens before the run directory exists ----
-    task, model_path, pref_train, pref_eval, (demo_prompts, demo_completions) = load_data(args)
-    model, tokenizer = load_policy(model_path, device)
-    check_same_tokenizer(args.reward_model_path, tokenizer, model_path)
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    response_length = args.response_length or (task.max_response_tokens if task is not None else 128)
-    train_pairs = tokenize_examples(tokenizer, pref_train[0], pref_train[1:], args, "preference pairs") if args.rm_epochs else []
-    eval_pairs = tokenize_examples(tokenizer, pref_eval[0], pref_eval[1:], args, "held-out pairs") if pref_eval[0] else []
-    sft_examples = tokenize_examples(tokenizer, demo_prompts, [demo_completions], args, "demonstrations") if args.sft_epochs else []
-    # PPO prompts: the prompts of the demonstrations and of the training pairs (each once), short enough.
-    unique_prompts = list(dict.fromkeys(list(demo_prompts) + list(pref_train[0])))
-    ppo_prompts = [p for p in tokenizer(unique_prompts, add_special_tokens=True)["input_ids"] if 0 < len(p) <= args.max_prompt_length] \
-        if unique_prompts else []
-    micro = args.batch_size // args.gradient_accumulation_steps
-    rank_batch = args.batch_size // WORLD_SIZE  # examples per optimizer step on this process (all of them on one)
-    check_batches_fit([("preference pairs", len(train_pairs), args.rm_epochs, args.batch_size, "--batch_size"),
-                       ("demonstrations", len(sft_examples), args.sft_epochs, args.batch_size, "--batch_size"),
-                       ("PPO prompts", len(ppo_prompts), args.total_episodes, args.rollout_batch_size, "--rollout_batch_size")])
-    check_context(model, ppo_prompts, response_length, train_pairs + eval_pairs + sft_examples)
-    # a reward model used as is must have a trained head: a new one is random, and PPO would chase its noise
-    if not args.rm_epochs and not load_reward_model(args.reward_model_path, "cpu")[1]:
-        fail(f"--reward_model_path {args.reward_model_path!r} has no trained `score` head (a plain causal LM?); "
-             "give a saved reward model or train one (--rm_epochs > 0)")
-
-    run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "rm")
-    policy = parallelize(model, args)  # policy(fn, *args) runs fn(model, *args); under torchrun with DDP or FSDP2
-    writer = summary_writer(run_dir)
-    metrics = state["metrics"]
-    sft_path = os.path.join(run_dir, "sft_model") if args.sft_epochs else model_path
-    rm_path = os.path.join(run_dir, "reward_model")
-    print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(train_pairs)} pairs, {len(eval_pairs)} held-out pairs, "
-          f"{len(ppo_prompts)} PPO prompts, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
-          f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
-    if "gold_reward_init" not in metrics:
-        metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_init"))
-
-    # ---- stage 1: SFT on the demonstrations, -mean log pi(y_t | x, y_<t) over response tokens ----
-    if state["stage"] == "sft":
-        steps = batch_order(len(sft_examples), args.batch_size, args.sft_epochs, args.seed)
-        optimizer, scheduler = new_optimizer(model.parameters(), args.sft_learning_rate, len(steps), args, state)
-        model.train()
-        bar = progress_bar(len(steps), "sft", state["step"])
-        for step in range(state["step"], len(steps)):
-            total_loss = torch.zeros((), device=device)
-            for m in range(args.gradient_accumulation_steps):
-                sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
-                batch = sft_batch([sft_examples[i] for i in this_rank(steps[step][m * micro : (m + 1) * micro])], pad_id)
-                loss = policy(sft_batch_loss, [t.to(device) for t in batch], args, autocast)
-                loss.backward()
-                total_loss += loss.detach()
-            grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
-            bar.update()
-            if step % 20 == 0 or step + 1 == len(steps):
-                total_loss = global_mean(total_loss)
-                writer.add_scalar("sft/loss", total_loss.item(), state["global_step"])
-                writer.add_scalar("sft/grad_norm", grad_norm.item(), state["global_step"])
-                bar.set_postfix(loss=f"{total_loss.item():.4f}")
-                bar.write(f"[sft] step {step + 1}/{len(steps)} loss {total_loss.item():.4f}")
-            if args.save_every and (step + 1) % args.save_every == 0:
-                save_checkpoint(run_dir, state, model, optimizer, scheduler)
-        bar.close()
-        save_model(sft_path, model, tokenizer)
-        metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_sft"))
-        state.update(stage="rm", step=0)
-        save_checkpoint(run_dir, state, model, optimizer, scheduler)
-
-    # ---- stage 2: reward model, -log sigmoid(r(x, y_w) - r(x, y_l)), read at the EOS token ----
-    if state["stage"] == "rm":
-        reward_model, _ = load_reward_model(args.reward_model_path or sft_path, device)
-        if state["step"]:
-            reward_model.load_state_dict(state["reward_model"])
-        reward = parallelize(reward_model, args)
-        eval_batches = [pair_rows_batch(eval_pairs[i : i + micro], pad_id) for i in range(0, len(eval_pairs), micro)]
-
-        @torch.no_grad()
-        def rm_accuracy():
-            """Held-out pairs where the reward model ranks chosen above rejected."""
-            if not eval_batches:
-                return {}
-            reward_model.eval()
-            rewards = []
-            for ids, mask in eval_batches:
-                with autocast:
-                    rewards.append(reward(sequence_rewards, ids.to(device), mask.to(device)))
-            rewards = torch.cat(rewards).view(-1, 2)
-            return {"eval/accuracy": (rewards[:, 0] > rewards[:, 1]).float().mean().item(),
-                    "eval/margin": (rewards[:, 0] - rewards[:, 1]).mean().item()}
-
-        steps = batch_order(len(train_pairs), args.batch_size, args.rm_epochs, args.seed + 1)
-        optimizer, scheduler = new_optimizer(reward_model.parameters(), args.rm_learning_rate, max(1, len(steps)), args, state)
-        reward_model.eval()  # no dropout (also in the value model and policy below)
-        bar = progress_bar(len(steps), "reward model", state["step"])
-        for step in range(state["step"], len(steps)):
-            stats = torch.zeros(3, device=device)
-            for m in range(args.gradient_accumulation_steps):
-                sync_gradients(m + 1 == args.gradient_accumulation_steps, reward)
-                rows = pair_rows_batch([train_pairs[i] for i in this_rank(steps[step][m * micro : (m + 1) * micro])], pad_id)
-                ids, mask = (t.to(device) for t in rows)
-                with autocast:
-                    rewards = reward(sequence_rewards, ids, mask)  # rows [c0, r0, c1, r1, ...]
-                chosen, rejected = rewards[0::2], rewards[1::2]
-                loss = reward_model_loss(chosen, rejected, args.reward_center_coef).sum() / rank_batch
-                loss.backward()
-                stats += torch.stack([loss.detach(), (chosen > rejected).float().sum() / rank_batch,
-                                      (chosen - rejected).detach().sum() / rank_batch])
-            grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, args, state)
-            bar.update()
-            if step % 10 == 0 or step + 1 == len(steps):
-                loss_v, acc, margin = global_mean(stats).tolist()
-                for k, v in {"rm/loss": loss_v, "rm/accuracy": acc, "rm/margin": margin, "rm/grad_norm": grad_norm.item()}.items():
-                    writer.add_scalar(k, v, state["global_step"])
-                bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc:.2f}")
-                bar.write(f"[rm] step {step + 1}/{len(steps)} loss {loss_v:.4f} acc {acc:.2f} margin {margin:.3f}")
-            if args.eval_every and (step + 1) % (args.eval_every * 4) == 0:
-                for k, v in rm_accuracy().items():
-                    writer.add_scalar(f"rm/{k}", v, state["global_step"])
-            if args.save_every and (step + 1) % args.save_every == 0:
-                save_checkpoint(run_dir, state, model, optimizer, scheduler, reward_model=reward_model.state_dict())
-        bar.close()
-        final = rm_accuracy()
-        if final:
-            metrics["rm_accuracy"], metrics["rm_eval_margin"] = final["eval/accuracy"], final["eval/margin"]
-            print(f"[rm] held-out preference accuracy {final['eval/accuracy']:.3f}")
-        # N+: normalise the reward so that SFT samples score 0 on average
-        samples = min(args.num_reward_norm_samples, len(ppo_prompts))
-        queries, query_mask = sample_prompts(ppo_prompts, samples, args.seed * 7919 + 1, pad_id, device)
-        seed_share(args.seed * 7919 + 1)
-        raw = reward(normalize_reward, policy, queries, query_mask, response_length, args, pad_id, eos_id, autocast, samples)
-        metrics["reward_bias"] = reward_model.config.reward_bias
-        print(f"[rm] reward on {len(raw)} SFT samples: mean {raw.mean().item():.3f} std {raw.std().item():.3f} -> bias subtracted")
-        save_model(rm_path, reward_model, tokenizer)
-        del reward_model, reward, optimizer
-        state.update(stage="ppo", step=0)
-        save_whole({**state, "model": model.state_dict()}, os.path.join(run_dir, "checkpoint.pt"))
-
-    # ---- stage 3: PPO against the reward model, with a per-token KL penalty to the SFT policy ----
-    if state["stage"] == "ppo":
-        ref_policy, reward_model, value_model = load_ppo_models(sft_path, rm_path, device)
-        if "value_model" in state:
-            value_model.load_state_dict(state["value_model"])
-        # N+: no dropout anywhere, so the ratio pi / pi_old is exactly 1 on the first minibatch; eval() mode throughout.
-        for m in (model, ref_policy, reward_model, value_model):
-            m.eval()
-        ref, reward, value = (parallelize(m, args) for m in (ref_policy, reward_model, value_model))
-        num_iterations = args.total_episodes // args.rollout_batch_size
-        optimizer, scheduler = new_optimizer(list(model.parameters()) + list(value_model.parameters()), args.learning_rate,
-                                             max(1, num_iterations), args)  # N+: learning rate annealed linearly
-        if state["step"]:  # (PPO draws its own seeds per iteration: no RNG state to restore)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        ppo_started = time.time()
-        bar = progress_bar(num_iterations, "ppo", state["step"])
-        for update in range(state["step"], num_iterations):
-            timings = {}
-            # 1. roll out: prompts -> responses sampled at the temperature, with the KV cache
-            t0 = time.time()
-            queries, query_mask = sample_prompts(ppo_prompts, args.rollout_batch_size, args.seed * 1_000_003 + update, pad_id, device)
-            seed_share(args.seed * 1_000_003 + update)  # the sampling of iteration `update`, also after --resume
-            responses = policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
-                               args.forward_batch_size, autocast)
-            timings["time/generate"] = time.time() - t0
-            # 2. score: log-probs, values, rewards, KL shaping, GAE, whitening (no grad)
-            t0 = time.time()
-            batch = score_rollouts(policy, ref, reward, value, queries, query_mask, responses, args, pad_id, eos_id, autocast)
-            timings["time/score"] = time.time() - t0
-            # 3. learn: PPO epochs over minibatches of this batch
-            t0 = time.time()
-            stats = ppo_update(policy, value, optimizer, batch, args, autocast, seed=args.seed * 1_000_003 + update)
-            scheduler.step()
-            timings["time/train"] = time.time() - t0
-            state["step"], state["global_step"] = update + 1, state["global_step"] + 1
-            bar.update()
-            batch.update({k: gather(batch[k]) for k in ROLLOUT_STATISTICS})  # every process's rollouts, for the logs
-            mean_kl, scores = batch["kl"].mean().item(), batch["scores"].mean().item()
-            # objective/entropy is the exact entropy summed over the response (TRL logs the sampled -log pi instead)
-            logs = {"objective/kl": mean_kl, "objective/kl_k3": batch["kl_k3"].mean().item(),
-                    "objective/entropy": batch["entropy"].mean().item(),
-                    "objective/non_score_reward": batch["non_score_reward"].mean().item(),
-                    "objective/rlhf_reward": scores + batch["non_score_reward"].mean().item(), "objective/scores": scores,
-                    "val/num_eos_tokens": batch["has_eos"].sum().item(),
-                    "val/response_length": batch["response_mask"].sum(1).float().mean().item(),
-                    "lr": scheduler.get_last_lr()[0], "episode": (update + 1) * args.rollout_batch_size, **stats, **timings}
-            if task is not None:  # the gold reward of the training samples themselves (the task's "human")
-                text = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
-                prompts = tokenizer.batch_decode(queries, skip_special_tokens=True)
-                logs["objective/gold_reward"] = global_mean(task.gold_reward(prompts, [" " + r.strip() for r in text]).mean()).item()
-            for k, v in logs.items():
-                writer.add_scalar(k, v, state["global_step"])
-            metrics.update(kl=mean_kl, scores=scores)
-            bar.set_postfix(score=f"{scores:.3f}", kl=f"{mean_kl:.3f}")
-            if update % 10 == 0 or update + 1 == num_iterations:
-                bar.write(f"[ppo] iteration {update + 1}/{num_iterations} score {scores:.3f} kl {mean_kl:.3f} "
-                          f"entropy {logs['objective/entropy']:.2f} approxkl {stats['policy/approxkl_avg']:.4f} "
-                          f"clipfrac {stats['policy/clipfrac_avg']:.3f}"
-                          + (f" gold {logs['objective/gold_reward']:.3f}" if task is not None else "")
-                          + f" ({time.time() - ppo_started:.0f}s)")
-            if args.eval_every and (update + 1) % args.eval_every == 0 and update + 1 < num_iterations:
-                for k, v in evaluate_gold(task, policy, tokenizer, args.seed, "_ppo").items():
-                    writer.add_scalar(f"eval/{k}", v, state["global_step"])
-            if args.save_every and (update + 1) % args.save_every == 0:
-                save_checkpoint(run_dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
-                bar.write(f"[ppo] checkpoint at iteration {update + 1}")
-        bar.close()
-        save_model(os.path.join(run_dir, "value_model"), value_model)
-        state.update(stage="done")
-        save_checkpoint(run_dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
-
-    # ---- final evaluation, model, metrics ----
-    metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, ""))
-    finish_run(run_dir, writer, model, tokenizer, args, state, started, "rlhf", metrics)
-
-
-# ==========================================================================================================
 # Machinery: the fused chunked LM-head losses, training plumbing, checkpoints, input validation
 # ==========================================================================================================
 # Naively, log p(y_t) needs logits = hidden @ W^T for all N tokens: an (N, V) tensor, plus its log-softmax,
@@ -1010,7 +1045,8 @@ def main():
 # hidden states and LM-head weight are computed *inside the forward*, chunk by chunk (fused_linear_loss), so the
 # logits are never recomputed. Where the gradient is not known in the forward (per-token log-probs for any later
 # use, as in PPO's ratio), a chunked Function keeps only the log-sum-exp per token and recomputes each chunk's
-# logits in the backward (ChunkedLogprobs; ChunkedLogprobsEntropy also returns the entropy).
+# logits in the backward (ChunkedLogprobs, or ChunkedLogprobsEntropy, which also returns the entropy: each script
+# carries the one it needs).
 #
 # For log p(y) = z_y - logsumexp(z):  d log p(y) / dz = onehot(y) - softmax(z).
 def fused_linear_loss(loss_fn, hidden, weight, targets, seq_ids, *seq_inputs, group_size=1, scale=1.0, chunk_size):
@@ -1650,6 +1686,50 @@ def check_processes(args, batches):
 
 
 # ---- run directory and checkpoints ----
+@dataclass
+class Run:
+    """What every stage reads besides its models and data: the flags, the constants derived from them, and the run's
+    records (its folder, the state that checkpoints save and --resume reads, the TensorBoard writer)."""
+
+    args: Args
+    device: torch.device
+    autocast: torch.autocast  # bf16 with --bf16, else a disabled one
+    tokenizer: object
+    task: object  # the embedded task (its gold reward), None on real data
+    response_length: int
+    dir: str
+    state: dict  # stage, step, global_step, metrics
+    writer: object
+
+    @property
+    def pad_id(self):
+        return self.tokenizer.pad_token_id
+
+    @property
+    def eos_id(self):
+        return self.tokenizer.eos_token_id
+
+    @property
+    def metrics(self):
+        return self.state["metrics"]
+
+    @property
+    def micro(self):  # examples per micro-batch (--gradient_accumulation_steps of them per optimizer step)
+        return self.args.batch_size // self.args.gradient_accumulation_steps
+
+    @property
+    def rank_batch(self):  # examples per optimizer step on this process (all of them on one)
+        return self.args.batch_size // WORLD_SIZE
+
+    def micro_batch(self, indices, m):
+        """The m-th micro-batch of an optimizer step's example indices."""
+        return indices[m * self.micro : (m + 1) * self.micro]
+
+    def log(self, scalars: dict, prefix: str = ""):
+        for k, v in scalars.items():
+            self.writer.add_scalar(prefix + k, v, self.state["global_step"])
+
+
 def open_run(args, model, first_stage):
     """(run directory, state): a new directory with config.json, or on --resume the run's own, with its model (whole,
     loaded before parallelize() shards it). Every process reads the checkpoint; the first writes the directory."""

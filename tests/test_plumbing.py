@@ -208,6 +208,9 @@ def test_each_stage_gets_its_own_learning_rate_warmup_and_clipping(recorded, nam
     assert clips and all(c == MAX_GRAD_NORM for c in clips), clips
 
 
+TRAINING_LOOPS = ("train_sft", "train_dpo", "train_reward_model", "train_discriminator")  # (not the evaluations)
+
+
 @pytest.mark.parametrize("name, stages", [
     ("aihf_rl", {"sft_batch": 96 - 16}), ("aihf_direct", {"sft_batch": 96 - 16}), ("dpo", {"sft_batch": 96, "pair_batch": 64}),
     ("rlhf", {"sft_batch": 96, "pair_rows_batch": 64}), ("afd", {"sft_batch": 96, "pair_rows_batch": 96 - 24})])
@@ -215,9 +218,9 @@ def test_an_epoch_sees_every_training_example_once(recorded, name, stages):
     """One epoch of SFT (the demonstrations less the held-out ones), of DPO and of the reward model (the preference
     pairs): the batches the loop builds hold every training example exactly once, through the micro-batch split."""
     recording, _, task = recorded(name)
-    held_out = _prompt_ids(task, task.eval_prefs["prompt"])  # (rlhf's main also batches the held-out pairs, once)
+    held_out = _prompt_ids(task, task.eval_prefs["prompt"])  # (rlhf batches the held-out pairs too, once)
     for batcher, count in stages.items():
-        examples = [tuple(map(tuple, e)) for c in recording.calls[batcher] if c["caller"] == "main" for e in c["examples"]
+        examples = [tuple(map(tuple, e)) for c in recording.calls[batcher] if c["caller"] in TRAINING_LOOPS for e in c["examples"]
                     if tuple(e[0]) not in held_out]
         assert len(examples) == count and len(set(examples)) == count, (batcher, len(examples), len(set(examples)))
 
@@ -312,7 +315,7 @@ def test_dpo_and_rlhf_preference_accuracies_are_measured_on_held_out_pairs(recor
     scored = {tuple(p) for c in recording.calls["pair_logps"] if c["caller"] == "preference_accuracy" for p, _, _ in c["pairs"]}
     assert scored == held_out and not scored & trained
     recording, _, task = recorded("rlhf")
-    batched = [tuple(e[0]) for c in recording.calls["pair_rows_batch"] if c["caller"] == "main" for e in c["examples"]]
+    batched = [tuple(e[0]) for c in recording.calls["pair_rows_batch"] if c["caller"] == "train_reward_model" for e in c["examples"]]
     assert set(batched) == held_out | trained and len(batched) == len(held_out) + len(trained)
 
 

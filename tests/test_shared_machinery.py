@@ -31,21 +31,28 @@ OWN_COPY = {("aihf_mujoco.py", "open_run"), ("aihf_mujoco.py", "save_checkpoint"
 
 
 def top_level_definitions(path):
-    """name -> AST dump of each module-level function, class and constant (inside module-level if/try too)."""
-    found = {}
+    """name -> source of each module-level function, class and constant (inside module-level if/try too), with its
+    decorators and the comment lines right above it (a section's "# ----" or "# ====" rule ends them): a copy whose
+    code, docstring or comments drifted reads differently."""
+    source = open(path).read()
+    lines, found = source.splitlines(), {}
 
     def visit(body):
         for node in body:
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                found[node.name] = ast.dump(node)
-            elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-                found[node.targets[0].id] = ast.dump(node)
+            name = node.name if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+                node.targets[0].id if isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                and isinstance(node.targets[0], ast.Name) else None
+            if name:
+                start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]) - 1
+                while start and lines[start - 1].lstrip().startswith("#") and not lines[start - 1].startswith(("# ----", "# ====")):
+                    start -= 1
+                found[name] = "\n".join(lines[start : node.end_lineno])
             elif isinstance(node, ast.If):
                 visit(node.body + node.orelse)
             elif isinstance(node, ast.Try):
                 visit(node.body + [n for h in node.handlers for n in h.body])
 
-    visit(ast.parse(open(path).read()).body)
+    visit(ast.parse(source).body)
     return found
 
 
@@ -66,11 +73,15 @@ def test_shared_helpers_are_identical_copies():
 
 
 def test_copy_check_bites(tmp_path):
-    """The comparison above sees a one-token change in a copy."""
+    """The comparison above sees a one-token change in a copy, and a changed comment."""
     a, b = tmp_path / "a.py", tmp_path / "b.py"
     a.write_text("def f(x):\n    return x + 1\n")
     b.write_text("def f(x):\n    return x - 1\n")
     assert top_level_definitions(a)["f"] != top_level_definitions(b)["f"]
+    # and a comment that drifted, inside the function or right above it
+    for drifted in ("def f(x):\n    return x + 1  # one more\n", "# one more\ndef f(x):\n    return x + 1\n"):
+        b.write_text(drifted)
+        assert top_level_definitions(a)["f"] != top_level_definitions(b)["f"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,3 +329,15 @@ def test_bf16_rollouts_are_sampled_under_autocast(module):
     queries = torch.randint(2, 16, (4, 3))
     generate(model, queries, torch.ones_like(queries), 3, 1.0, 0, 1, 4, torch.autocast("cpu", dtype=torch.bfloat16))
     assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The scripts read algorithm first: a short main(), the core update early in the file (tests/structure.py)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_main_is_short_and_the_core_update_comes_early(script):
+    from structure import CORE_SHARE, MAIN_LINES, measure
+
+    _, main_lines, first, share = measure(script)
+    assert main_lines <= MAIN_LINES, f"{script}: main() has {main_lines} lines; move a stage into its own function"
+    assert first is not None and share <= CORE_SHARE, f"{script}: the core update first appears at line {first} ({share})"
