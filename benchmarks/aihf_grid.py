@@ -270,8 +270,7 @@ def steps_table(table):
     rows = []
     for k, by_seed in sorted(runs.items()):
         if by_seed:
-            cells = [format_cell(mean_ci([r[key] for r in by_seed.values()]), False) for key in ("gold_reward", "gold_reward_greedy")]
-            rows.append(f"| {k} | {len(by_seed)} | " + " | ".join(cells) + " |")
+            rows.append(f"| {k} | {len(by_seed)} | {gold_cells(by_seed)} |")
     return [f"## Reward steps per round, {AIHF} at ({demos} demonstrations, {prefs} preference pairs)", "",
             "0 = the reward frozen after its Bradley-Terry pre-training (RLHF inside AIHF's loop); 1 = the grid's runs.", "",
             "| reward steps per round | seeds | gold, sampled | gold, greedy |", "|---:|---:|---|---|", *rows, ""]
@@ -313,6 +312,11 @@ def format_cell(mean_and_ci, bold):
     return (f"**{mean:.3f}**" if bold else f"{mean:.3f}") + ("" if math.isnan(ci) else f" ± {ci:.3f}")
 
 
+def gold_cells(by_seed):
+    """'sampled | greedy' table cells: the mean gold reward over the seeds' runs, with its 95% interval."""
+    return " | ".join(format_cell(mean_ci([r[k] for r in by_seed.values()]), False) for k in ("gold_reward", "gold_reward_greedy"))
+
+
 def sweep_table(table):
     """AIHF's weights at the demos >> prefs point: one row per (algo, w_demo, w_pref), the grid's own runs of that
     point as the (1, 1) row."""
@@ -329,8 +333,7 @@ def sweep_table(table):
                 runs[(float(w_demo), float(w_pref))] = by_seed
         for (w_demo, w_pref), by_seed in sorted(runs.items(), key=lambda kv: (-kv[0][0] / max(kv[0][1], 1e-9), kv[0])):
             if by_seed:
-                cells = [format_cell(mean_ci([r[k] for r in by_seed.values()]), False) for k in ("gold_reward", "gold_reward_greedy")]
-                rows.append(f"| {algo} | {w_demo:g} | {w_pref:g} | {len(by_seed)} | " + " | ".join(cells) + " |")
+                rows.append(f"| {algo} | {w_demo:g} | {w_pref:g} | {len(by_seed)} | {gold_cells(by_seed)} |")
     return [f"## The weights w_demo / w_pref at ({demos} demonstrations, {prefs} preference pairs)", "",
             "Same runs and budget as the grid's point; the (1, 1) rows are the grid's own runs of it.", "",
             "| algo | w_demo | w_pref | seeds | gold, sampled | gold, greedy |", "|---|---:|---:|---:|---|---|", *rows, ""]
