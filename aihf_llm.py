@@ -36,7 +36,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from functools import cache, partial
+from functools import cache, partial, wraps
 from typing import Literal, Optional
 
 import torch
@@ -376,14 +376,14 @@ def main():
 
     run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "start")
     run = Run(args, device, autocast, tokenizer, task, response_length, run_dir, state, summary_writer(run_dir))
-    policy = parallelize(model, args)  # policy(fn, *args) runs fn(model, *args); under torchrun with DDP or FSDP2
+    policy = parallelize(model, args)  # a forward of policy: sft_batch_loss(policy, ...); under torchrun, DDP or FSDP2
     start_path = os.path.join(run_dir, "sft_model") if args.sft_epochs else model_path  # pi_ref, and the reward's backbone
     print(f"[run] {run_dir}: AIHF-{args.algo}, {len(demos)} demonstrations (+{len(eval_demos)} held out), {len(prefs)} pairs, "
           f"{len(eval_pairs)} held-out pairs, w_demo {args.w_demo}, w_pref {args.w_pref}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
           f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
     if "gold_reward_init" not in run.metrics:
-        run.metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_init"))
+        run.metrics.update(evaluate_gold(run, policy, "_init"))
 
     if state["stage"] == "sft":  # RLHF's start: pi_ref = the policy after SFT on the demonstrations
         train_sft(run, model, policy, demos, save_to=start_path, next_stage="start")
@@ -400,9 +400,9 @@ def main():
     else:
         aihf_direct(run, model, policy, demos, prefs, eval_demos, eval_pairs)
 
-    run.metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, ""))
+    run.metrics.update(evaluate_gold(run, policy, ""))
     algo = {"rl": "aihf_rl", "direct": "aihf_direct", "selfplay": "aihf_selfplay"}[args.algo]
-    finish_run(run_dir, run.writer, model, tokenizer, args, state, started, algo, run.metrics)
+    finish_run(run, model, started, algo)
 
 
 # ==========================================================================================================
@@ -420,7 +420,7 @@ def train_sft(run, model, policy, demos, save_to, next_stage):
         for m in range(args.gradient_accumulation_steps):
             sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
             batch = sft_batch([demos[i] for i in this_rank(run.micro_batch(steps[step], m))], run.pad_id)
-            loss = policy(sft_batch_loss, [t.to(run.device) for t in batch], args, run.autocast)
+            loss = sft_batch_loss(policy, [t.to(run.device) for t in batch], args, run.autocast)
             loss.backward()
             total_loss += loss.detach()
         grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
@@ -431,12 +431,12 @@ def train_sft(run, model, policy, demos, save_to, next_stage):
             bar.set_postfix(loss=f"{total_loss:.4f}")
             bar.write(f"[sft] step {step + 1}/{len(steps)} loss {total_loss:.4f}")
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(run.dir, state, model, optimizer, scheduler)
+            save_checkpoint(run, model, optimizer, scheduler)
     bar.close()
     save_model(save_to, model, run.tokenizer)
-    run.metrics.update(evaluate_gold(run.task, policy, run.tokenizer, args.seed, "_sft"))
+    run.metrics.update(evaluate_gold(run, policy, "_sft"))
     state.update(stage=next_stage, step=0)
-    save_checkpoint(run.dir, state, model, optimizer, scheduler)
+    save_checkpoint(run, model, optimizer, scheduler)
 
 
 def aihf_rl_models(run, model, start_path):
@@ -462,33 +462,49 @@ def aihf_rl_models(run, model, start_path):
 
 def pretrain_reward(run, model, models, prefs):
     """The reward's warm start: Bradley-Terry steps on the preferences, -log sigmoid(r(x, y_w) - r(x, y_l))."""
-    args, state, reward_model, reward = run.args, run.state, models["reward_model"], models["reward"]
+    args, state, reward_model = run.args, run.state, models["reward_model"]
     steps = cycled_batches(len(prefs), args.batch_size, args.reward_pretrain_steps, args.seed + 1)
-    optimizer, scheduler = new_optimizer(reward_model.parameters(), args.rm_learning_rate, len(steps), args, state)
-    bar = progress_bar(len(steps), "reward pre-training", state["step"])
+    train_pairwise_reward(run, model, reward_model, models["reward"], prefs, steps, lambda chosen, rejected: (
+        bt_loss(chosen, rejected).sum(), {"accuracy": (chosen > rejected).float().sum()}), "reward_pretrain")
+    state.update(stage="rl", step=0)
+    save_checkpoint(run, model, reward_model=reward_model.state_dict(), reward_bias=0.0)
+
+
+def train_pairwise_reward(run, model, reward_model, reward, pairs, steps, pair_loss, tag, evaluate=None):
+    """A scalar reward trained on pairs (Bradley-Terry preferences, a discriminator's positive and negative): steps[i]
+    indexes step i's pairs, in --gradient_accumulation_steps micro-batches of rows [first_0, second_0, first_1, ...].
+    pair_loss(first, second) -> (the micro-batch's summed loss, {name: summed statistic}), both averaged per pair.
+    Logged under tag/ (with evaluate()'s held-out figures every 4 x --eval_every steps); checkpointed every
+    --save_every steps with the reward model in the run's state."""
+    args, state = run.args, run.state
+    optimizer, scheduler = new_optimizer(reward_model.parameters(), args.rm_learning_rate, max(1, len(steps)), args, state)
+    bar = progress_bar(len(steps), tag, state["step"])
     for step in range(state["step"], len(steps)):
-        stats = torch.zeros(2, device=run.device)
+        sums = {}
         for m in range(args.gradient_accumulation_steps):
             sync_gradients(m + 1 == args.gradient_accumulation_steps, reward)
-            rows = pair_rows_batch([prefs[i] for i in this_rank(run.micro_batch(steps[step], m))], run.pad_id)
+            rows = pair_rows_batch([pairs[i] for i in this_rank(run.micro_batch(steps[step], m))], run.pad_id)
             ids, mask = (t.to(run.device) for t in rows)
             with run.autocast:
-                rewards = reward(sequence_rewards, ids, mask)
-            loss = bt_loss(rewards[0::2], rewards[1::2]).sum() / run.rank_batch
-            loss.backward()
-            stats += torch.stack([loss.detach(), (rewards[0::2] > rewards[1::2]).float().sum() / run.rank_batch])
+                rewards = sequence_rewards(reward, ids, mask)
+            loss, stats = pair_loss(rewards[0::2], rewards[1::2])
+            (loss / run.rank_batch).backward()
+            for k, v in {"loss": loss, **stats}.items():
+                sums[k] = sums.get(k, 0) + v.detach() / run.rank_batch
         grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, args, state)
         bar.update()
-        if step % 20 == 0 or step + 1 == len(steps):
-            loss_v, acc = global_mean(stats).tolist()
-            run.log({"reward_pretrain/loss": loss_v, "reward_pretrain/accuracy": acc, "reward_pretrain/grad_norm": grad_norm.item()})
-            bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc:.2f}")
-            bar.write(f"[reward pre-training] step {step + 1}/{len(steps)} loss {loss_v:.4f} acc {acc:.2f}")
+        if step % 10 == 0 or step + 1 == len(steps):
+            logs = {**dict(zip(sums, global_mean(torch.stack(list(sums.values()))).tolist())), "grad_norm": grad_norm.item()}
+            run.log(logs, prefix=f"{tag}/")
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            bar.write(f"[{tag}] step {step + 1}/{len(steps)} " + " ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+        if evaluate is not None and args.eval_every and (step + 1) % (args.eval_every * 4) == 0:
+            run.log(evaluate(), prefix=f"{tag}/")
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(run.dir, state, model, optimizer, scheduler, reward_model=reward_model.state_dict(), reward_bias=0.0)
+            save_checkpoint(run, model, optimizer, scheduler, reward_model=reward_model.state_dict(),
+                            reward_bias=reward_model.config.reward_bias)
+            bar.write(f"[{tag}] checkpoint at step {step + 1}")
     bar.close()
-    state.update(stage="rl", step=0)
-    save_checkpoint(run.dir, state, model, optimizer, scheduler, reward_model=reward_model.state_dict(), reward_bias=0.0)
 
 
 def aihf_rl(run, model, policy, models, demos, prefs):
@@ -510,7 +526,7 @@ def aihf_rl(run, model, policy, models, demos, prefs):
         reward_optimizer.load_state_dict(state["reward_optimizer"])
 
     def rl_checkpoint():
-        save_checkpoint(run.dir, state, model, policy_optimizer, scheduler, reward_optimizer=reward_optimizer.state_dict(),
+        save_checkpoint(run, model, policy_optimizer, scheduler, reward_optimizer=reward_optimizer.state_dict(),
                         reward_model=reward_model.state_dict(), reward_bias=reward_model.config.reward_bias,
                         value_model=value_model.state_dict(), value_bias=value_model.config.reward_bias)
 
@@ -524,8 +540,7 @@ def aihf_rl(run, model, policy, models, demos, prefs):
         index = this_rank(draw(len(demos), args.rollout_batch_size, round_seed))  # this process's share of the prompts
         queries, query_mask = (t.to(run.device) for t in left_pad([demos[i][0] for i in index], run.pad_id))
         seed_share(round_seed)  # the sampling of round `round_`, also after --resume
-        responses = policy(generate, queries, query_mask, run.response_length, args.temperature, run.pad_id, run.eos_id,
-                           args.forward_batch_size, run.autocast)
+        responses = generate(policy, queries, query_mask, run)
         samples, sample_mask, _ = truncate_after_eos(responses, run.eos_id, run.pad_id)
         timings["time/generate"] = time.time() - t0
         # 2. reward: --reward_steps steps on L(phi), each on the round's demo pairs and its own batch of preference pairs
@@ -535,15 +550,14 @@ def aihf_rl(run, model, policy, models, demos, prefs):
         reward_stats = {}
         for k in range(args.reward_steps):
             pref_pairs = [prefs[i] for i in this_rank(pref_steps[round_ * args.reward_steps + k])] if args.w_pref else []
-            reward_stats = reward_step(reward, reward_optimizer, demo_pairs, pref_pairs, args, run.autocast, run.pad_id, run.device)
+            reward_stats = reward_step(run, reward, reward_optimizer, demo_pairs, pref_pairs)
         reward_stats = {k: global_mean(v) for k, v in reward_stats.items()}  # over every process's pairs
         sequences, attention = torch.cat([queries, samples], 1), torch.cat([query_mask, sample_mask.long()], 1)
-        reward_stats["reward/raw_mean_on_samples"] = reward(center_reward, sequences, attention, args, run.autocast)
+        reward_stats["reward/raw_mean_on_samples"] = center_reward(reward, sequences, attention, run).mean().item()
         timings["time/reward"] = time.time() - t0
         # 3. policy: one PPO iteration on the current (frozen) reward
         t0 = time.time()
-        batch = score_rollouts(policy, ref, reward, value, queries, query_mask, responses, args, run.pad_id, run.eos_id,
-                               run.autocast)
+        batch = score_rollouts(run, policy, ref, reward, value, queries, query_mask, responses)
         stats = ppo_update(policy, value, policy_optimizer, batch, args, run.autocast, seed=round_seed)
         scheduler.step()
         timings["time/train"] = time.time() - t0
@@ -555,16 +569,11 @@ def aihf_rl(run, model, policy, models, demos, prefs):
         run.metrics.update(kl=logs["objective/kl"])
         bar.set_postfix(kl=f"{logs['objective/kl']:.3f}", demo_margin=f"{logs.get('reward/demo_margin', 0):.3f}")
         if round_ % 10 == 0 or round_ + 1 == rl_rounds:
-            bar.write(f"[aihf-rl] round {round_ + 1}/{rl_rounds}"
-                      + (f" reward loss {logs['reward/loss']:.4f}" if args.reward_steps else "")
-                      + (f" demo margin {logs['reward/demo_margin']:.3f}" if args.w_demo and args.reward_steps else "")
-                      + (f" pref acc {logs['reward/pref_accuracy']:.2f}" if args.w_pref and args.reward_steps else "")
-                      + f" kl {logs['objective/kl']:.3f} entropy {logs['objective/entropy']:.2f}"
-                      + f" approxkl {stats['policy/approxkl_avg']:.4f}"
-                      + (f" gold {logs['objective/gold_reward']:.3f}" if run.task is not None else "")
-                      + f" ({time.time() - rl_started:.0f}s)")
+            bar.write(f"[aihf-rl] round {round_ + 1}/{rl_rounds} " + status(logs, (
+                "reward/loss", "reward/demo_margin", "reward/pref_accuracy", "objective/kl", "objective/entropy",
+                "policy/approxkl_avg", "objective/gold_reward")) + f" ({time.time() - rl_started:.0f}s)")
         if args.eval_every and (round_ + 1) % args.eval_every == 0 and round_ + 1 < rl_rounds:
-            run.log(evaluate_gold(run.task, policy, run.tokenizer, args.seed, "_rl"), prefix="eval/")
+            run.log(evaluate_gold(run, policy, "_rl"), prefix="eval/")
         if args.save_every and (round_ + 1) % args.save_every == 0:
             rl_checkpoint()
             bar.write(f"[aihf-rl] checkpoint at round {round_ + 1}")
@@ -584,12 +593,9 @@ def aihf_direct(run, model, policy, demos, prefs, eval_demos, eval_pairs):
         round_ = state.get("round", 0)
         if "round_data" not in state:  # the round's pairs and pi_ref log-probs, once (no second model in memory)
             seed_share(args.seed * 1_000_003 + round_)
-            demo_pairs = sample_demo_pairs(policy, demos if args.w_demo else [], args, run.response_length, run.pad_id,
-                                           run.eos_id, run.device, run.autocast)
-            eval_demo_pairs = sample_demo_pairs(policy, eval_demos, args, run.response_length, run.pad_id, run.eos_id,
-                                                run.device, run.autocast)
-            ref_logps_of = partial(pair_logps, policy, micro=run.micro, pad_id=run.pad_id, args=args, device=run.device,
-                                   autocast=run.autocast)
+            demo_pairs = sample_demo_pairs(run, policy, demos if args.w_demo else [])
+            eval_demo_pairs = sample_demo_pairs(run, policy, eval_demos)
+            ref_logps_of = partial(pair_logps, run, policy)
             state["round_data"] = {"demo_pairs": demo_pairs, "demo_ref": ref_logps_of(demo_pairs), "pref_ref": ref_logps_of(prefs),
                                    "eval_pairs": eval_pairs, "eval_ref": ref_logps_of(eval_pairs),
                                    "eval_demo_pairs": eval_demo_pairs, "eval_demo_ref": ref_logps_of(eval_demo_pairs)}
@@ -614,8 +620,8 @@ def aihf_direct(run, model, policy, demos, prefs, eval_demos, eval_pairs):
                                  data["pref_ref"].view(-1, 2)[pref_index] if args.w_pref else torch.zeros(0, 2)]).reshape(-1)
                 weights = direct_pair_weights(n_demo, len(pairs) - n_demo, args)
                 batch = [t.to(run.device) for t in pair_batch(pairs, run.pad_id)]
-                loss, chosen_r, rejected_r, _ = policy(direct_batch_loss, batch, ref.to(run.device), weights.to(run.device),
-                                                       args, run.autocast)
+                loss, chosen_r, rejected_r, _ = direct_batch_loss(policy, batch, ref.to(run.device), weights.to(run.device),
+                                                                  args, run.autocast)
                 loss.backward()
                 none = torch.zeros((), device=run.device)
                 stats += torch.stack([loss.detach() * args.gradient_accumulation_steps,
@@ -627,16 +633,16 @@ def aihf_direct(run, model, policy, demos, prefs, eval_demos, eval_pairs):
             bar.update()
             if step % 10 == 0 or step + 1 == num_steps:
                 loss_v, demo_margin, pref_margin, acc = (global_mean(stats) / args.gradient_accumulation_steps).tolist()
-                run.log({"loss": loss_v, "reward/demo_margin": demo_margin, "rewards/margins": pref_margin,
-                         "rewards/accuracies": acc, "grad_norm": grad_norm.item(), "learning_rate": scheduler.get_last_lr()[0]})
+                logs = {"loss": loss_v, "reward/demo_margin": demo_margin, "rewards/margins": pref_margin,
+                        "rewards/accuracies": acc, "grad_norm": grad_norm.item(), "learning_rate": scheduler.get_last_lr()[0]}
+                run.log(logs)
                 bar.set_postfix(loss=f"{loss_v:.4f}")
-                bar.write(f"[aihf-{args.algo}] round {round_ + 1}/{num_rounds} step {step + 1}/{num_steps} loss {loss_v:.4f}"
-                          + (f" demo margin {demo_margin:.3f}" if args.w_demo else "")
-                          + (f" pref margin {pref_margin:.3f}" if args.w_pref else ""))
+                shown = ["loss"] + ["reward/demo_margin"] * bool(args.w_demo) + ["rewards/margins"] * bool(args.w_pref)
+                bar.write(f"[aihf-{args.algo}] round {round_ + 1}/{num_rounds} step {step + 1}/{num_steps} " + status(logs, shown))
             if args.eval_every and (step + 1) % args.eval_every == 0:
-                run.log(evaluate_gold(run.task, policy, run.tokenizer, args.seed, f"_{args.algo}"), prefix="eval/")
+                run.log(evaluate_gold(run, policy, f"_{args.algo}"), prefix="eval/")
             if args.save_every and (step + 1) % args.save_every == 0:
-                save_checkpoint(run.dir, state, model, optimizer, scheduler)
+                save_checkpoint(run, model, optimizer, scheduler)
                 bar.write(f"[aihf-{args.algo}] checkpoint at round {round_ + 1} step {step + 1}")
         bar.close()
         final_round = round_ + 1 == num_rounds
@@ -644,12 +650,37 @@ def aihf_direct(run, model, policy, demos, prefs, eval_demos, eval_pairs):
             run.metrics.update(implicit_reward_accuracies(run, policy, data))
         state.update(round=round_ + 1, step=0, stage="done" if final_round else state["stage"])
         state.pop("round_data")
-        save_checkpoint(run.dir, state, model, optimizer, scheduler)
+        save_checkpoint(run, model, optimizer, scheduler)
 
 
 # ==========================================================================================================
 # Models: policy and reward model, generation and scoring, the reward step, PPO and the DPO-form step
 # ==========================================================================================================
+class Parallel(torch.nn.Module):
+    """A model whose forward runs any function of it: Parallel(model)(fn, *args) = fn(model, *args). DDP and FSDP2 hook
+    the forward of the module they wrap, and the losses here call the backbone and read the LM head's weight themselves."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def forward_pass(fn):
+    """Marks fn(model, ...) as a forward pass: called with parallelize()'s wrapper, it runs as the wrapper's forward,
+    which DDP and FSDP2 hook; called with a bare model (tests, benchmarks), as it is."""
+
+    @wraps(fn)
+    def call(model, *args, **kwargs):
+        if isinstance(getattr(model, "module", model), Parallel):  # (DDP keeps the wrapper as .module)
+            return model(fn, *args, **kwargs)
+        return fn(model, *args, **kwargs)
+
+    return call
+
+
 def load_policy(path: str, device):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -711,6 +742,7 @@ def scored_tokens(model, ids, mask, targets):
     return hidden[keep], targets[keep], seq_ids
 
 
+@forward_pass
 def sft_batch_loss(model, batch, args, autocast):
     """The SFT loss of one micro-batch (ids, mask, targets): mean over its response tokens, divided by the
     micro-batches per optimizer step. The LM head and the loss run fused, chunk by chunk (machinery). (Under torchrun:
@@ -756,6 +788,7 @@ def pair_scored_tokens(model, prompt_ids, prompt_mask, response_ids, response_ma
     return hidden[keep], response_ids[keep], seq_ids
 
 
+@forward_pass
 def direct_batch_loss(model, batch, ref_logps, seq_weights, args, autocast):
     """The DPO-form AIHF loss of one micro-batch of pairs (a `pair_batch` of demo pairs and preference pairs),
     with the fused LM head; returns the loss, the implicit rewards of chosen and rejected, and the log-probs."""
@@ -767,40 +800,41 @@ def direct_batch_loss(model, batch, ref_logps, seq_weights, args, autocast):
     return loss, chosen_rewards, rejected_rewards, logps
 
 
+@forward_pass
 @torch.no_grad()
-def sequence_logps(model, batches, chunk_size, device, autocast):
+def sequence_logps(model, batches, run):
     """Sum of response log-probs of each sequence of each `pair_batch`, concatenated."""
     model.eval()
     out = []
     for batch in batches:
-        batch = [t.to(device) for t in batch]
-        with autocast:
+        batch = [t.to(run.device) for t in batch]
+        with run.autocast:
             hidden, targets, seq_ids = pair_scored_tokens(model, *batch)
-        token_logps = ChunkedLogprobs.apply(hidden, model.get_output_embeddings().weight, targets, chunk_size)
-        out.append(torch.zeros(len(batch[2]), device=device).index_add_(0, seq_ids, token_logps))
+        token_logps = chunked_logps(hidden, model.get_output_embeddings().weight, targets, run.args.logprob_chunk_size)
+        out.append(torch.zeros(len(batch[2]), device=run.device).index_add_(0, seq_ids, token_logps))
     model.train()
     return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
-def pair_logps(policy, pairs, micro, pad_id, args, device, autocast):
+def pair_logps(run, policy, pairs):
     """log pi(y|x) of both responses of each (prompt, chosen, rejected), in micro-batches: [c0, r0, c1, r1, ...].
-    policy: parallelize()'s wrapper; each process scores its share of the pairs, and every process gets them all."""
+    Each process scores its share of the pairs, and every process gets them all."""
     mine = this_rank(pairs)
-    return gather(policy(sequence_logps, [pair_batch(mine[i : i + micro], pad_id) for i in range(0, len(mine), micro)],
-                         args.logprob_chunk_size, device, autocast), 2 * len(pairs))
+    batches = [pair_batch(mine[i : i + run.micro], run.pad_id) for i in range(0, len(mine), run.micro)]
+    return gather(sequence_logps(policy, batches, run), 2 * len(pairs))
 
 
 @torch.no_grad()
-def sample_demo_pairs(policy, demos, args, response_length, pad_id, eos_id, device, autocast):
+def sample_demo_pairs(run, policy, demos):
     """(prompt, demonstration, a sample of the model at temperature 1) for each demonstration: the demo pairs of the
-    implicit-reward forms, y^E preferred to the reference's own response. policy: parallelize()'s wrapper; each process
-    samples for its share of the demonstrations, and every process gets all the pairs."""
-    pairs, mine = [], this_rank(demos)
-    for s in range(0, len(mine), args.forward_batch_size):
-        chunk = mine[s : s + args.forward_batch_size]
-        queries, query_mask = (t.to(device) for t in left_pad([p for p, _ in chunk], pad_id))
-        samples, sample_mask, _ = truncate_after_eos(policy(generate, queries, query_mask, response_length, 1.0, pad_id, eos_id,
-                                                            args.forward_batch_size, autocast), eos_id, pad_id)
+    implicit-reward forms, y^E preferred to the reference's own response. Each process samples for its share of the
+    demonstrations, and every process gets all the pairs."""
+    pairs, mine, chunk_size = [], this_rank(demos), run.args.forward_batch_size
+    for s in range(0, len(mine), chunk_size):
+        chunk = mine[s : s + chunk_size]
+        queries, query_mask = (t.to(run.device) for t in left_pad([p for p, _ in chunk], run.pad_id))
+        samples, sample_mask, _ = truncate_after_eos(generate(policy, queries, query_mask, run, temperature=1.0),
+                                                     run.eos_id, run.pad_id)
         pairs += [(p, c, r[m].tolist()) for (p, c), r, m in zip(chunk, samples.cpu(), sample_mask.cpu())]
     return gather(pairs, len(demos))
 
@@ -810,6 +844,7 @@ def policy_logprobs_entropy(hidden, weight, targets, temperature, chunk_size):
     return ChunkedLogprobsEntropy.apply(hidden / temperature, weight, targets, chunk_size)
 
 
+@forward_pass
 def response_logprobs(model, ids, mask, context, resp, targets, args):
     """policy_logprobs_entropy of the response tokens `targets` of sequences (ids, mask) whose responses start at
     `context` (resp: their real tokens). Hidden state t emits token t + 1: the states at context-1 .. T-2 emit them."""
@@ -848,6 +883,7 @@ def last_token_index(mask):
     return mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
 
 
+@forward_pass
 def sequence_rewards(reward_model, ids, mask):
     """r(x, y): the scalar head on the hidden state of the last non-pad token (EOS), minus the normalising bias."""
     hidden = hidden_states(reward_model, ids, mask)
@@ -855,6 +891,7 @@ def sequence_rewards(reward_model, ids, mask):
     return reward_model.score(last).squeeze(-1).float() - reward_model.config.reward_bias
 
 
+@forward_pass
 def token_values(value_model, ids, mask):
     """V(s_t) at every position, (B, T): the value model's scalar head on each hidden state, minus the reward
     model's normalising bias that it inherits (N+), so that at initialisation V at the EOS token is the
@@ -870,6 +907,7 @@ def copy_weights(model, source):
     model.config.reward_bias = source.config.reward_bias
 
 
+@forward_pass
 def reward_batch_loss(reward_model, demo_rows, pref_rows, args, autocast):
     """L(phi) on one micro-batch of a reward step. demo_rows / pref_rows: `pair_rows_batch`es of (demonstration, policy
     sample) and of (chosen, rejected) pairs, or None where that term's weight is 0. Returns the loss and its statistics."""
@@ -888,17 +926,17 @@ def reward_batch_loss(reward_model, demo_rows, pref_rows, args, autocast):
     return loss, stats
 
 
-def reward_step(reward, optimizer, demo_pairs, pref_pairs, args, autocast, pad_id, device):
+def reward_step(run, reward, optimizer, demo_pairs, pref_pairs):
     """One optimizer step of the reward on L(phi) over this process's (demonstration, sample) and preference pairs
     (either list empty where its weight is 0), the gradient accumulated over --gradient_accumulation_steps micro-
     batches, each 1/G of both lists: the peak memory is a micro-batch's, the step the same. reward: parallelize()'s
     wrapper. Returns the step's statistics (this process's pairs)."""
-    G, stats = args.gradient_accumulation_steps, {}
+    args, G, stats = run.args, run.args.gradient_accumulation_steps, {}
     for m in range(G):
         sync_gradients(m + 1 == G, reward)
-        rows = [[t.to(device) for t in pair_rows_batch(pairs[m * len(pairs) // G : (m + 1) * len(pairs) // G], pad_id)]
+        rows = [[t.to(run.device) for t in pair_rows_batch(pairs[m * len(pairs) // G : (m + 1) * len(pairs) // G], run.pad_id)]
                 if pairs else None for pairs in (demo_pairs, pref_pairs)]
-        loss, micro_stats = reward(reward_batch_loss, *rows, args, autocast)
+        loss, micro_stats = reward_batch_loss(reward, *rows, args, run.autocast)
         (loss / G).backward()  # equal micro-batches: the mean of their means is the step's mean
         for k, v in micro_stats.items():
             stats[k] = stats.get(k, 0) + v / G
@@ -908,30 +946,41 @@ def reward_step(reward, optimizer, demo_pairs, pref_pairs, args, autocast, pad_i
     return stats
 
 
+@forward_pass
 @torch.no_grad()
-def center_reward(reward_model, sequences, attention, args, autocast):
-    """N+ normalises the reward once, to mean 0 on the starting policy's samples. Here the reward moves every round and
-    its level is free (Bradley-Terry sees differences only), so each round fixes it at mean 0 on that round's samples:
-    the scale PPO's hyper-parameters assume. Returns the raw mean (under torchrun, of every process's samples)."""
+def center_reward(reward_model, sequences, attention, run, total=None):
+    """N+: the reward shifted so that the policy's samples score 0 on average, the scale PPO's hyper-parameters assume
+    (Bradley-Terry sees differences only: the level is free). Sets reward_model.config.reward_bias to the mean raw
+    reward of the samples (under torchrun, of every process's, cut to `total`); returns the raw rewards."""
     reward_model.config.reward_bias = 0.0
-    with autocast:
-        raw = gather(torch.cat([sequence_rewards(reward_model, sequences[s : s + args.forward_batch_size],
-                                                 attention[s : s + args.forward_batch_size])
-                                for s in range(0, len(sequences), args.forward_batch_size)]))
+    raw = gather(chunked_rewards(reward_model, sequences, attention, run), total)
     reward_model.config.reward_bias = raw.mean().item()
-    return raw.mean().item()
+    return raw
 
 
+@forward_pass
 @torch.no_grad()
-def generate(policy, queries, query_mask, response_length, temperature, pad_id, eos_id, forward_batch_size, autocast):
-    """Responses (B, response_length) sampled with the KV cache (HF generate), right-padded with pad_id.
+def chunked_rewards(reward_model, ids, mask, run):
+    """sequence_rewards of each row, --forward_batch_size rows per forward pass."""
+    chunk = run.args.forward_batch_size
+    with run.autocast:
+        return torch.cat([sequence_rewards(reward_model, ids[s : s + chunk], mask[s : s + chunk])
+                          for s in range(0, len(ids), chunk)])
+
+
+@forward_pass
+@torch.no_grad()
+def generate(policy, queries, query_mask, run, temperature=None):
+    """Responses (B, run.response_length) sampled with the KV cache (HF generate) at `temperature` (--temperature
+    unless given), --forward_batch_size prompts at a time, right-padded with the pad token.
 
     N+: plain temperature sampling: top_k 0 and top_p 1 switch off HF's defaults, no min length."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                              pad_token_id=pad_id, eos_token_id=eos_id)
-    out = torch.full((queries.shape[0], response_length), pad_id, dtype=torch.long, device=queries.device)
+    config = GenerationConfig(max_new_tokens=run.response_length, do_sample=True, temperature=temperature or run.args.temperature,
+                              top_k=0, top_p=1.0, pad_token_id=run.pad_id, eos_token_id=run.eos_id)
+    out = torch.full((queries.shape[0], run.response_length), run.pad_id, dtype=torch.long, device=queries.device)
+    forward_batch_size = run.args.forward_batch_size
     # HF fills every field left unset in `config` from the model's own generation_config: a chat model's
     # repetition_penalty, min_new_tokens or suppress_tokens would shape the samples, which PPO then scores as plain
     # softmax(logits / T). So generate against an empty one, and give the model its own back (save_pretrained keeps it).
@@ -941,7 +990,7 @@ def generate(policy, queries, query_mask, response_length, temperature, pad_id, 
             q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
             # synced_gpus: under FSDP2 a process whose responses all ended keeps stepping with the others (each
             # forward pass gathers the weights from every process); DDP's replicas generate alone
-            with autocast:  # --bf16: sampled in the precision that scores them (pi_old) and trains them
+            with run.autocast:  # --bf16: sampled in the precision that scores them (pi_old) and trains them
                 generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config,
                                             synced_gpus=SHARDED)[:, q.shape[1] :]
             out[s : s + len(q), : generated.shape[1]] = generated
@@ -951,11 +1000,11 @@ def generate(policy, queries, query_mask, response_length, temperature, pad_id, 
 
 
 @torch.no_grad()
-def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query_mask, responses, args, pad_id, eos_id, autocast):
+def score_rollouts(run, policy, ref_policy, reward_model, value_model, queries, query_mask, responses):
     """Everything PPO needs about a batch of rollouts, computed once with no grad: old log-probs and values,
-    reference log-probs, scores, KL-shaped rewards, advantages and returns. The models: parallelize()'s wrappers."""
-    policy, ref_policy, reward_model, value_model = map(as_parallel, (policy, ref_policy, reward_model, value_model))
-    responses, response_mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)  # N+: truncate after EOS
+    reference log-probs, scores, KL-shaped rewards, advantages and returns."""
+    args = run.args
+    responses, response_mask, has_eos = truncate_after_eos(responses, run.eos_id, run.pad_id)  # N+: truncate after EOS
     sequences = torch.cat([queries, responses], 1)
     attention = torch.cat([query_mask, response_mask.long()], 1)
     context = queries.shape[1]
@@ -966,14 +1015,14 @@ def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query
         ids, mask, resp = sequences[s : s + args.forward_batch_size], attention[s : s + args.forward_batch_size], \
             response_mask[s : s + args.forward_batch_size]
         targets = responses[s : s + args.forward_batch_size][resp]
-        with autocast:
+        with run.autocast:
             for model, out_logprobs, out_entropy in ((policy, logprobs, entropy), (ref_policy, ref_logprobs, None)):
-                lp, ent = model(response_logprobs, ids, mask, context, resp, targets, args)  # N+: logits / T for pi and pi_ref
+                lp, ent = response_logprobs(model, ids, mask, context, resp, targets, args)  # N+: logits / T for pi and pi_ref
                 out_logprobs[s : s + len(ids)][resp] = lp
                 if out_entropy is not None:
                     out_entropy[s : s + len(ids)][resp] = ent
-            values[s : s + len(ids)] = value_model(token_values, ids, mask)[:, context - 1 : -1] * resp
-            scores[s : s + len(ids)] = reward_model(sequence_rewards, ids, mask)  # N+: score at the EOS token
+            values[s : s + len(ids)] = token_values(value_model, ids, mask)[:, context - 1 : -1] * resp
+            scores[s : s + len(ids)] = sequence_rewards(reward_model, ids, mask)  # N+: score at the EOS token
     scores = scores - args.missing_eos_penalty * (~has_eos).float()  # N+: penalise responses without EOS
     rewards, k1, k3 = kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask, args.kl_coef)
     advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
@@ -1011,7 +1060,6 @@ def ppo_logs(run, batch, queries, stats, scheduler, iterations_done):
 def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
     """num_ppo_epochs epochs over the rollout batch in shuffled minibatches; returns the averaged diagnostics.
     policy, value_model: parallelize()'s wrappers; under torchrun each process's minibatch is its share of one."""
-    policy, value_model = as_parallel(policy), as_parallel(value_model)
     B, context = batch["sequences"].shape[0], batch["sequences"].shape[1] - batch["responses"].shape[1]
     minibatch_size = B // args.num_mini_batches
     micro = minibatch_size // args.gradient_accumulation_steps
@@ -1028,8 +1076,8 @@ def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
                 idx = order[u0 : u0 + micro]
                 ids, mask, resp = batch["sequences"][idx], batch["attention"][idx], batch["response_mask"][idx]
                 with autocast:
-                    logprobs, entropy = policy(response_logprobs, ids, mask, context, resp, batch["responses"][idx][resp], args)
-                    vpred = value_model(token_values, ids, mask)[:, context - 1 : -1][resp]
+                    logprobs, entropy = response_logprobs(policy, ids, mask, context, resp, batch["responses"][idx][resp], args)
+                    vpred = token_values(value_model, ids, mask)[:, context - 1 : -1][resp]
                 pg_loss, vf_loss, stats = ppo_losses(logprobs, batch["logprobs"][idx][resp], batch["advantages"][idx][resp],
                                                      vpred, batch["values"][idx][resp], batch["returns"][idx][resp],
                                                      args.cliprange, args.cliprange_value)
@@ -1061,15 +1109,14 @@ def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
         | {"val/ratio_var": ratio_var.item(), "policy/epochs": epoch + 1}
 
 
-def evaluate_gold(task, policy, tokenizer, seed, suffix):
+def evaluate_gold(run, policy, suffix):
     """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only).
-    policy: parallelize()'s wrapper; every process runs the same evaluation and gets the same result."""
-    if task is None:
+    Every process runs the same evaluation and gets the same result."""
+    if run.task is None:
         return {}
-    policy = as_parallel(policy)
     was_training = all(m.training for m in policy.modules())  # the model's mode (a wrapper's own flag may differ)
     policy.eval()
-    result = policy(task.evaluate, tokenizer, seed=seed, synced_gpus=SHARDED)
+    result = forward_pass(run.task.evaluate)(policy, run.tokenizer, seed=run.args.seed, synced_gpus=SHARDED)
     policy.train(was_training)
     print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
     return {f"{k}{suffix}": v for k, v in result.items()}
@@ -1080,26 +1127,21 @@ def reward_accuracies(run, reward_model, policy, eval_pairs, eval_demos):
     """AIHF-RL's learned reward on held-out data: the share of preference pairs it ranks right, and the share of
     demonstrations it ranks above a sample of the final policy for the same prompt. The models: parallelize()'s
     wrappers (every process computes the same)."""
-    args, device, chunk = run.args, run.device, run.args.forward_batch_size
+    args, device = run.args, run.device
     out = {}
     reward_model.eval()
     if eval_pairs:
         ids, mask = (t.to(device) for t in pair_rows_batch(eval_pairs, run.pad_id))
-        with run.autocast:
-            rewards = torch.cat([reward_model(sequence_rewards, ids[s : s + chunk], mask[s : s + chunk])
-                                 for s in range(0, len(ids), chunk)])
+        rewards = chunked_rewards(reward_model, ids, mask, run)
         out["reward_pref_accuracy"] = (rewards[0::2] > rewards[1::2]).float().mean().item()
     if eval_demos:
         queries, query_mask = (t.to(device) for t in left_pad([p for p, _ in eval_demos], run.pad_id))
         torch.manual_seed(args.seed)
-        responses = policy(generate, queries, query_mask, run.response_length, args.temperature, run.pad_id, run.eos_id,
-                           chunk, run.autocast)
+        responses = generate(policy, queries, query_mask, run)
         samples, sample_mask, _ = truncate_after_eos(responses, run.eos_id, run.pad_id)
         rows = [(p, c, s[m].tolist()) for (p, c), s, m in zip(eval_demos, samples.cpu(), sample_mask.cpu())]
         ids, mask = (t.to(device) for t in pair_rows_batch(rows, run.pad_id))
-        with run.autocast:
-            rewards = torch.cat([reward_model(sequence_rewards, ids[s : s + chunk], mask[s : s + chunk])
-                                 for s in range(0, len(ids), chunk)])
+        rewards = chunked_rewards(reward_model, ids, mask, run)
         out["reward_demo_accuracy"] = (rewards[0::2] > rewards[1::2]).float().mean().item()
     return out
 
@@ -1113,7 +1155,7 @@ def implicit_reward_accuracies(run, policy, data):
     for name, pairs, ref in (("reward_pref_accuracy", data["eval_pairs"], data["eval_ref"]),
                              ("reward_demo_accuracy", data["eval_demo_pairs"], data["eval_demo_ref"])):
         if pairs:
-            logps = pair_logps(policy, pairs, run.micro, run.pad_id, run.args, run.device, run.autocast)
+            logps = pair_logps(run, policy, pairs)
             _, chosen, rejected = dpo_loss(logps, ref, run.args.beta)
             out[name] = (chosen > rejected).float().mean().item()
     return out
@@ -1371,10 +1413,9 @@ def cycled_batches(num_examples, batch_size, num_steps, seed):
 # Where the loss is a function of per-sequence sums of log-probs whose gradient is known once the chunk is
 # scored (SFT cross-entropy; DPO over whole pairs with precomputed reference log-probs), the gradients w.r.t.
 # hidden states and LM-head weight are computed *inside the forward*, chunk by chunk (fused_linear_loss), so the
-# logits are never recomputed. Where the gradient is not known in the forward (per-token log-probs for any later
-# use, as in PPO's ratio), a chunked Function keeps only the log-sum-exp per token and recomputes each chunk's
-# logits in the backward (ChunkedLogprobs, or ChunkedLogprobsEntropy, which also returns the entropy: each script
-# carries the one it needs).
+# logits are never recomputed. Where the gradient is not known in the forward (PPO's per-token ratio and entropy),
+# a chunked Function keeps only the log-sum-exp and entropy per token and recomputes each chunk's logits in the
+# backward (ChunkedLogprobsEntropy); reference log-probs need no gradient (chunked_logps).
 #
 # For log p(y) = z_y - logsumexp(z):  d log p(y) / dz = onehot(y) - softmax(z).
 def fused_linear_loss(loss_fn, hidden, weight, targets, seq_ids, *seq_inputs, group_size=1, scale=1.0, chunk_size):
@@ -1561,40 +1602,17 @@ def _chunk_plan(seq_ids, group_size: int, chunk_size: int):
     return torch.stack([starts, ends, first_seqs, seq_ids[ends - 1] + 1]).t().tolist()  # the one host sync
 
 
-class ChunkedLogprobs(torch.autograd.Function):
-    """Per-token log p(target) from hidden (N, D) and LM-head weight (V, D); targets == ignore_index give 0."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int = -100):
-        weight = weight.to(hidden.dtype)
-        valid = targets != ignore_index
-        safe_targets = targets.masked_fill(~valid, 0)
-        logps = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse = torch.zeros_like(logps)
-        buffer = _logits_buffer(hidden, weight, chunk_size)
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = min(start + chunk_size, hidden.shape[0])
-            logits = _chunk_logits(hidden, weight, start, end, buffer)
-            logps[start:end], lse[start:end], _ = _chunk_forward(logits, safe_targets[start:end])
-        logps = logps.masked_fill(~valid, 0.0)
-        ctx.save_for_backward(hidden, weight, safe_targets, valid, lse)
-        ctx.chunk_size = chunk_size
-        return logps
-
-    @staticmethod
-    def backward(ctx, grad_logps):
-        hidden, weight, targets, valid, lse = ctx.saved_tensors
-        grad_logps = grad_logps.float().masked_fill(~valid, 0.0)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        buffer = _logits_buffer(hidden, weight, ctx.chunk_size)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = min(start + ctx.chunk_size, hidden.shape[0])
-            logits = _chunk_logits(hidden, weight, start, end, buffer)  # recomputed: nothing (N, V) was kept
-            grad_logits = _chunk_grad_(logits, targets[start:end], lse[start:end], grad_logps[start:end])
-            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-            _accumulate_(grad_weight, grad_logits, hidden[start:end])
-        return grad_hidden, grad_weight, None, None, None
+@torch.no_grad()
+def chunked_logps(hidden, weight, targets, chunk_size: int):
+    """Per-token log p(target) from hidden (N, D) and LM-head weight (V, D), chunk by chunk, without gradients (the
+    reference log-probs of the DPO forms): memory ~ chunk_size x V."""
+    weight = weight.to(hidden.dtype)
+    logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    buffer = _logits_buffer(hidden, weight, chunk_size)
+    for start in range(0, hidden.shape[0], chunk_size):
+        end = min(start + chunk_size, hidden.shape[0])
+        logps[start:end] = _chunk_forward(_chunk_logits(hidden, weight, start, end, buffer), targets[start:end])[0]
+    return logps
 
 
 class FusedLinearLoss(torch.autograd.Function):
@@ -1750,12 +1768,19 @@ def optimizer_step(parameters, optimizer, scheduler, args, state):
     return whole(grad_norm)
 
 
+def status(logs, keys):
+    """A status line of the scalars in `logs` among `keys`, named by their last part: "kl 0.123 gold 0.800"."""
+    return " ".join(f"{k.rsplit('/', 1)[-1]} {logs[k]:.4g}" for k in keys if k in logs)
+
+
 def progress_bar(total: int, desc: str, initial: int = 0):
-    """A tqdm bar (set_postfix shows the running loss) when stderr is a terminal; in logs and tests a silent
-    stand-in, and the plain status lines carry the progress. tqdm comes with transformers and datasets."""
+    """A tqdm bar (set_postfix shows the running loss) when stderr is a terminal, and under torchrun on the first
+    process only; in logs and tests a silent stand-in, and the plain status lines carry the progress. tqdm comes with
+    transformers and datasets."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
+    hidden = not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0"
+    return tqdm(total=total, initial=initial, desc=desc, disable=hidden, dynamic_ncols=True, leave=False)
 
 
 # ---- several processes: torchrun, DDP or FSDP2, data shards, reductions, whole weights for saving ----
@@ -1764,15 +1789,14 @@ def progress_bar(total: int, desc: str, initial: int = 0):
 # (this_rank); DDP or FSDP2 (--parallel) average the gradients over the processes, so an optimizer step sees the whole
 # batch, and each process scales its loss as its share of the whole batch's. Statistics are averaged over the
 # processes before they are logged. Evaluations run alike on every process (FSDP2's forward passes need all of them);
-# only the first process prints, logs and writes files. Forward passes run through parallelize()'s wrapper:
-# parallel(fn, *args) runs fn(model, *args) as the forward that DDP and FSDP2 hook. A plain `python script.py` is one
-# process, and none of this changes what it computes.
+# only the first process prints, logs and writes files. DDP and FSDP2 act around a module's forward, so each function
+# that runs a model is marked @forward_pass: given parallelize()'s wrapper, sft_batch_loss(policy, ...) runs as its forward.
+# A plain `python script.py` is one process, and none of this changes what it computes.
 DISTRIBUTED = "WORLD_SIZE" in os.environ  # started by torchrun (also with one process: DDP or FSDP2 of world size 1)
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
 RANK = int(os.environ.get("RANK", 0))  # this process among all of them; 0 prints, logs and writes
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))  # this process among those of its node: its GPU
 SHARDED = False  # parameters sharded by FSDP2 (DTensors); setup_torch() sets it
-MESH = None  # FSDP2's mesh of the processes (process_mesh)
 
 
 def init_distributed(device):
@@ -1783,38 +1807,12 @@ def init_distributed(device):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if RANK:
-        sys.stdout, sys.stderr = open(os.devnull, "w"), NoTerminal(sys.stderr)
+        sys.stdout = open(os.devnull, "w")
     return device
 
 
-class NoTerminal:
-    """The stderr of the processes other than the first: what is written still shows (errors), but it is no terminal,
-    so that their progress bars stay off (progress_bar)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def isatty(self):
-        return False
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-class Parallel(torch.nn.Module):
-    """A model whose forward runs any function of it: parallel(fn, *args) = fn(model, *args). DDP and FSDP2 hook the
-    forward of the module they wrap, and the losses here call the backbone and read the LM head's weight themselves."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn, *args, **kwargs):
-        return fn(self.model, *args, **kwargs)
-
-
 def parallelize(model, args):
-    """The model wrapped for `parallel(fn, *args)` calls. One process: Parallel(model). Under torchrun, --parallel ddp:
+    """The model wrapped for @forward_pass functions. One process: Parallel(model). Under torchrun, --parallel ddp:
     DistributedDataParallel, a replica per process whose gradients are averaged during the backward (a frozen model,
     which has none, stays a plain replica); --parallel fsdp: FSDP2 (fully_shard) shards parameters, gradients and
     optimizer state over the processes, one unit per transformer block and one root unit with the rest (embeddings,
@@ -1848,21 +1846,13 @@ def parallelize(model, args):
     return parallel
 
 
+@cache
 def process_mesh():
     """FSDP2's 1-D mesh of all the processes, made once: their GPUs with NCCL, else their CPUs (also with --device cpu
     on a machine that has GPUs, where FSDP2's default mesh would be the GPUs)."""
-    global MESH
-    if MESH is None:
-        from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import init_device_mesh
 
-        MESH = init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (WORLD_SIZE,))
-    return MESH
-
-
-def as_parallel(model):
-    """parallelize()'s wrapper as it is, or a bare model wrapped as one process wraps it: the helpers that take
-    wrappers (score_rollouts, ppo_update, ...) also take models, as the tests and benchmarks call them."""
-    return model if isinstance(getattr(model, "module", model), Parallel) else Parallel(model)
+    return init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (WORLD_SIZE,))
 
 
 def sync_gradients(now: bool, *models):
@@ -2115,23 +2105,24 @@ def open_run(args, model, first_stage):
     return run_dir, {"stage": first_stage, "step": 0, "metrics": {}, "global_step": 0}
 
 
-def save_checkpoint(run_dir, state, model, optimizer, scheduler, **extra):
-    """The run's state, model, optimizer, schedule and RNG (+ extra models), written atomically (save_whole)."""
-    save_whole({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
-                os.path.join(run_dir, "checkpoint.pt"))
+def save_checkpoint(run, model, optimizer=None, scheduler=None, **extra):
+    """The run's state and model (+ extra models), and within a stage its optimizer, schedule and RNG, written
+    atomically (save_whole)."""
+    stage = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state()} if optimizer is not None else {}
+    save_whole({**run.state, "model": model.state_dict(), **stage, **extra}, os.path.join(run.dir, "checkpoint.pt"))
 
 
-def finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, metrics):
+def finish_run(run, model, started, algo):
     """The final model, metrics.json (the contract: algo, task, seed, steps, wall_s + the final evaluation)."""
-    for k, v in metrics.items():
-        writer.add_scalar(f"final/{k}", v, state["global_step"])
-    save_model(os.path.join(run_dir, "model"), model, tokenizer)
+    args, step = run.args, run.state["global_step"]
+    run.log(run.metrics, prefix="final/")
+    save_model(os.path.join(run.dir, "model"), model, run.tokenizer)
     result = {"algo": algo, "task": "sort" if args.dataset_name is None else args.dataset_name, "seed": args.seed,
-              "steps": state["global_step"], "wall_s": round(time.time() - started, 1), **metrics}
+              "steps": step, "wall_s": round(time.time() - started, 1), **run.metrics}
     if RANK == 0:
-        write_json(result, os.path.join(run_dir, "metrics.json"))
-    writer.close()
+        write_json(result, os.path.join(run.dir, "metrics.json"))
+    run.writer.close()
     print(json.dumps(result))
     if DISTRIBUTED:
         # the processes leave together, so that none closes its connections while the first still writes its results

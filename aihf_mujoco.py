@@ -1294,11 +1294,13 @@ def write_json(obj, path: str):
 
 
 def progress_bar(total: int, desc: str, initial: int = 0):
-    """A tqdm bar (set_postfix shows the running loss) when stderr is a terminal; in logs and tests a silent
-    stand-in, and the plain status lines carry the progress. tqdm comes with transformers and datasets."""
+    """A tqdm bar (set_postfix shows the running loss) when stderr is a terminal, and under torchrun on the first
+    process only; in logs and tests a silent stand-in, and the plain status lines carry the progress. tqdm comes with
+    transformers and datasets."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
+    hidden = not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0"
+    return tqdm(total=total, initial=initial, desc=desc, disable=hidden, dynamic_ncols=True, leave=False)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from functools import cache, partial
+from functools import cache, partial, wraps
 from typing import Literal, Optional
 
 import torch
@@ -185,12 +185,12 @@ def main():
 
     run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "dpo")
     run = Run(args, device, autocast, tokenizer, task, 0, run_dir, state, summary_writer(run_dir))  # (DPO samples nothing)
-    policy = parallelize(model, args)  # policy(fn, *args) runs fn(model, *args); under torchrun with DDP or FSDP2
+    policy = parallelize(model, args)  # a forward of policy: sft_batch_loss(policy, ...); under torchrun, DDP or FSDP2
     print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(train_pairs)} pairs, {len(eval_pairs)} held-out pairs, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
           f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
     if "gold_reward_init" not in run.metrics:
-        run.metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_init"))
+        run.metrics.update(evaluate_gold(run, policy, "_init"))
 
     if state["stage"] == "sft":  # 1. SFT on the demonstrations
         train_sft(run, model, policy, sft_examples, save_to=os.path.join(run_dir, "sft_model"), next_stage="dpo")
@@ -198,12 +198,12 @@ def main():
         train_dpo(run, model, policy, train_pairs, eval_pairs)
 
     final = preference_accuracy(run, policy, eval_pairs)
-    run.metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, ""))
+    run.metrics.update(evaluate_gold(run, policy, ""))
     if final:
         run.metrics["pref_accuracy"] = final["eval/rewards/accuracies"]
         run.metrics["eval_reward_margin"] = final["eval/rewards/margins"]
     algo = args.loss_type if args.loss_type != "sigmoid" else "cdpo" if args.label_smoothing > 0 else "dpo"
-    finish_run(run_dir, run.writer, model, tokenizer, args, state, started, algo, run.metrics)
+    finish_run(run, model, started, algo)
 
 
 # ==========================================================================================================
@@ -221,7 +221,7 @@ def train_sft(run, model, policy, demos, save_to, next_stage):
         for m in range(args.gradient_accumulation_steps):
             sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
             batch = sft_batch([demos[i] for i in this_rank(run.micro_batch(steps[step], m))], run.pad_id)
-            loss = policy(sft_batch_loss, [t.to(run.device) for t in batch], args, run.autocast)
+            loss = sft_batch_loss(policy, [t.to(run.device) for t in batch], args, run.autocast)
             loss.backward()
             total_loss += loss.detach()
         grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
@@ -232,12 +232,12 @@ def train_sft(run, model, policy, demos, save_to, next_stage):
             bar.set_postfix(loss=f"{total_loss:.4f}")
             bar.write(f"[sft] step {step + 1}/{len(steps)} loss {total_loss:.4f}")
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(run.dir, state, model, optimizer, scheduler)
+            save_checkpoint(run, model, optimizer, scheduler)
     bar.close()
     save_model(save_to, model, run.tokenizer)
-    run.metrics.update(evaluate_gold(run.task, policy, run.tokenizer, args.seed, "_sft"))
+    run.metrics.update(evaluate_gold(run, policy, "_sft"))
     state.update(stage=next_stage, step=0)
-    save_checkpoint(run.dir, state, model, optimizer, scheduler)
+    save_checkpoint(run, model, optimizer, scheduler)
 
 
 def train_dpo(run, model, policy, train_pairs, eval_pairs):
@@ -247,8 +247,8 @@ def train_dpo(run, model, policy, train_pairs, eval_pairs):
     dpo_started, dpo_tokens = time.time(), torch.zeros((), dtype=torch.long, device=device)
     steps = batch_order(len(train_pairs), args.batch_size, args.num_epochs, args.seed + 1)
     if state["step"] == 0 or "ref_logps" not in state:
-        state["ref_logps"] = pair_logps(policy, train_pairs, run.micro, run.pad_id, args, device, run.autocast)
-        state["eval_ref_logps"] = pair_logps(policy, eval_pairs, run.micro, run.pad_id, args, device, run.autocast)
+        state["ref_logps"] = pair_logps(run, policy, train_pairs)
+        state["eval_ref_logps"] = pair_logps(run, policy, eval_pairs)
     optimizer, scheduler = new_optimizer(model.parameters(), args.learning_rate, len(steps), args, state)
     ref_logps = state["ref_logps"].view(-1, 2)  # (pairs, [chosen, rejected])
     model.train()
@@ -260,8 +260,8 @@ def train_dpo(run, model, policy, train_pairs, eval_pairs):
             index = this_rank(run.micro_batch(steps[step], m))  # this process's share of the micro-batch
             batch = [t.to(device) for t in pair_batch([train_pairs[i] for i in index], run.pad_id)]
             dpo_tokens += 2 * batch[1].sum() + batch[3].sum()  # tokens of the chosen and rejected sequences
-            loss, chosen_rewards, rejected_rewards, logps = policy(
-                dpo_batch_loss, batch, ref_logps[index].reshape(-1).to(device), args, run.autocast)
+            loss, chosen_rewards, rejected_rewards, logps = dpo_batch_loss(
+                policy, batch, ref_logps[index].reshape(-1).to(device), args, run.autocast)
             loss.backward()
             stats += torch.stack([loss.detach() * args.gradient_accumulation_steps, chosen_rewards.mean(), rejected_rewards.mean(),
                                   (chosen_rewards > rejected_rewards).float().mean(), logps[0::2].mean(), logps[1::2].mean()])
@@ -274,23 +274,23 @@ def train_dpo(run, model, policy, train_pairs, eval_pairs):
                     "grad_norm": grad_norm.item(), "learning_rate": scheduler.get_last_lr()[0]}
             run.log(logs)
             bar.set_postfix(loss=f"{stats[0]:.4f}", acc=f"{stats[3]:.2f}")
-            bar.write(f"[dpo] step {step + 1}/{len(steps)} loss {stats[0]:.4f} margin {logs['rewards/margins']:.3f} acc {stats[3]:.2f}")
+            bar.write(f"[dpo] step {step + 1}/{len(steps)} " + status(logs, ("loss", "rewards/margins", "rewards/accuracies")))
         if args.eval_every and (step + 1) % args.eval_every == 0:
             run.log(preference_accuracy(run, policy, eval_pairs))
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(run.dir, state, model, optimizer, scheduler)
+            save_checkpoint(run, model, optimizer, scheduler)
     bar.close()
     # Throughput of the DPO stage, reference log-probs included, all processes together (the benchmarks' figure).
     run.metrics["dpo_tokens_per_s"] = round(global_sum(dpo_tokens).item() / (time.time() - dpo_started), 1)
     state.update(stage="done")
-    save_checkpoint(run.dir, state, model, optimizer, scheduler)
+    save_checkpoint(run, model, optimizer, scheduler)
 
 
 def preference_accuracy(run, policy, eval_pairs):
     """Held-out pairs where the implicit reward ranks chosen above rejected, and the mean reward margin."""
     if not eval_pairs:
         return {}
-    logps = pair_logps(policy, eval_pairs, run.micro, run.pad_id, run.args, run.device, run.autocast)
+    logps = pair_logps(run, policy, eval_pairs)
     _, chosen_rewards, rejected_rewards = dpo_loss(logps, run.state["eval_ref_logps"], run.args.beta)
     return {"eval/rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
             "eval/rewards/margins": (chosen_rewards - rejected_rewards).mean().item()}
@@ -299,6 +299,31 @@ def preference_accuracy(run, policy, eval_pairs):
 # ==========================================================================================================
 # Models: the policy's forward passes, and the losses of a micro-batch
 # ==========================================================================================================
+class Parallel(torch.nn.Module):
+    """A model whose forward runs any function of it: Parallel(model)(fn, *args) = fn(model, *args). DDP and FSDP2 hook
+    the forward of the module they wrap, and the losses here call the backbone and read the LM head's weight themselves."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def forward_pass(fn):
+    """Marks fn(model, ...) as a forward pass: called with parallelize()'s wrapper, it runs as the wrapper's forward,
+    which DDP and FSDP2 hook; called with a bare model (tests, benchmarks), as it is."""
+
+    @wraps(fn)
+    def call(model, *args, **kwargs):
+        if isinstance(getattr(model, "module", model), Parallel):  # (DDP keeps the wrapper as .module)
+            return model(fn, *args, **kwargs)
+        return fn(model, *args, **kwargs)
+
+    return call
+
+
 def load_policy(path: str, device):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -391,6 +416,7 @@ def pair_scored_tokens(model, prompt_ids, prompt_mask, response_ids, response_ma
     return hidden[keep], response_ids[keep], seq_ids
 
 
+@forward_pass
 def sft_batch_loss(model, batch, args, autocast):
     """The SFT loss of one micro-batch (ids, mask, targets): mean over its response tokens, divided by the
     micro-batches per optimizer step. The LM head and the loss run fused, chunk by chunk (machinery). (Under torchrun:
@@ -405,6 +431,7 @@ def sft_batch_loss(model, batch, args, autocast):
     return loss
 
 
+@forward_pass
 def dpo_batch_loss(model, batch, ref_logps, args, autocast):
     """L_DPO of one micro-batch of pairs (a `pair_batch`) against the reference log-probs of its sequences, summed
     and divided by the pairs per optimizer step. Returns the loss, the implicit rewards of the chosen and
@@ -419,38 +446,38 @@ def dpo_batch_loss(model, batch, ref_logps, args, autocast):
     return loss, chosen_rewards, rejected_rewards, logps
 
 
+@forward_pass
 @torch.no_grad()
-def sequence_logps(model, batches, chunk_size, device, autocast):
+def sequence_logps(model, batches, run):
     """Sum of response log-probs of each sequence of each `pair_batch`, concatenated."""
     model.eval()
     out = []
     for batch in batches:
-        batch = [t.to(device) for t in batch]
-        with autocast:
+        batch = [t.to(run.device) for t in batch]
+        with run.autocast:
             hidden, targets, seq_ids = pair_scored_tokens(model, *batch)
-        token_logps = ChunkedLogprobs.apply(hidden, model.get_output_embeddings().weight, targets, chunk_size)
-        out.append(torch.zeros(len(batch[2]), device=device).index_add_(0, seq_ids, token_logps))
+        token_logps = chunked_logps(hidden, model.get_output_embeddings().weight, targets, run.args.logprob_chunk_size)
+        out.append(torch.zeros(len(batch[2]), device=run.device).index_add_(0, seq_ids, token_logps))
     model.train()
     return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
-def pair_logps(policy, pairs, micro, pad_id, args, device, autocast):
+def pair_logps(run, policy, pairs):
     """log pi(y|x) of both responses of each (prompt, chosen, rejected), in micro-batches: [c0, r0, c1, r1, ...].
-    policy: parallelize()'s wrapper; each process scores its share of the pairs, and every process gets them all."""
+    Each process scores its share of the pairs, and every process gets them all."""
     mine = this_rank(pairs)
-    return gather(policy(sequence_logps, [pair_batch(mine[i : i + micro], pad_id) for i in range(0, len(mine), micro)],
-                         args.logprob_chunk_size, device, autocast), 2 * len(pairs))
+    batches = [pair_batch(mine[i : i + run.micro], run.pad_id) for i in range(0, len(mine), run.micro)]
+    return gather(sequence_logps(policy, batches, run), 2 * len(pairs))
 
 
-def evaluate_gold(task, policy, tokenizer, seed, suffix):
+def evaluate_gold(run, policy, suffix):
     """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only).
-    policy: parallelize()'s wrapper; every process runs the same evaluation and gets the same result."""
-    if task is None:
+    Every process runs the same evaluation and gets the same result."""
+    if run.task is None:
         return {}
-    policy = as_parallel(policy)
     was_training = all(m.training for m in policy.modules())  # the model's mode (a wrapper's own flag may differ)
     policy.eval()
-    result = policy(task.evaluate, tokenizer, seed=seed, synced_gpus=SHARDED)
+    result = forward_pass(run.task.evaluate)(policy, run.tokenizer, seed=run.args.seed, synced_gpus=SHARDED)
     policy.train(was_training)
     print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
     return {f"{k}{suffix}": v for k, v in result.items()}
@@ -671,10 +698,9 @@ def batch_order(num_examples, batch_size, epochs, seed):
 # Where the loss is a function of per-sequence sums of log-probs whose gradient is known once the chunk is
 # scored (SFT cross-entropy; DPO over whole pairs with precomputed reference log-probs), the gradients w.r.t.
 # hidden states and LM-head weight are computed *inside the forward*, chunk by chunk (fused_linear_loss), so the
-# logits are never recomputed. Where the gradient is not known in the forward (per-token log-probs for any later
-# use, as in PPO's ratio), a chunked Function keeps only the log-sum-exp per token and recomputes each chunk's
-# logits in the backward (ChunkedLogprobs, or ChunkedLogprobsEntropy, which also returns the entropy: each script
-# carries the one it needs).
+# logits are never recomputed. Where the gradient is not known in the forward (PPO's per-token ratio and entropy),
+# a chunked Function keeps only the log-sum-exp and entropy per token and recomputes each chunk's logits in the
+# backward (ChunkedLogprobsEntropy); reference log-probs need no gradient (chunked_logps).
 #
 # For log p(y) = z_y - logsumexp(z):  d log p(y) / dz = onehot(y) - softmax(z).
 def fused_linear_loss(loss_fn, hidden, weight, targets, seq_ids, *seq_inputs, group_size=1, scale=1.0, chunk_size):
@@ -861,40 +887,17 @@ def _chunk_plan(seq_ids, group_size: int, chunk_size: int):
     return torch.stack([starts, ends, first_seqs, seq_ids[ends - 1] + 1]).t().tolist()  # the one host sync
 
 
-class ChunkedLogprobs(torch.autograd.Function):
-    """Per-token log p(target) from hidden (N, D) and LM-head weight (V, D); targets == ignore_index give 0."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, ignore_index: int = -100):
-        weight = weight.to(hidden.dtype)
-        valid = targets != ignore_index
-        safe_targets = targets.masked_fill(~valid, 0)
-        logps = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse = torch.zeros_like(logps)
-        buffer = _logits_buffer(hidden, weight, chunk_size)
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = min(start + chunk_size, hidden.shape[0])
-            logits = _chunk_logits(hidden, weight, start, end, buffer)
-            logps[start:end], lse[start:end], _ = _chunk_forward(logits, safe_targets[start:end])
-        logps = logps.masked_fill(~valid, 0.0)
-        ctx.save_for_backward(hidden, weight, safe_targets, valid, lse)
-        ctx.chunk_size = chunk_size
-        return logps
-
-    @staticmethod
-    def backward(ctx, grad_logps):
-        hidden, weight, targets, valid, lse = ctx.saved_tensors
-        grad_logps = grad_logps.float().masked_fill(~valid, 0.0)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        buffer = _logits_buffer(hidden, weight, ctx.chunk_size)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = min(start + ctx.chunk_size, hidden.shape[0])
-            logits = _chunk_logits(hidden, weight, start, end, buffer)  # recomputed: nothing (N, V) was kept
-            grad_logits = _chunk_grad_(logits, targets[start:end], lse[start:end], grad_logps[start:end])
-            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
-            _accumulate_(grad_weight, grad_logits, hidden[start:end])
-        return grad_hidden, grad_weight, None, None, None
+@torch.no_grad()
+def chunked_logps(hidden, weight, targets, chunk_size: int):
+    """Per-token log p(target) from hidden (N, D) and LM-head weight (V, D), chunk by chunk, without gradients (the
+    reference log-probs of the DPO forms): memory ~ chunk_size x V."""
+    weight = weight.to(hidden.dtype)
+    logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    buffer = _logits_buffer(hidden, weight, chunk_size)
+    for start in range(0, hidden.shape[0], chunk_size):
+        end = min(start + chunk_size, hidden.shape[0])
+        logps[start:end] = _chunk_forward(_chunk_logits(hidden, weight, start, end, buffer), targets[start:end])[0]
+    return logps
 
 
 class FusedLinearLoss(torch.autograd.Function):
@@ -987,12 +990,19 @@ def optimizer_step(parameters, optimizer, scheduler, args, state):
     return whole(grad_norm)
 
 
+def status(logs, keys):
+    """A status line of the scalars in `logs` among `keys`, named by their last part: "kl 0.123 gold 0.800"."""
+    return " ".join(f"{k.rsplit('/', 1)[-1]} {logs[k]:.4g}" for k in keys if k in logs)
+
+
 def progress_bar(total: int, desc: str, initial: int = 0):
-    """A tqdm bar (set_postfix shows the running loss) when stderr is a terminal; in logs and tests a silent
-    stand-in, and the plain status lines carry the progress. tqdm comes with transformers and datasets."""
+    """A tqdm bar (set_postfix shows the running loss) when stderr is a terminal, and under torchrun on the first
+    process only; in logs and tests a silent stand-in, and the plain status lines carry the progress. tqdm comes with
+    transformers and datasets."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
+    hidden = not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0"
+    return tqdm(total=total, initial=initial, desc=desc, disable=hidden, dynamic_ncols=True, leave=False)
 
 
 # ---- several processes: torchrun, DDP or FSDP2, data shards, reductions, whole weights for saving ----
@@ -1001,17 +1011,14 @@ def progress_bar(total: int, desc: str, initial: int = 0):
 # (this_rank); DDP or FSDP2 (--parallel) average the gradients over the processes, so an optimizer step sees the whole
 # batch, and each process scales its loss as its share of the whole batch's. Statistics are averaged over the
 # processes before they are logged. Evaluations run alike on every process (FSDP2's forward passes need all of them);
-# only the first process prints, logs and writes files. Forward passes run through parallelize()'s wrapper:
-# parallel(fn, *args) runs fn(model, *args) as the forward that DDP and FSDP2 hook. A plain `python script.py` is one
-# process, and none of this changes what it computes.
+# only the first process prints, logs and writes files. DDP and FSDP2 act around a module's forward, so each function
+# that runs a model is marked @forward_pass: given parallelize()'s wrapper, sft_batch_loss(policy, ...) runs as its forward.
+# A plain `python script.py` is one process, and none of this changes what it computes.
 DISTRIBUTED = "WORLD_SIZE" in os.environ  # started by torchrun (also with one process: DDP or FSDP2 of world size 1)
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
 RANK = int(os.environ.get("RANK", 0))  # this process among all of them; 0 prints, logs and writes
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))  # this process among those of its node: its GPU
 SHARDED = False  # parameters sharded by FSDP2 (DTensors); setup_torch() sets it
-MESH = None  # FSDP2's mesh of the processes (process_mesh)
-
-
 def init_distributed(device):
     """Joins the processes that torchrun started (NCCL between GPUs, gloo between CPU processes), on this process's
     GPU; the processes other than the first print nothing (their errors still reach stderr)."""
@@ -1020,38 +1027,12 @@ def init_distributed(device):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if RANK:
-        sys.stdout, sys.stderr = open(os.devnull, "w"), NoTerminal(sys.stderr)
+        sys.stdout = open(os.devnull, "w")
     return device
 
 
-class NoTerminal:
-    """The stderr of the processes other than the first: what is written still shows (errors), but it is no terminal,
-    so that their progress bars stay off (progress_bar)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def isatty(self):
-        return False
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-class Parallel(torch.nn.Module):
-    """A model whose forward runs any function of it: parallel(fn, *args) = fn(model, *args). DDP and FSDP2 hook the
-    forward of the module they wrap, and the losses here call the backbone and read the LM head's weight themselves."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn, *args, **kwargs):
-        return fn(self.model, *args, **kwargs)
-
-
 def parallelize(model, args):
-    """The model wrapped for `parallel(fn, *args)` calls. One process: Parallel(model). Under torchrun, --parallel ddp:
+    """The model wrapped for @forward_pass functions. One process: Parallel(model). Under torchrun, --parallel ddp:
     DistributedDataParallel, a replica per process whose gradients are averaged during the backward (a frozen model,
     which has none, stays a plain replica); --parallel fsdp: FSDP2 (fully_shard) shards parameters, gradients and
     optimizer state over the processes, one unit per transformer block and one root unit with the rest (embeddings,
@@ -1085,21 +1066,13 @@ def parallelize(model, args):
     return parallel
 
 
+@cache
 def process_mesh():
     """FSDP2's 1-D mesh of all the processes, made once: their GPUs with NCCL, else their CPUs (also with --device cpu
     on a machine that has GPUs, where FSDP2's default mesh would be the GPUs)."""
-    global MESH
-    if MESH is None:
-        from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import init_device_mesh
 
-        MESH = init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (WORLD_SIZE,))
-    return MESH
-
-
-def as_parallel(model):
-    """parallelize()'s wrapper as it is, or a bare model wrapped as one process wraps it: the helpers that take
-    wrappers (score_rollouts, ppo_update, ...) also take models, as the tests and benchmarks call them."""
-    return model if isinstance(getattr(model, "module", model), Parallel) else Parallel(model)
+    return init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (WORLD_SIZE,))
 
 
 def sync_gradients(now: bool, *models):
@@ -1342,23 +1315,24 @@ def open_run(args, model, first_stage):
     return run_dir, {"stage": first_stage, "step": 0, "metrics": {}, "global_step": 0}
 
 
-def save_checkpoint(run_dir, state, model, optimizer, scheduler, **extra):
-    """The run's state, model, optimizer, schedule and RNG (+ extra models), written atomically (save_whole)."""
-    save_whole({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
-                os.path.join(run_dir, "checkpoint.pt"))
+def save_checkpoint(run, model, optimizer=None, scheduler=None, **extra):
+    """The run's state and model (+ extra models), and within a stage its optimizer, schedule and RNG, written
+    atomically (save_whole)."""
+    stage = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state()} if optimizer is not None else {}
+    save_whole({**run.state, "model": model.state_dict(), **stage, **extra}, os.path.join(run.dir, "checkpoint.pt"))
 
 
-def finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, metrics):
+def finish_run(run, model, started, algo):
     """The final model, metrics.json (the contract: algo, task, seed, steps, wall_s + the final evaluation)."""
-    for k, v in metrics.items():
-        writer.add_scalar(f"final/{k}", v, state["global_step"])
-    save_model(os.path.join(run_dir, "model"), model, tokenizer)
+    args, step = run.args, run.state["global_step"]
+    run.log(run.metrics, prefix="final/")
+    save_model(os.path.join(run.dir, "model"), model, run.tokenizer)
     result = {"algo": algo, "task": "sort" if args.dataset_name is None else args.dataset_name, "seed": args.seed,
-              "steps": state["global_step"], "wall_s": round(time.time() - started, 1), **metrics}
+              "steps": step, "wall_s": round(time.time() - started, 1), **run.metrics}
     if RANK == 0:
-        write_json(result, os.path.join(run_dir, "metrics.json"))
-    writer.close()
+        write_json(result, os.path.join(run.dir, "metrics.json"))
+    run.writer.close()
     print(json.dumps(result))
     if DISTRIBUTED:
         # the processes leave together, so that none closes its connections while the first still writes its results

@@ -29,7 +29,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from functools import cache
+from functools import cache, wraps
 from typing import Literal, Optional
 
 import torch
@@ -290,14 +290,14 @@ def main():
 
     run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "rm")
     run = Run(args, device, autocast, tokenizer, task, response_length, run_dir, state, summary_writer(run_dir))
-    policy = parallelize(model, args)  # policy(fn, *args) runs fn(model, *args); under torchrun with DDP or FSDP2
+    policy = parallelize(model, args)  # a forward of policy: sft_batch_loss(policy, ...); under torchrun, DDP or FSDP2
     sft_path = os.path.join(run_dir, "sft_model") if args.sft_epochs else model_path
     rm_path = os.path.join(run_dir, "reward_model")
     print(f"[run] {run_dir}: {len(sft_examples)} demonstrations, {len(train_pairs)} pairs, {len(eval_pairs)} held-out pairs, "
           f"{len(ppo_prompts)} PPO prompts, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
           f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
     if "gold_reward_init" not in run.metrics:
-        run.metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, "_init"))
+        run.metrics.update(evaluate_gold(run, policy, "_init"))
 
     if state["stage"] == "sft":  # 1. SFT on the demonstrations
         train_sft(run, model, policy, sft_examples, save_to=sft_path, next_stage="rm")
@@ -306,8 +306,8 @@ def main():
     if state["stage"] == "ppo":  # 3. PPO against it, with a per-token KL penalty to the SFT policy
         train_ppo(run, model, policy, ppo_prompts, sft_path, rm_path)
 
-    run.metrics.update(evaluate_gold(task, policy, tokenizer, args.seed, ""))
-    finish_run(run_dir, run.writer, model, tokenizer, args, state, started, "rlhf", run.metrics)
+    run.metrics.update(evaluate_gold(run, policy, ""))
+    finish_run(run, model, started, "rlhf")
 
 
 # ==========================================================================================================
@@ -325,7 +325,7 @@ def train_sft(run, model, policy, demos, save_to, next_stage):
         for m in range(args.gradient_accumulation_steps):
             sync_gradients(m + 1 == args.gradient_accumulation_steps, policy)
             batch = sft_batch([demos[i] for i in this_rank(run.micro_batch(steps[step], m))], run.pad_id)
-            loss = policy(sft_batch_loss, [t.to(run.device) for t in batch], args, run.autocast)
+            loss = sft_batch_loss(policy, [t.to(run.device) for t in batch], args, run.autocast)
             loss.backward()
             total_loss += loss.detach()
         grad_norm = optimizer_step(model.parameters(), optimizer, scheduler, args, state)
@@ -336,12 +336,12 @@ def train_sft(run, model, policy, demos, save_to, next_stage):
             bar.set_postfix(loss=f"{total_loss:.4f}")
             bar.write(f"[sft] step {step + 1}/{len(steps)} loss {total_loss:.4f}")
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(run.dir, state, model, optimizer, scheduler)
+            save_checkpoint(run, model, optimizer, scheduler)
     bar.close()
     save_model(save_to, model, run.tokenizer)
-    run.metrics.update(evaluate_gold(run.task, policy, run.tokenizer, args.seed, "_sft"))
+    run.metrics.update(evaluate_gold(run, policy, "_sft"))
     state.update(stage=next_stage, step=0)
-    save_checkpoint(run.dir, state, model, optimizer, scheduler)
+    save_checkpoint(run, model, optimizer, scheduler)
 
 
 def train_reward_model(run, model, policy, train_pairs, eval_pairs, ppo_prompts, sft_path, rm_path):
@@ -363,40 +363,16 @@ def train_reward_model(run, model, policy, train_pairs, eval_pairs, ppo_prompts,
         rewards = []
         for ids, mask in eval_batches:
             with run.autocast:
-                rewards.append(reward(sequence_rewards, ids.to(run.device), mask.to(run.device)))
+                rewards.append(sequence_rewards(reward, ids.to(run.device), mask.to(run.device)))
         rewards = torch.cat(rewards).view(-1, 2)
         return {"eval/accuracy": (rewards[:, 0] > rewards[:, 1]).float().mean().item(),
                 "eval/margin": (rewards[:, 0] - rewards[:, 1]).mean().item()}
 
     steps = batch_order(len(train_pairs), args.batch_size, args.rm_epochs, args.seed + 1)
-    optimizer, scheduler = new_optimizer(reward_model.parameters(), args.rm_learning_rate, max(1, len(steps)), args, state)
     reward_model.eval()  # no dropout (also in the value model and policy below)
-    bar = progress_bar(len(steps), "reward model", state["step"])
-    for step in range(state["step"], len(steps)):
-        stats = torch.zeros(3, device=run.device)
-        for m in range(args.gradient_accumulation_steps):
-            sync_gradients(m + 1 == args.gradient_accumulation_steps, reward)
-            rows = pair_rows_batch([train_pairs[i] for i in this_rank(run.micro_batch(steps[step], m))], run.pad_id)
-            ids, mask = (t.to(run.device) for t in rows)
-            with run.autocast:
-                rewards = reward(sequence_rewards, ids, mask)  # rows [c0, r0, c1, r1, ...]
-            chosen, rejected = rewards[0::2], rewards[1::2]
-            loss = reward_model_loss(chosen, rejected, args.reward_center_coef).sum() / run.rank_batch
-            loss.backward()
-            stats += torch.stack([loss.detach(), (chosen > rejected).float().sum() / run.rank_batch,
-                                  (chosen - rejected).detach().sum() / run.rank_batch])
-        grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, args, state)
-        bar.update()
-        if step % 10 == 0 or step + 1 == len(steps):
-            loss_v, acc, margin = global_mean(stats).tolist()
-            run.log({"rm/loss": loss_v, "rm/accuracy": acc, "rm/margin": margin, "rm/grad_norm": grad_norm.item()})
-            bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc:.2f}")
-            bar.write(f"[rm] step {step + 1}/{len(steps)} loss {loss_v:.4f} acc {acc:.2f} margin {margin:.3f}")
-        if args.eval_every and (step + 1) % (args.eval_every * 4) == 0:
-            run.log(rm_accuracy(), prefix="rm/")
-        if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(run.dir, state, model, optimizer, scheduler, reward_model=reward_model.state_dict())
-    bar.close()
+    train_pairwise_reward(run, model, reward_model, reward, train_pairs, steps, lambda chosen, rejected: (
+        reward_model_loss(chosen, rejected, args.reward_center_coef).sum(),
+        {"accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).sum()}), "rm", rm_accuracy)
     final = rm_accuracy()
     if final:
         run.metrics["rm_accuracy"], run.metrics["rm_eval_margin"] = final["eval/accuracy"], final["eval/margin"]
@@ -404,18 +380,57 @@ def train_reward_model(run, model, policy, train_pairs, eval_pairs, ppo_prompts,
     normalize_on_sft_samples(run, reward_model, reward, policy, ppo_prompts)
     save_model(rm_path, reward_model, run.tokenizer)
     state.update(stage="ppo", step=0)
-    save_whole({**state, "model": model.state_dict()}, os.path.join(run.dir, "checkpoint.pt"))
+    save_checkpoint(run, model)
+
+
+def train_pairwise_reward(run, model, reward_model, reward, pairs, steps, pair_loss, tag, evaluate=None):
+    """A scalar reward trained on pairs (Bradley-Terry preferences, a discriminator's positive and negative): steps[i]
+    indexes step i's pairs, in --gradient_accumulation_steps micro-batches of rows [first_0, second_0, first_1, ...].
+    pair_loss(first, second) -> (the micro-batch's summed loss, {name: summed statistic}), both averaged per pair.
+    Logged under tag/ (with evaluate()'s held-out figures every 4 x --eval_every steps); checkpointed every
+    --save_every steps with the reward model in the run's state."""
+    args, state = run.args, run.state
+    optimizer, scheduler = new_optimizer(reward_model.parameters(), args.rm_learning_rate, max(1, len(steps)), args, state)
+    bar = progress_bar(len(steps), tag, state["step"])
+    for step in range(state["step"], len(steps)):
+        sums = {}
+        for m in range(args.gradient_accumulation_steps):
+            sync_gradients(m + 1 == args.gradient_accumulation_steps, reward)
+            rows = pair_rows_batch([pairs[i] for i in this_rank(run.micro_batch(steps[step], m))], run.pad_id)
+            ids, mask = (t.to(run.device) for t in rows)
+            with run.autocast:
+                rewards = sequence_rewards(reward, ids, mask)
+            loss, stats = pair_loss(rewards[0::2], rewards[1::2])
+            (loss / run.rank_batch).backward()
+            for k, v in {"loss": loss, **stats}.items():
+                sums[k] = sums.get(k, 0) + v.detach() / run.rank_batch
+        grad_norm = optimizer_step(reward_model.parameters(), optimizer, scheduler, args, state)
+        bar.update()
+        if step % 10 == 0 or step + 1 == len(steps):
+            logs = {**dict(zip(sums, global_mean(torch.stack(list(sums.values()))).tolist())), "grad_norm": grad_norm.item()}
+            run.log(logs, prefix=f"{tag}/")
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            bar.write(f"[{tag}] step {step + 1}/{len(steps)} " + " ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+        if evaluate is not None and args.eval_every and (step + 1) % (args.eval_every * 4) == 0:
+            run.log(evaluate(), prefix=f"{tag}/")
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(run, model, optimizer, scheduler, reward_model=reward_model.state_dict(),
+                            reward_bias=reward_model.config.reward_bias)
+            bar.write(f"[{tag}] checkpoint at step {step + 1}")
+    bar.close()
 
 
 def normalize_on_sft_samples(run, reward_model, reward, policy, ppo_prompts):
     """N+: PPO's hyper-parameters assume a reward with mean 0 on the SFT model's samples: the reward's bias is set to
-    its mean on --num_reward_norm_samples of them (normalize_reward)."""
+    its mean on --num_reward_norm_samples of them (center_reward)."""
     args = run.args
     samples = min(args.num_reward_norm_samples, len(ppo_prompts))
     queries, query_mask = sample_prompts(ppo_prompts, samples, args.seed * 7919 + 1, run.pad_id, run.device)
     seed_share(args.seed * 7919 + 1)
-    raw = reward(normalize_reward, policy, queries, query_mask, run.response_length, args, run.pad_id, run.eos_id,
-                 run.autocast, samples)
+    policy.eval()
+    responses, response_mask, _ = truncate_after_eos(generate(policy, queries, query_mask, run), run.eos_id, run.pad_id)
+    raw = center_reward(reward, torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask.long()], 1),
+                        run, samples)
     run.metrics["reward_bias"] = reward_model.config.reward_bias
     print(f"[rm] reward on {len(raw)} SFT samples: mean {raw.mean().item():.3f} std {raw.std().item():.3f} -> bias subtracted")
 
@@ -445,13 +460,11 @@ def train_ppo(run, model, policy, ppo_prompts, sft_path, rm_path):
         t0 = time.time()
         queries, query_mask = sample_prompts(ppo_prompts, args.rollout_batch_size, seed, run.pad_id, run.device)
         seed_share(seed)  # the sampling of iteration `update`, also after --resume
-        responses = policy(generate, queries, query_mask, run.response_length, args.temperature, run.pad_id, run.eos_id,
-                           args.forward_batch_size, run.autocast)
+        responses = generate(policy, queries, query_mask, run)
         timings["time/generate"] = time.time() - t0
         # 2. score: log-probs, values, rewards, KL shaping, GAE, whitening (no grad)
         t0 = time.time()
-        batch = score_rollouts(policy, ref, reward, value, queries, query_mask, responses, args, run.pad_id, run.eos_id,
-                               run.autocast)
+        batch = score_rollouts(run, policy, ref, reward, value, queries, query_mask, responses)
         timings["time/score"] = time.time() - t0
         # 3. learn: PPO epochs over minibatches of this batch
         t0 = time.time()
@@ -466,25 +479,48 @@ def train_ppo(run, model, policy, ppo_prompts, sft_path, rm_path):
         run.metrics.update(kl=mean_kl, scores=scores)
         bar.set_postfix(score=f"{scores:.3f}", kl=f"{mean_kl:.3f}")
         if update % 10 == 0 or update + 1 == num_iterations:
-            bar.write(f"[ppo] iteration {update + 1}/{num_iterations} score {scores:.3f} kl {mean_kl:.3f} "
-                      f"entropy {logs['objective/entropy']:.2f} approxkl {stats['policy/approxkl_avg']:.4f} "
-                      f"clipfrac {stats['policy/clipfrac_avg']:.3f}"
-                      + (f" gold {logs['objective/gold_reward']:.3f}" if run.task is not None else "")
-                      + f" ({time.time() - ppo_started:.0f}s)")
+            bar.write(f"[ppo] iteration {update + 1}/{num_iterations} " + status(logs, (
+                "objective/scores", "objective/kl", "objective/entropy", "policy/approxkl_avg", "policy/clipfrac_avg",
+                "objective/gold_reward")) + f" ({time.time() - ppo_started:.0f}s)")
         if args.eval_every and (update + 1) % args.eval_every == 0 and update + 1 < num_iterations:
-            run.log(evaluate_gold(run.task, policy, run.tokenizer, args.seed, "_ppo"), prefix="eval/")
+            run.log(evaluate_gold(run, policy, "_ppo"), prefix="eval/")
         if args.save_every and (update + 1) % args.save_every == 0:
-            save_checkpoint(run.dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
+            save_checkpoint(run, model, optimizer, scheduler, value_model=value_model.state_dict())
             bar.write(f"[ppo] checkpoint at iteration {update + 1}")
     bar.close()
     save_model(os.path.join(run.dir, "value_model"), value_model)
     state.update(stage="done")
-    save_checkpoint(run.dir, state, model, optimizer, scheduler, value_model=value_model.state_dict())
+    save_checkpoint(run, model, optimizer, scheduler, value_model=value_model.state_dict())
 
 
 # ==========================================================================================================
 # Models: the policy, the reward and value models, generation and scoring, the PPO update
 # ==========================================================================================================
+class Parallel(torch.nn.Module):
+    """A model whose forward runs any function of it: Parallel(model)(fn, *args) = fn(model, *args). DDP and FSDP2 hook
+    the forward of the module they wrap, and the losses here call the backbone and read the LM head's weight themselves."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def forward_pass(fn):
+    """Marks fn(model, ...) as a forward pass: called with parallelize()'s wrapper, it runs as the wrapper's forward,
+    which DDP and FSDP2 hook; called with a bare model (tests, benchmarks), as it is."""
+
+    @wraps(fn)
+    def call(model, *args, **kwargs):
+        if isinstance(getattr(model, "module", model), Parallel):  # (DDP keeps the wrapper as .module)
+            return model(fn, *args, **kwargs)
+        return fn(model, *args, **kwargs)
+
+    return call
+
+
 def load_policy(path: str, device):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -546,6 +582,7 @@ def scored_tokens(model, ids, mask, targets):
     return hidden[keep], targets[keep], seq_ids
 
 
+@forward_pass
 def sft_batch_loss(model, batch, args, autocast):
     """The SFT loss of one micro-batch (ids, mask, targets): mean over its response tokens, divided by the
     micro-batches per optimizer step. The LM head and the loss run fused, chunk by chunk (machinery). (Under torchrun:
@@ -565,6 +602,7 @@ def policy_logprobs_entropy(hidden, weight, targets, temperature, chunk_size):
     return ChunkedLogprobsEntropy.apply(hidden / temperature, weight, targets, chunk_size)
 
 
+@forward_pass
 def response_logprobs(model, ids, mask, context, resp, targets, args):
     """policy_logprobs_entropy of the response tokens `targets` of sequences (ids, mask) whose responses start at
     `context` (resp: their real tokens). Hidden state t emits token t + 1: the states at context-1 .. T-2 emit them."""
@@ -603,6 +641,7 @@ def last_token_index(mask):
     return mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
 
 
+@forward_pass
 def sequence_rewards(reward_model, ids, mask):
     """r(x, y): the scalar head on the hidden state of the last non-pad token (EOS), minus the normalising bias."""
     hidden = hidden_states(reward_model, ids, mask)
@@ -610,6 +649,7 @@ def sequence_rewards(reward_model, ids, mask):
     return reward_model.score(last).squeeze(-1).float() - reward_model.config.reward_bias
 
 
+@forward_pass
 def token_values(value_model, ids, mask):
     """V(s_t) at every position, (B, T): the value model's scalar head on each hidden state, minus the reward
     model's normalising bias that it inherits (N+), so that at initialisation V at the EOS token is the
@@ -628,16 +668,19 @@ def load_ppo_models(sft_path, rm_path, device):
     return ref_policy, reward_model, value_model
 
 
+@forward_pass
 @torch.no_grad()
-def generate(policy, queries, query_mask, response_length, temperature, pad_id, eos_id, forward_batch_size, autocast):
-    """Responses (B, response_length) sampled with the KV cache (HF generate), right-padded with pad_id.
+def generate(policy, queries, query_mask, run, temperature=None):
+    """Responses (B, run.response_length) sampled with the KV cache (HF generate) at `temperature` (--temperature
+    unless given), --forward_batch_size prompts at a time, right-padded with the pad token.
 
     N+: plain temperature sampling: top_k 0 and top_p 1 switch off HF's defaults, no min length."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                              pad_token_id=pad_id, eos_token_id=eos_id)
-    out = torch.full((queries.shape[0], response_length), pad_id, dtype=torch.long, device=queries.device)
+    config = GenerationConfig(max_new_tokens=run.response_length, do_sample=True, temperature=temperature or run.args.temperature,
+                              top_k=0, top_p=1.0, pad_token_id=run.pad_id, eos_token_id=run.eos_id)
+    out = torch.full((queries.shape[0], run.response_length), run.pad_id, dtype=torch.long, device=queries.device)
+    forward_batch_size = run.args.forward_batch_size
     # HF fills every field left unset in `config` from the model's own generation_config: a chat model's
     # repetition_penalty, min_new_tokens or suppress_tokens would shape the samples, which PPO then scores as plain
     # softmax(logits / T). So generate against an empty one, and give the model its own back (save_pretrained keeps it).
@@ -647,7 +690,7 @@ def generate(policy, queries, query_mask, response_length, temperature, pad_id, 
             q, m = queries[s : s + forward_batch_size], query_mask[s : s + forward_batch_size]
             # synced_gpus: under FSDP2 a process whose responses all ended keeps stepping with the others (each
             # forward pass gathers the weights from every process); DDP's replicas generate alone
-            with autocast:  # --bf16: sampled in the precision that scores them (pi_old) and trains them
+            with run.autocast:  # --bf16: sampled in the precision that scores them (pi_old) and trains them
                 generated = policy.generate(input_ids=q, attention_mask=m, generation_config=config,
                                             synced_gpus=SHARDED)[:, q.shape[1] :]
             out[s : s + len(q), : generated.shape[1]] = generated
@@ -656,35 +699,34 @@ def generate(policy, queries, query_mask, response_length, temperature, pad_id, 
     return out
 
 
+@forward_pass
 @torch.no_grad()
-def normalize_reward(reward_model, policy, queries, query_mask, response_length, args, pad_id, eos_id, autocast, total=None):
-    """N+: shift the reward so that the policy's samples (here: the SFT model's) score 0 on average, the scale PPO's
-    hyper-parameters assume. Sets reward_model.config.reward_bias; returns the raw rewards of the samples. Runs as
-    reward(normalize_reward, policy, ...): reward_model is the model, policy parallelize()'s wrapper; under torchrun
-    each process samples its share of the `total` prompts, and the mean is over all of them (gather)."""
+def center_reward(reward_model, sequences, attention, run, total=None):
+    """N+: the reward shifted so that the policy's samples score 0 on average, the scale PPO's hyper-parameters assume
+    (Bradley-Terry sees differences only: the level is free). Sets reward_model.config.reward_bias to the mean raw
+    reward of the samples (under torchrun, of every process's, cut to `total`); returns the raw rewards."""
     reward_model.config.reward_bias = 0.0
-    policy = as_parallel(policy)
-    policy.eval()
-    responses = policy(generate, queries, query_mask, response_length, args.temperature, pad_id, eos_id,
-                       args.forward_batch_size, autocast)
-    responses, response_mask, _ = truncate_after_eos(responses, eos_id, pad_id)
-    raw = []
-    with autocast:
-        for s in range(0, len(queries), args.forward_batch_size):
-            ids = torch.cat([queries, responses], 1)[s : s + args.forward_batch_size]
-            mask = torch.cat([query_mask, response_mask.long()], 1)[s : s + args.forward_batch_size]
-            raw.append(sequence_rewards(reward_model, ids, mask))
-    raw = gather(torch.cat(raw), total)
+    raw = gather(chunked_rewards(reward_model, sequences, attention, run), total)
     reward_model.config.reward_bias = raw.mean().item()
     return raw
 
 
+@forward_pass
 @torch.no_grad()
-def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query_mask, responses, args, pad_id, eos_id, autocast):
+def chunked_rewards(reward_model, ids, mask, run):
+    """sequence_rewards of each row, --forward_batch_size rows per forward pass."""
+    chunk = run.args.forward_batch_size
+    with run.autocast:
+        return torch.cat([sequence_rewards(reward_model, ids[s : s + chunk], mask[s : s + chunk])
+                          for s in range(0, len(ids), chunk)])
+
+
+@torch.no_grad()
+def score_rollouts(run, policy, ref_policy, reward_model, value_model, queries, query_mask, responses):
     """Everything PPO needs about a batch of rollouts, computed once with no grad: old log-probs and values,
-    reference log-probs, scores, KL-shaped rewards, advantages and returns. The models: parallelize()'s wrappers."""
-    policy, ref_policy, reward_model, value_model = map(as_parallel, (policy, ref_policy, reward_model, value_model))
-    responses, response_mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)  # N+: truncate after EOS
+    reference log-probs, scores, KL-shaped rewards, advantages and returns."""
+    args = run.args
+    responses, response_mask, has_eos = truncate_after_eos(responses, run.eos_id, run.pad_id)  # N+: truncate after EOS
     sequences = torch.cat([queries, responses], 1)
     attention = torch.cat([query_mask, response_mask.long()], 1)
     context = queries.shape[1]
@@ -695,14 +737,14 @@ def score_rollouts(policy, ref_policy, reward_model, value_model, queries, query
         ids, mask, resp = sequences[s : s + args.forward_batch_size], attention[s : s + args.forward_batch_size], \
             response_mask[s : s + args.forward_batch_size]
         targets = responses[s : s + args.forward_batch_size][resp]
-        with autocast:
+        with run.autocast:
             for model, out_logprobs, out_entropy in ((policy, logprobs, entropy), (ref_policy, ref_logprobs, None)):
-                lp, ent = model(response_logprobs, ids, mask, context, resp, targets, args)  # N+: logits / T for pi and pi_ref
+                lp, ent = response_logprobs(model, ids, mask, context, resp, targets, args)  # N+: logits / T for pi and pi_ref
                 out_logprobs[s : s + len(ids)][resp] = lp
                 if out_entropy is not None:
                     out_entropy[s : s + len(ids)][resp] = ent
-            values[s : s + len(ids)] = value_model(token_values, ids, mask)[:, context - 1 : -1] * resp
-            scores[s : s + len(ids)] = reward_model(sequence_rewards, ids, mask)  # N+: score at the EOS token
+            values[s : s + len(ids)] = token_values(value_model, ids, mask)[:, context - 1 : -1] * resp
+            scores[s : s + len(ids)] = sequence_rewards(reward_model, ids, mask)  # N+: score at the EOS token
     scores = scores - args.missing_eos_penalty * (~has_eos).float()  # N+: penalise responses without EOS
     rewards, k1, k3 = kl_shaped_rewards(scores, logprobs, ref_logprobs, response_mask, args.kl_coef)
     advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
@@ -740,7 +782,6 @@ def ppo_logs(run, batch, queries, stats, scheduler, iterations_done):
 def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
     """num_ppo_epochs epochs over the rollout batch in shuffled minibatches; returns the averaged diagnostics.
     policy, value_model: parallelize()'s wrappers; under torchrun each process's minibatch is its share of one."""
-    policy, value_model = as_parallel(policy), as_parallel(value_model)
     B, context = batch["sequences"].shape[0], batch["sequences"].shape[1] - batch["responses"].shape[1]
     minibatch_size = B // args.num_mini_batches
     micro = minibatch_size // args.gradient_accumulation_steps
@@ -757,8 +798,8 @@ def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
                 idx = order[u0 : u0 + micro]
                 ids, mask, resp = batch["sequences"][idx], batch["attention"][idx], batch["response_mask"][idx]
                 with autocast:
-                    logprobs, entropy = policy(response_logprobs, ids, mask, context, resp, batch["responses"][idx][resp], args)
-                    vpred = value_model(token_values, ids, mask)[:, context - 1 : -1][resp]
+                    logprobs, entropy = response_logprobs(policy, ids, mask, context, resp, batch["responses"][idx][resp], args)
+                    vpred = token_values(value_model, ids, mask)[:, context - 1 : -1][resp]
                 pg_loss, vf_loss, stats = ppo_losses(logprobs, batch["logprobs"][idx][resp], batch["advantages"][idx][resp],
                                                      vpred, batch["values"][idx][resp], batch["returns"][idx][resp],
                                                      args.cliprange, args.cliprange_value)
@@ -790,15 +831,14 @@ def ppo_update(policy, value_model, optimizer, batch, args, autocast, seed):
         | {"val/ratio_var": ratio_var.item(), "policy/epochs": epoch + 1}
 
 
-def evaluate_gold(task, policy, tokenizer, seed, suffix):
+def evaluate_gold(run, policy, suffix):
     """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only).
-    policy: parallelize()'s wrapper; every process runs the same evaluation and gets the same result."""
-    if task is None:
+    Every process runs the same evaluation and gets the same result."""
+    if run.task is None:
         return {}
-    policy = as_parallel(policy)
     was_training = all(m.training for m in policy.modules())  # the model's mode (a wrapper's own flag may differ)
     policy.eval()
-    result = policy(task.evaluate, tokenizer, seed=seed, synced_gpus=SHARDED)
+    result = forward_pass(run.task.evaluate)(policy, run.tokenizer, seed=run.args.seed, synced_gpus=SHARDED)
     policy.train(was_training)
     print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
     return {f"{k}{suffix}": v for k, v in result.items()}
@@ -1029,8 +1069,13 @@ def left_pad(sequences, pad_id):
 def sample_prompts(prompts, n, seed, pad_id, device):
     """n of the tokenized prompts, left-padded: a deterministic draw per seed, so --resume repeats it exactly. Under
     torchrun, this process's share of them (this_rank)."""
-    order = this_rank(torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[:n].tolist())
+    order = this_rank(draw(len(prompts), n, seed))
     return (t.to(device) for t in left_pad([prompts[i] for i in order], pad_id))
+
+
+def draw(num_examples, n, seed):
+    """n indices of num_examples, a deterministic draw per seed (so --resume repeats it exactly)."""
+    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed))[:n].tolist()
 
 
 # ==========================================================================================================
@@ -1043,10 +1088,9 @@ def sample_prompts(prompts, n, seed, pad_id, device):
 # Where the loss is a function of per-sequence sums of log-probs whose gradient is known once the chunk is
 # scored (SFT cross-entropy; DPO over whole pairs with precomputed reference log-probs), the gradients w.r.t.
 # hidden states and LM-head weight are computed *inside the forward*, chunk by chunk (fused_linear_loss), so the
-# logits are never recomputed. Where the gradient is not known in the forward (per-token log-probs for any later
-# use, as in PPO's ratio), a chunked Function keeps only the log-sum-exp per token and recomputes each chunk's
-# logits in the backward (ChunkedLogprobs, or ChunkedLogprobsEntropy, which also returns the entropy: each script
-# carries the one it needs).
+# logits are never recomputed. Where the gradient is not known in the forward (PPO's per-token ratio and entropy),
+# a chunked Function keeps only the log-sum-exp and entropy per token and recomputes each chunk's logits in the
+# backward (ChunkedLogprobsEntropy); reference log-probs need no gradient (chunked_logps).
 #
 # For log p(y) = z_y - logsumexp(z):  d log p(y) / dz = onehot(y) - softmax(z).
 def fused_linear_loss(loss_fn, hidden, weight, targets, seq_ids, *seq_inputs, group_size=1, scale=1.0, chunk_size):
@@ -1386,12 +1430,19 @@ def optimizer_step(parameters, optimizer, scheduler, args, state):
     return whole(grad_norm)
 
 
+def status(logs, keys):
+    """A status line of the scalars in `logs` among `keys`, named by their last part: "kl 0.123 gold 0.800"."""
+    return " ".join(f"{k.rsplit('/', 1)[-1]} {logs[k]:.4g}" for k in keys if k in logs)
+
+
 def progress_bar(total: int, desc: str, initial: int = 0):
-    """A tqdm bar (set_postfix shows the running loss) when stderr is a terminal; in logs and tests a silent
-    stand-in, and the plain status lines carry the progress. tqdm comes with transformers and datasets."""
+    """A tqdm bar (set_postfix shows the running loss) when stderr is a terminal, and under torchrun on the first
+    process only; in logs and tests a silent stand-in, and the plain status lines carry the progress. tqdm comes with
+    transformers and datasets."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not sys.stderr.isatty(), dynamic_ncols=True, leave=False)
+    hidden = not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0"
+    return tqdm(total=total, initial=initial, desc=desc, disable=hidden, dynamic_ncols=True, leave=False)
 
 
 # ---- several processes: torchrun, DDP or FSDP2, data shards, reductions, whole weights for saving ----
@@ -1400,17 +1451,14 @@ def progress_bar(total: int, desc: str, initial: int = 0):
 # (this_rank); DDP or FSDP2 (--parallel) average the gradients over the processes, so an optimizer step sees the whole
 # batch, and each process scales its loss as its share of the whole batch's. Statistics are averaged over the
 # processes before they are logged. Evaluations run alike on every process (FSDP2's forward passes need all of them);
-# only the first process prints, logs and writes files. Forward passes run through parallelize()'s wrapper:
-# parallel(fn, *args) runs fn(model, *args) as the forward that DDP and FSDP2 hook. A plain `python script.py` is one
-# process, and none of this changes what it computes.
+# only the first process prints, logs and writes files. DDP and FSDP2 act around a module's forward, so each function
+# that runs a model is marked @forward_pass: given parallelize()'s wrapper, sft_batch_loss(policy, ...) runs as its forward.
+# A plain `python script.py` is one process, and none of this changes what it computes.
 DISTRIBUTED = "WORLD_SIZE" in os.environ  # started by torchrun (also with one process: DDP or FSDP2 of world size 1)
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
 RANK = int(os.environ.get("RANK", 0))  # this process among all of them; 0 prints, logs and writes
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))  # this process among those of its node: its GPU
 SHARDED = False  # parameters sharded by FSDP2 (DTensors); setup_torch() sets it
-MESH = None  # FSDP2's mesh of the processes (process_mesh)
-
-
 def init_distributed(device):
     """Joins the processes that torchrun started (NCCL between GPUs, gloo between CPU processes), on this process's
     GPU; the processes other than the first print nothing (their errors still reach stderr)."""
@@ -1419,38 +1467,12 @@ def init_distributed(device):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if RANK:
-        sys.stdout, sys.stderr = open(os.devnull, "w"), NoTerminal(sys.stderr)
+        sys.stdout = open(os.devnull, "w")
     return device
 
 
-class NoTerminal:
-    """The stderr of the processes other than the first: what is written still shows (errors), but it is no terminal,
-    so that their progress bars stay off (progress_bar)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def isatty(self):
-        return False
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-class Parallel(torch.nn.Module):
-    """A model whose forward runs any function of it: parallel(fn, *args) = fn(model, *args). DDP and FSDP2 hook the
-    forward of the module they wrap, and the losses here call the backbone and read the LM head's weight themselves."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn, *args, **kwargs):
-        return fn(self.model, *args, **kwargs)
-
-
 def parallelize(model, args):
-    """The model wrapped for `parallel(fn, *args)` calls. One process: Parallel(model). Under torchrun, --parallel ddp:
+    """The model wrapped for @forward_pass functions. One process: Parallel(model). Under torchrun, --parallel ddp:
     DistributedDataParallel, a replica per process whose gradients are averaged during the backward (a frozen model,
     which has none, stays a plain replica); --parallel fsdp: FSDP2 (fully_shard) shards parameters, gradients and
     optimizer state over the processes, one unit per transformer block and one root unit with the rest (embeddings,
@@ -1484,21 +1506,13 @@ def parallelize(model, args):
     return parallel
 
 
+@cache
 def process_mesh():
     """FSDP2's 1-D mesh of all the processes, made once: their GPUs with NCCL, else their CPUs (also with --device cpu
     on a machine that has GPUs, where FSDP2's default mesh would be the GPUs)."""
-    global MESH
-    if MESH is None:
-        from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import init_device_mesh
 
-        MESH = init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (WORLD_SIZE,))
-    return MESH
-
-
-def as_parallel(model):
-    """parallelize()'s wrapper as it is, or a bare model wrapped as one process wraps it: the helpers that take
-    wrappers (score_rollouts, ppo_update, ...) also take models, as the tests and benchmarks call them."""
-    return model if isinstance(getattr(model, "module", model), Parallel) else Parallel(model)
+    return init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (WORLD_SIZE,))
 
 
 def sync_gradients(now: bool, *models):
@@ -1751,23 +1765,24 @@ def open_run(args, model, first_stage):
     return run_dir, {"stage": first_stage, "step": 0, "metrics": {}, "global_step": 0}
 
 
-def save_checkpoint(run_dir, state, model, optimizer, scheduler, **extra):
-    """The run's state, model, optimizer, schedule and RNG (+ extra models), written atomically (save_whole)."""
-    save_whole({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), **extra},
-                os.path.join(run_dir, "checkpoint.pt"))
+def save_checkpoint(run, model, optimizer=None, scheduler=None, **extra):
+    """The run's state and model (+ extra models), and within a stage its optimizer, schedule and RNG, written
+    atomically (save_whole)."""
+    stage = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state()} if optimizer is not None else {}
+    save_whole({**run.state, "model": model.state_dict(), **stage, **extra}, os.path.join(run.dir, "checkpoint.pt"))
 
 
-def finish_run(run_dir, writer, model, tokenizer, args, state, started, algo, metrics):
+def finish_run(run, model, started, algo):
     """The final model, metrics.json (the contract: algo, task, seed, steps, wall_s + the final evaluation)."""
-    for k, v in metrics.items():
-        writer.add_scalar(f"final/{k}", v, state["global_step"])
-    save_model(os.path.join(run_dir, "model"), model, tokenizer)
+    args, step = run.args, run.state["global_step"]
+    run.log(run.metrics, prefix="final/")
+    save_model(os.path.join(run.dir, "model"), model, run.tokenizer)
     result = {"algo": algo, "task": "sort" if args.dataset_name is None else args.dataset_name, "seed": args.seed,
-              "steps": state["global_step"], "wall_s": round(time.time() - started, 1), **metrics}
+              "steps": step, "wall_s": round(time.time() - started, 1), **run.metrics}
     if RANK == 0:
-        write_json(result, os.path.join(run_dir, "metrics.json"))
-    writer.close()
+        write_json(result, os.path.join(run.dir, "metrics.json"))
+    run.writer.close()
     print(json.dumps(result))
     if DISTRIBUTED:
         # the processes leave together, so that none closes its connections while the first still writes its results

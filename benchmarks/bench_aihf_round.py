@@ -72,6 +72,8 @@ def round_(models, optimizers, args, cli, device, autocast, seed):
     g = torch.Generator().manual_seed(seed)
     prompts = random_rows(args.rollout_batch_size, 5, 10, cli.vocab, g)
     demos = random_rows(args.rollout_batch_size, 3, cli.response_length, cli.vocab, g)
+    run = A.Run(args, device, autocast, SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS), None, cli.response_length, None,
+                {}, None)  # what the script's helpers read besides models and data
     prefs = [(p, c, r) for p, c, r in zip(random_rows(args.batch_size, 5, 10, cli.vocab, g),
                                          random_rows(args.batch_size, 3, cli.response_length, cli.vocab, g),
                                          random_rows(args.batch_size, 3, cli.response_length, cli.vocab, g))]
@@ -81,19 +83,18 @@ def round_(models, optimizers, args, cli, device, autocast, seed):
     t0 = time.perf_counter()
     queries, query_mask = (t.to(device) for t in A.left_pad(prompts, PAD))
     torch.manual_seed(seed)
-    responses = A.generate(policy, queries, query_mask, cli.response_length, args.temperature, PAD, EOS, args.forward_batch_size,
-                           autocast)
+    responses = A.generate(policy, queries, query_mask, run)
     samples, sample_mask, _ = A.truncate_after_eos(responses, EOS, PAD)
     sync()
     times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     demo_pairs = [(p, d, s[m].tolist()) for p, d, s, m in zip(prompts, demos, samples.cpu(), sample_mask.cpu())]
-    A.reward_step(A.as_parallel(reward), reward_optimizer, demo_pairs, prefs, args, autocast, PAD, device)
-    A.center_reward(reward, torch.cat([queries, samples], 1), torch.cat([query_mask, sample_mask.long()], 1), args, autocast)
+    A.reward_step(run, reward, reward_optimizer, demo_pairs, prefs)
+    A.center_reward(reward, torch.cat([queries, samples], 1), torch.cat([query_mask, sample_mask.long()], 1), run)
     sync()
     times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    batch = A.score_rollouts(policy, ref, reward, value, queries, query_mask, responses, args, PAD, EOS, autocast)
+    batch = A.score_rollouts(run, policy, ref, reward, value, queries, query_mask, responses)
     sync()
     times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()

@@ -1,14 +1,12 @@
 """Fused chunked LM-head log-probs vs the naive path: peak memory and time of forward+backward, side by side.
 
 The naive path materialises logits (N, V), their log-softmax and both gradients; ours (dpo_llm.py, rlhf_llm.py)
-keeps one (chunk, V) block alive. Four comparisons, each ours vs its naive twin on the same inputs:
+keeps one (chunk, V) block alive. Three comparisons, each ours vs its naive twin on the same inputs:
   dpo   - DPO loss over 16 pairs (32 rows x 128 response tokens) with precomputed reference log-probs:
           naive log_softmax+gather vs fused_linear_loss (gradients computed inside the forward);
   sft   - token-mean cross-entropy: F.cross_entropy on full logits vs fused_linear_loss;
-  token - per-token log-probs with an arbitrary upstream gradient: naive vs ChunkedLogprobs (logits recomputed
-          chunk by chunk in the backward);
   entropy - per-token log-probs and entropies, arbitrary upstream gradients on both (PPO's policy loss):
-          naive vs rlhf_llm.ChunkedLogprobsEntropy.
+          naive vs rlhf_llm.ChunkedLogprobsEntropy (logits recomputed chunk by chunk in the backward).
 Ours runs the torch chunk path (--logprob_kernel torch); --triton adds the scripts' Triton kernels (GPU;
 --logprob_kernel triton) as a third path per loss.
 CPU: each measurement runs in a fresh subprocess; peak memory = growth of the process's max RSS during the first
@@ -40,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import dpo_llm  # noqa: E402
 import rlhf_llm  # noqa: E402
-from dpo_llm import ChunkedLogprobs, dpo_loss, fused_linear_loss, sft_loss  # noqa: E402
+from dpo_llm import dpo_loss, fused_linear_loss, sft_loss  # noqa: E402
 from rlhf_llm import ChunkedLogprobsEntropy  # noqa: E402
 
 PAIRS, ROW_TOKENS, BETA = 16, 128, 0.1
@@ -71,8 +69,7 @@ def run_variant(name, chunk, hidden, weight, targets, rows, ref, upstream):
     n = hidden.shape[0]
     # a Triton row runs the same class as our torch row of its kind, with the scripts' Triton kernels
     dpo_llm.LOGPROB_KERNEL = rlhf_llm.LOGPROB_KERNEL = "triton" if name.startswith("triton-") else "torch"
-    name = {"triton-dpo": "fused-dpo", "triton-sft": "fused-sft", "triton-token": "chunked-token",
-            "triton-entropy": "chunked-entropy"}.get(name, name)
+    name = {"triton-dpo": "fused-dpo", "triton-sft": "fused-sft", "triton-entropy": "chunked-entropy"}.get(name, name)
 
     if name == "naive-dpo":
         per_row = torch.zeros(2 * PAIRS, device=hidden.device).index_add(0, rows, naive_token_logps(hidden, weight, targets))
@@ -85,10 +82,6 @@ def run_variant(name, chunk, hidden, weight, targets, rows, ref, upstream):
     elif name == "fused-sft":
         loss, _, _ = fused_linear_loss(sft_loss, hidden, weight, targets, torch.arange(n, device=hidden.device), scale=1 / n,
                                        chunk_size=chunk)
-    elif name == "naive-token":
-        loss = (naive_token_logps(hidden, weight, targets) * upstream[:, 0]).sum()
-    elif name == "chunked-token":
-        loss = (ChunkedLogprobs.apply(hidden, weight, targets, chunk) * upstream[:, 0]).sum()
     elif name in ("naive-entropy", "chunked-entropy"):
         chunked = name == "chunked-entropy"
         logps, entropy = (ChunkedLogprobsEntropy.apply(hidden, weight, targets, chunk) if chunked
@@ -158,7 +151,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="all variants are measured once per round, interleaved")
-    p.add_argument("--kinds", nargs="+", default=["dpo", "sft", "token", "entropy"], choices=["dpo", "sft", "token", "entropy"])
+    p.add_argument("--kinds", nargs="+", default=["dpo", "sft", "entropy"], choices=["dpo", "sft", "entropy"])
     p.add_argument("--triton", action="store_true", help="also time the scripts' Triton kernels (--logprob_kernel triton)")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -168,7 +161,7 @@ def main():
 
     jobs = []
     for kind in a.kinds:
-        ours = f"chunked-{kind}" if kind in ("token", "entropy") else f"fused-{kind}"
+        ours = f"chunked-{kind}" if kind == "entropy" else f"fused-{kind}"
         jobs.append((kind, f"naive-{kind}", 0))
         jobs += [(kind, ours, c) for c in a.chunks]
         if a.triton:

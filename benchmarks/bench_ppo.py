@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -68,14 +69,20 @@ def iteration(models, args, vocab, seed):
     queries, mask = prompts(args.rollout_batch_size, vocab, seed)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    responses = R.generate(policy, queries, mask, args.response_length, args.temperature, PAD, EOS, args.forward_batch_size,
-                           autocast)
+    run = script_run(args, autocast)
+    responses = R.generate(policy, queries, mask, run)
     t1 = time.perf_counter()
-    batch = R.score_rollouts(policy, ref, reward, value, queries, mask, responses, args, PAD, EOS, autocast)
+    batch = R.score_rollouts(run, policy, ref, reward, value, queries, mask, responses)
     t2 = time.perf_counter()
     R.ppo_update(policy, value, optimizer, batch, args, autocast, seed)
     t3 = time.perf_counter()
     return t1 - t0, t2 - t1, t3 - t2, int(batch["response_mask"].sum())
+
+
+def script_run(args, autocast):
+    """The script's Run record of what its helpers read besides models and data (the CPU, pad and EOS ids)."""
+    tokenizer = SimpleNamespace(pad_token_id=PAD, eos_token_id=EOS)
+    return R.Run(args, torch.device("cpu"), autocast, tokenizer, None, args.response_length, None, {}, None)
 
 
 def proc_status_mib(field):
@@ -95,9 +102,9 @@ def memory_worker(variant, vocab, response_length):
     autocast = torch.autocast("cpu", enabled=False)
     queries, mask = prompts(args.rollout_batch_size, vocab)
     torch.manual_seed(0)
-    responses = R.generate(policy, queries, mask, response_length, args.temperature, PAD, EOS, args.forward_batch_size,
-                           autocast)
-    batch = R.score_rollouts(policy, ref, reward, value, queries, mask, responses, args, PAD, EOS, autocast)
+    run = script_run(args, autocast)
+    responses = R.generate(policy, queries, mask, run)
+    batch = R.score_rollouts(run, policy, ref, reward, value, queries, mask, responses)
     # warm-up step so AdamW's state and allocator caches exist before measuring (identical for both variants)
     R.ppo_update(policy, value, optimizer, batch, R.Args(response_length=response_length, num_ppo_epochs=1), autocast, 0)
     if variant == "naive":

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -43,6 +44,16 @@ def run_script(script, *flags, cwd=None, check=True, timeout=600, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def make_run(module, args, response_length=4, pad_id=0, eos_id=1, task=None, autocast=None):
+    """A script's Run record for calling its helpers directly: the flags (any object with the ones the helper reads),
+    the CPU, no autocast unless given, a tokenizer that only knows its pad and EOS ids, no run folder."""
+    import torch
+
+    tokenizer = SimpleNamespace(pad_token_id=pad_id, eos_token_id=eos_id)
+    return module.Run(args, torch.device("cpu"), autocast or torch.autocast("cpu", enabled=False), tokenizer, task,
+                      response_length, None, {"metrics": {}, "global_step": 0}, None)
 
 
 def kill_when(script, *flags, lines=(), path=None, timeout=300):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import afd_llm as A
-from conftest import assert_learned, fails_in_one_line, kill_when, run_script
+from conftest import assert_learned, fails_in_one_line, kill_when, make_run, run_script
 
 # Tiny but complete: SFT (2 x 16 steps) and the discriminator (3 x 12 steps) train, Best-of-N up to 8 on 64 prompts;
 # 128 held-out preference pairs measure the discriminator's direction.
@@ -125,13 +125,13 @@ def test_samples_are_drawn_once_and_reused_for_every_n():
     --max_n, so Best-of-N at N = 3 of a max_n = 5 run is Best-of-3 of a max_n = 3 run."""
     policy = _tiny_policy()
     queries, mask = A.left_pad([[3, 4, 5], [6, 7], [8]], pad_id=0)
-    args, off = SimpleNamespace(temperature=1.0, forward_batch_size=2), torch.autocast("cpu", enabled=False)
-    three = A.sample_candidates(policy, queries, mask, 3, 6, args, pad_id=0, eos_id=1, seed=10, autocast=off)
-    five = A.sample_candidates(policy, queries, mask, 5, 6, args, pad_id=0, eos_id=1, seed=10, autocast=off)
+    run = make_run(A, SimpleNamespace(temperature=1.0, forward_batch_size=2), response_length=6)
+    three = A.sample_candidates(run, policy, queries, mask, 3, seed=10)
+    five = A.sample_candidates(run, policy, queries, mask, 5, seed=10)
     assert three.shape == (3, 3, 6) and five.shape == (3, 5, 6)
     assert torch.equal(three, five[:, :3])
     assert all(not torch.equal(five[:, j], five[:, j + 1]) for j in range(4))  # each round is a fresh sample
-    other_seed = A.sample_candidates(policy, queries, mask, 3, 6, args, pad_id=0, eos_id=1, seed=11, autocast=off)
+    other_seed = A.sample_candidates(run, policy, queries, mask, 3, seed=11)
     assert not torch.equal(other_seed, three)
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import aihf_llm as A
 import dpo_llm
 import rlhf_llm
-from conftest import assert_learned, kill_when, run_script
+from conftest import assert_learned, kill_when, make_run, run_script
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 # Tiny but complete: every stage trains, a few rounds of each algorithm.
@@ -105,7 +105,7 @@ def test_center_reward_sets_the_mean_on_the_samples_to_zero():
     reward_model.config.reward_bias = 5.0  # the previous round's
     ids = torch.randint(2, 40, (6, 7))
     mask = torch.ones_like(ids)
-    raw_mean = A.center_reward(reward_model, ids, mask, SimpleNamespace(forward_batch_size=4), NO_AUTOCAST)
+    raw_mean = A.center_reward(reward_model, ids, mask, make_run(A, SimpleNamespace(forward_batch_size=4))).mean().item()
     with torch.no_grad():
         rewards = A.sequence_rewards(reward_model, ids, mask)
     assert rewards.mean().abs() < 1e-5 and rewards.std() > 1e-4
@@ -158,7 +158,7 @@ def test_reward_step_in_micro_batches_is_the_same_step():
         reward_model.config.reward_bias = 0.0
         optimizer = torch.optim.SGD(reward_model.parameters(), lr=0.1)  # the update is the gradient itself
         args = SimpleNamespace(w_demo=0.7, w_pref=1.3, gradient_accumulation_steps=G, max_grad_norm=1e9)
-        stats = A.reward_step(A.Parallel(reward_model), optimizer, _pairs(5, 4), _pairs(6, 6), args, NO_AUTOCAST, 0, "cpu")
+        stats = A.reward_step(make_run(A, args), A.Parallel(reward_model), optimizer, _pairs(5, 4), _pairs(6, 6))
         after[G] = [p.detach().clone() for p in reward_model.parameters()], {k: float(v) for k, v in stats.items()}
     for a, b in zip(after[1][0], after[2][0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, fails_in_one_line, kill_when, run_script
+from conftest import ROOT, fails_in_one_line, kill_when, make_run, run_script
 
 SMALL_TASK = ["--task.num_eval_prompts", 8, "--task.num_eval_prefs", 16, "--num_threads", 1]
 # Per script: tiny flags (two micro-batches per optimizer step: DDP all-reduces with the second only), then what does
@@ -228,8 +228,8 @@ def _reward_problem():
 def _reward_step(m, reward_model, demo_pairs, pref_pairs, args):
     """One reward step (reward_step) of this process's share of the pairs; the reward model's weights after it."""
     optimizer = torch.optim.SGD(reward_model.parameters(), lr=1.0)
-    m.reward_step(m.parallelize(reward_model, args), optimizer, m.this_rank(demo_pairs), m.this_rank(pref_pairs), args,
-                  contextlib.nullcontext(), 0, "cpu")
+    m.reward_step(make_run(m, args, autocast=contextlib.nullcontext()), m.parallelize(reward_model, args), optimizer,
+                  m.this_rank(demo_pairs), m.this_rank(pref_pairs))
     return {k: v.detach().clone() for k, v in reward_model.state_dict().items()}
 
 

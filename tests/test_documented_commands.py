@@ -1,5 +1,5 @@
 """Every command the documentation gives (the bash blocks of every markdown file, each script's docstring, the GPU
-checks' script runs, the MuJoCo lane files that results/mujoco/queue.sh runs) parses with the script's own flags: a
+checks' script runs, the MuJoCo lane files that experiments/mujoco/queue.sh runs) parses with the script's own flags: a
 renamed or removed flag fails here, not in a reader's terminal or on a GPU machine."""
 
 import ast
@@ -50,7 +50,7 @@ def documented_commands():
     for script in SCRIPTS:
         found += commands_in(ast.get_docstring(ast.parse(open(os.path.join(ROOT, script)).read())) or "", script)
     found += commands_in(open(os.path.join(ROOT, "benchmarks", "gpu_checks.sh")).read(), "benchmarks/gpu_checks.sh")
-    for lane in sorted(glob.glob(os.path.join(ROOT, "results", "mujoco", "lane_*.txt"))):
+    for lane in sorted(glob.glob(os.path.join(ROOT, "experiments", "mujoco", "lane_*.txt"))):
         for line in open(lane):  # as queue.sh reads it: `read -r name flags`, a '#' name skips the line, plain splitting
             name, *flags = line.split(maxsplit=1) or ["#"]
             if not name.startswith("#"):
@@ -66,7 +66,7 @@ def test_the_documentation_is_read():
     assert {script for _, script, _ in COMMANDS} == set(SCRIPTS)
     assert sum(where == "README.md" for where, _, _ in COMMANDS) >= 15
     assert sum(where == "benchmarks/gpu_checks.sh" for where, _, _ in COMMANDS) == 1
-    assert any(where.startswith("results/mujoco/lane_") for where, _, _ in COMMANDS)
+    assert any(where.startswith("experiments/mujoco/lane_") for where, _, _ in COMMANDS)
 
 
 @pytest.mark.parametrize("where,script,argv", COMMANDS, ids=[f"{w}:{s}:{i}" for i, (w, s, _) in enumerate(COMMANDS)])

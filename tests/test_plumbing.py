@@ -208,7 +208,7 @@ def test_each_stage_gets_its_own_learning_rate_warmup_and_clipping(recorded, nam
     assert clips and all(c == MAX_GRAD_NORM for c in clips), clips
 
 
-TRAINING_LOOPS = ("train_sft", "train_dpo", "train_reward_model", "train_discriminator")  # (not the evaluations)
+TRAINING_LOOPS = ("train_sft", "train_dpo", "train_pairwise_reward")  # (not the evaluations)
 
 
 @pytest.mark.parametrize("name, stages", [
@@ -233,7 +233,7 @@ def test_samples_are_scored_at_the_temperature_they_were_drawn_at(recorded, name
     """PPO's rollouts (and the samples its reward is normalised on, or judged by) are drawn and scored at
     --temperature; the implicit-reward forms' reference samples are drawn at 1, as their log-probs are plain."""
     recording, *_ = recorded(name)
-    drawn = [c["temperature"] for c in recording.calls["generate"]]
+    drawn = [c.get("temperature") or c["run"].args.temperature for c in recording.calls["generate"]]  # (None: --temperature)
     scored = {c["temperature"] for c in recording.calls.get("policy_logprobs_entropy", [])}
     if name in ("aihf_direct", "aihf_selfplay"):
         assert drawn and set(drawn) == {1.0} and not scored
@@ -315,8 +315,10 @@ def test_dpo_and_rlhf_preference_accuracies_are_measured_on_held_out_pairs(recor
     scored = {tuple(p) for c in recording.calls["pair_logps"] if c["caller"] == "preference_accuracy" for p, _, _ in c["pairs"]}
     assert scored == held_out and not scored & trained
     recording, _, task = recorded("rlhf")
-    batched = [tuple(e[0]) for c in recording.calls["pair_rows_batch"] if c["caller"] == "train_reward_model" for e in c["examples"]]
-    assert set(batched) == held_out | trained and len(batched) == len(held_out) + len(trained)
+    batched = {caller: [tuple(e[0]) for c in recording.calls["pair_rows_batch"] if c["caller"] == caller for e in c["examples"]]
+               for caller in ("train_reward_model", "train_pairwise_reward")}  # its held-out accuracy's batches; its training
+    assert set(batched["train_reward_model"]) == held_out and len(batched["train_reward_model"]) == len(held_out)
+    assert set(batched["train_pairwise_reward"]) == trained and len(batched["train_pairwise_reward"]) == len(trained)
 
 
 def test_afd_discriminator_accuracy_and_best_of_n_are_measured_on_held_out_prompts(recorded):

@@ -6,11 +6,12 @@ import json
 import math
 import statistics
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import ROOT, assert_learned, kill_when, run_script
+from conftest import ROOT, assert_learned, kill_when, make_run, run_script
 
 sys.path.insert(0, ROOT)
 import rlhf_llm as R  # noqa: E402
@@ -125,7 +126,7 @@ def test_evaluate_gold_evaluates_in_eval_mode_and_restores_the_models_mode(train
             seen.append((m.training, synced_gpus))
             return {"gold_reward": 0.5, "gold_reward_greedy": 0.25}
 
-    result = R.evaluate_gold(Task(), R.Parallel(model), None, 0, "_mid")
+    result = R.evaluate_gold(make_run(R, SimpleNamespace(seed=0), task=Task()), R.Parallel(model), "_mid")
     assert result == {"gold_reward_mid": 0.5, "gold_reward_greedy_mid": 0.25}
     assert seen == [(False, False)] and all(m.training == training for m in model.modules())
 
@@ -172,8 +173,8 @@ def test_score_rollouts_scores_values_and_advantages(ppo_models):
     query_mask = (queries != 0).long()
     responses = torch.tensor([[3, 4, eos, 5, 6], [3, 3, 3, 3, 3], [eos, 9, 9, 9, 9]])  # EOS at 3, none, EOS at 1
     args = _ppo_args()
-    batch = R.score_rollouts(policy, ref_policy, reward_model, value_model, queries, query_mask, responses, args, pad, eos,
-                             torch.autocast("cpu", enabled=False))
+    batch = R.score_rollouts(make_run(R, args, pad_id=pad, eos_id=eos), policy, ref_policy, reward_model, value_model,
+                             queries, query_mask, responses)
     lengths = [3, 5, 1]
     assert batch["response_mask"].sum(1).tolist() == lengths and batch["has_eos"].tolist() == [True, False, True]
     real = [[t for t, m in zip(q, qm) if m] + r[:n] for q, qm, r, n in
@@ -206,8 +207,8 @@ def test_missing_eos_penalty_lowers_the_score(ppo_models):
     queries, responses = torch.tensor([[5, 6], [5, 6]]), torch.tensor([[3, 1, 4], [3, 4, 4]])
     scores = {}
     for penalty in (0.0, 2.0):
-        batch = R.score_rollouts(policy, ref_policy, reward_model, value_model, queries, torch.ones_like(queries), responses,
-                                 _ppo_args(missing_eos_penalty=penalty), 0, 1, torch.autocast("cpu", enabled=False))
+        batch = R.score_rollouts(make_run(R, _ppo_args(missing_eos_penalty=penalty)), policy, ref_policy, reward_model,
+                                 value_model, queries, torch.ones_like(queries), responses)
         scores[penalty] = batch["scores"]
     assert scores[2.0][0] == scores[0.0][0]  # has an EOS: untouched
     assert scores[2.0][1] == pytest.approx(scores[0.0][1].item() - 2.0, abs=1e-6)
@@ -221,15 +222,13 @@ def test_reward_normalised_to_mean_zero_on_policy_samples(ppo_models):
     saved_bias = reward_model.config.reward_bias
     try:
         torch.manual_seed(3)
-        raw = R.normalize_reward(reward_model, policy, queries, query_mask, 4, args, 0, 1, torch.autocast("cpu", enabled=False))
-        assert reward_model.config.reward_bias == pytest.approx(raw.mean().item())
-        torch.manual_seed(3)  # the same samples again, now scored by the normalised reward model
-        responses = R.generate(policy, queries, query_mask, 4, args.temperature, 0, 1, args.forward_batch_size,
-                               torch.autocast("cpu", enabled=False))
+        responses = R.generate(policy, queries, query_mask, make_run(R, args, response_length=4))
         responses, response_mask, _ = R.truncate_after_eos(responses, 1, 0)
-        with torch.no_grad():
-            normalised = R.sequence_rewards(reward_model, torch.cat([queries, responses], 1),
-                                            torch.cat([query_mask, response_mask.long()], 1))
+        ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask.long()], 1)
+        raw = R.center_reward(reward_model, ids, mask, make_run(R, args))
+        assert reward_model.config.reward_bias == pytest.approx(raw.mean().item())
+        with torch.no_grad():  # the same samples, now scored by the normalised reward model
+            normalised = R.sequence_rewards(reward_model, ids, mask)
         assert normalised.mean().abs() < 1e-5 and normalised.std() > 1e-3
     finally:
         reward_model.config.reward_bias = saved_bias

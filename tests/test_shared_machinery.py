@@ -11,12 +11,13 @@ import subprocess
 import sys
 from functools import partial
 from importlib import import_module
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, assert_learned, run_script
+from conftest import ROOT, assert_learned, make_run, run_script
 
 SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py")) if not p.endswith("sort_task.py"))
 LLM_SCRIPTS = [s for s in SCRIPTS if s.endswith("_llm.py")]
@@ -310,11 +311,12 @@ def _tiny_sampler():
 def test_rollouts_ignore_the_models_own_generation_config(module):
     """Rollouts are plain softmax(logits / T) samples even from a model whose generation_config asks for more (here:
     every token but one suppressed), and the model keeps that config for save_pretrained."""
-    generate = import_module(module).generate
+    m = import_module(module)
     model = _tiny_sampler()
     model.generation_config.suppress_tokens = [t for t in range(16) if t != 5]
     queries = torch.randint(2, 16, (8, 3))
-    responses = generate(model, queries, torch.ones_like(queries), 6, 1.0, 0, 1, 4, torch.autocast("cpu", enabled=False))
+    run = make_run(m, SimpleNamespace(temperature=1.0, forward_batch_size=4), response_length=6)
+    responses = m.generate(model, queries, torch.ones_like(queries), run)
     assert responses.shape == (8, 6) and (responses != 5).any()
     assert model.generation_config.suppress_tokens == [t for t in range(16) if t != 5]
 
@@ -322,12 +324,14 @@ def test_rollouts_ignore_the_models_own_generation_config(module):
 @pytest.mark.parametrize("module", [s[:-3] for s in LLM_SCRIPTS if s != "dpo_llm.py"])
 def test_bf16_rollouts_are_sampled_under_autocast(module):
     """With --bf16 the samples come from the bf16 logits that score them as pi_old, not from an fp32 forward."""
-    generate = import_module(module).generate
+    m = import_module(module)
     model = _tiny_sampler()
     dtypes = []
     model.get_output_embeddings().register_forward_hook(lambda _, __, logits: dtypes.append(logits.dtype))
     queries = torch.randint(2, 16, (4, 3))
-    generate(model, queries, torch.ones_like(queries), 3, 1.0, 0, 1, 4, torch.autocast("cpu", dtype=torch.bfloat16))
+    run = make_run(m, SimpleNamespace(temperature=1.0, forward_batch_size=4), response_length=3,
+                   autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    m.generate(model, queries, torch.ones_like(queries), run)
     assert dtypes and set(dtypes) == {torch.bfloat16}
 
 

@@ -4,16 +4,16 @@ different quality; plus a sweep of AIHF's own knob, the weights w_demo / w_pref,
 
 Every run is its own process (`python aihf_llm.py ...`, `rlhf_llm.py`, `dpo_llm.py`), so the job list can run on
 any number of cores (--jobs) and resume: a run whose summary exists is skipped, and a killed run starts over.
-Each finished run's metrics.json is copied to benchmarks/results/aihf_grid/<run>.json (committed; the models are
+Each finished run's metrics.json is copied to results/aihf/aihf_grid/<run>.json (committed; the models are
 not), and the tables and the plot are rebuilt from those files:
 
-    python benchmarks/aihf_grid.py --jobs 2                 # the grid and the sweep (resumable)
-    python benchmarks/aihf_grid.py --only sweep --jobs 2    # just the w_demo / w_pref sweep
-    python benchmarks/aihf_grid.py --report                 # tables + plot from the summaries so far
+    python experiments/aihf_grid.py --jobs 2                # the grid and the sweep (resumable)
+    python experiments/aihf_grid.py --only sweep --jobs 2   # just the w_demo / w_pref sweep
+    python experiments/aihf_grid.py --report                # tables + plot from the summaries so far
 
 Compute is matched by optimizer steps and generated samples, not by epochs (the data sizes differ 16x):
 every policy trained by gradient steps on a dataset gets the same number of steps whatever the data size, and
-every RL method the same number of sampled episodes (see METHODS and results/aihf_grid.md).
+every RL method the same number of sampled episodes (see METHODS and results/aihf/aihf_grid.md).
 """
 
 import argparse
@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results", "aihf_grid")
+RESULTS = os.path.join(ROOT, "results", "aihf", "aihf_grid")
 RUNS = os.path.join(ROOT, "runs", "aihf_grid")
 
 SEEDS = (1, 2, 3)
@@ -181,7 +181,7 @@ def report():
     table = load_summaries()
     grid = {point: runs for point, runs in table.items() if not point.startswith(("sweep", "steps"))}
     lines = ["# AIHF vs the methods it generalises, on the embedded task", "",
-             "`python benchmarks/aihf_grid.py --jobs N` (one process per run, 1 torch thread each). Gold reward of the final "
+             "`python experiments/aihf_grid.py --jobs N` (one process per run, 1 torch thread each). Gold reward of the final "
              "policy's sampled responses (temperature 1) on 256 held-out prompts, mean ± 95% CI over seeds (t-distribution); "
              "the best mean of each row in bold. Greedy decoding in the second table. Budgets: see the script's `methods`.", ""]
     for key, title in (("gold_reward", "sampled"), ("gold_reward_greedy", "greedy")):
@@ -196,7 +196,7 @@ def report():
             lines.append(f"| {point} (seeds {'/'.join(map(str, sorted(seeds)))}) | " + " | ".join(row) + " |")
         lines.append("")
     lines += verdict_table(grid) + sweep_table(table) + steps_table(table)
-    with open(os.path.join(ROOT, "benchmarks", "results", "aihf_grid.md"), "w") as f:
+    with open(os.path.join(ROOT, "results", "aihf", "aihf_grid.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(grid)
     plot_curves(table)
@@ -304,7 +304,7 @@ def plot_curves(table):
                 axes[row][col].set_xlabel("step of the RL stage")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(ROOT, "benchmarks", "results", "aihf_grid_curves.png"), dpi=100)
+    fig.savefig(os.path.join(ROOT, "results", "aihf", "aihf_grid_curves.png"), dpi=100)
 
 
 def format_cell(mean_and_ci, bold):
@@ -397,7 +397,7 @@ def plot(table):
     axes[1].set_title("best AIHF minus best other method (winner named)")
     fig.colorbar(image, ax=axes[1])
     fig.tight_layout()
-    fig.savefig(os.path.join(ROOT, "benchmarks", "results", "aihf_grid.png"), dpi=110)
+    fig.savefig(os.path.join(ROOT, "results", "aihf", "aihf_grid.png"), dpi=110)
 
 
 def main():

@@ -7,7 +7,7 @@ could learn to tell mean-action states from noisy ones instead of good states fr
 5,000 SAC steps give over 300k) against mean-action demos or sampled-action demos, and then scored on held-out
 mean-action and sampled-action rollouts. An untrained reward is the control.
 
-    python results/mujoco/demo_kind_check.py --env_id Walker2d-v5
+    python experiments/mujoco/demo_kind_check.py --env_id Walker2d-v5
 """
 
 import argparse

@@ -9,8 +9,8 @@ Beside the final evaluation, every table gives the mean over the last 10% of eac
 which one evaluation alone can miss either way.
 
     pip install matplotlib            # plotting only: not a dependency of the training scripts
-    python results/mujoco/plot.py runs/hopper_aihf_s* runs/hopper_rlhf_s* --out results/mujoco/hopper_v5
-    python results/mujoco/plot.py runs/walker2d_aihf_* --csv results/mujoco/walker2d_v5_aihf_vs_rlhf_300k.csv \
+    python experiments/mujoco/plot.py runs/hopper_aihf_s* runs/hopper_rlhf_s* --out results/mujoco/hopper_v5
+    python experiments/mujoco/plot.py runs/walker2d_aihf_* --csv results/mujoco/walker2d_v5_aihf_vs_rlhf_300k.csv \
         --csv_method rlhf --out results/mujoco/walker2d_v5_aihf_vs_rlhf_300k
 """
 
@@ -24,6 +24,7 @@ from collections import defaultdict
 
 import numpy as np
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 COLORS = {"aihf": "tab:red", "rlhf": "tab:blue", "irl": "tab:green", "ipl": "tab:purple", "sac": "tab:gray"}
 # Knobs that make a run a variant of its method (its own curve), with the value a run had before the knob existed or
 # the paper's; the rest (seed, run length, checkpointing, ...) do not. A dict value: per --algo.
@@ -166,7 +167,7 @@ def main():
     p.add_argument("--max_step", type=int, help="draw and tabulate evaluations up to this SAC step only")
     p.add_argument("--expert_return", type=float, help="the expert's return, where no run folder logs one (--csv only)")
     p.add_argument("--expert_returns", default="experts/returns.json", help="else this table's expert return")
-    p.add_argument("--summary", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "summary.csv"),
+    p.add_argument("--summary", default=os.path.join(ROOT, "results", "mujoco", "summary.csv"),
                    help="summary CSV whose rows of this environment are replaced ('' for none: an ablation's plot)")
     a = p.parse_args()
     try:

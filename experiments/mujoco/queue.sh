@@ -2,7 +2,7 @@
 # Runs the aihf_mujoco.py jobs listed in a lane file one after another, resuming any that an earlier, interrupted
 # run left unfinished (runs/<name>/checkpoint.pt) and skipping finished ones (runs/<name>/metrics.json with at least
 # the line's --total_timesteps).
-# One lane per core (PYTHON=... picks the interpreter):  nohup bash results/mujoco/queue.sh results/mujoco/lane_a.txt > runs/lane_a.log 2>&1 &
+# One lane per core (PYTHON=... picks the interpreter):  nohup bash experiments/mujoco/queue.sh experiments/mujoco/lane_a.txt > runs/lane_a.log 2>&1 &
 # A lane file holds one job per line: <run name> <aihf_mujoco.py flags...>; '#' starts a comment.
 # Several lanes may run the same file: each job holds a lock (runs/<name>.lock) while it runs, so a second lane
 # skips it and takes the next one; the lock dies with its process, so a killed lane leaves none behind.

@@ -8,8 +8,8 @@ and the plot are rewritten from whatever has finished:
     results/afd/bon_curve_<sweep>.md    the tables the README quotes
     results/afd/bon_curve_<sweep>.png   gold reward and share of flawed choices against N
 
-    python benchmarks/afd_curve.py                     # the embedded task's defaults: 3 rm_data x 3 seeds
-    python benchmarks/afd_curve.py --sweep low_flaw    # the same with --task.demo_flaw 0.2 (flawed demos a minority)
+    python experiments/afd_curve.py                    # the embedded task's defaults: 3 rm_data x 3 seeds
+    python experiments/afd_curve.py --sweep low_flaw   # the same with --task.demo_flaw 0.2 (flawed demos a minority)
 
 The flaw: the embedded task's demonstrator writes the largest digit first and the rest sorted (--task.demo_flaw of
 its demonstrations); a choice "carries the flaw" when it is exactly that ordering of the prompt's digits.

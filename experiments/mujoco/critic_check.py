@@ -19,10 +19,10 @@ scores. A critic that is flat in the action there gives the actor no push to sta
 With --pref_falls ENV_ID it instead counts how many of the preference pairs' segments end in a fall (the cached data of
 the runs' default preferences, seed 1): what the labels can say about falling.
 
-    python results/mujoco/critic_check.py hopper_ipl_s1 hopper_aihf_rec_s1 walker2d_ipl_s1
-    python results/mujoco/critic_check.py --actions halfcheetah_ipl_s1 halfcheetah_aihf_rec_s1
-    python results/mujoco/critic_check.py --start halfcheetah_ipl_s1 halfcheetah_aihf_rec_s1
-    python results/mujoco/critic_check.py --pref_falls Hopper-v5
+    python experiments/mujoco/critic_check.py hopper_ipl_s1 hopper_aihf_rec_s1 walker2d_ipl_s1
+    python experiments/mujoco/critic_check.py --actions halfcheetah_ipl_s1 halfcheetah_aihf_rec_s1
+    python experiments/mujoco/critic_check.py --start halfcheetah_ipl_s1 halfcheetah_aihf_rec_s1
+    python experiments/mujoco/critic_check.py --pref_falls Hopper-v5
 """
 
 import argparse

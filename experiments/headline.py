@@ -4,11 +4,11 @@ Each (command, seed) is its own process with the scripts' defaults (`--num_threa
 machine can re-run any row and see whether it lands inside the interval. --env runs every command under extra
 environment variables (e.g. another CPU code path) and labels the table with them.
 
-    python benchmarks/headline.py --jobs 2                   # seeds 1-3; writes benchmarks/results/headline.md
-    python benchmarks/headline.py --seeds 4 5 --only dpo     # more seeds of one row (kept beside the others)
-    python benchmarks/headline.py --env ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 --label avx2
+    python experiments/headline.py --jobs 2                  # seeds 1-3; writes results/aihf/headline.md
+    python experiments/headline.py --seeds 4 5 --only dpo    # more seeds of one row (kept beside the others)
+    python experiments/headline.py --env ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 --label avx2
 
-Per-seed metrics are kept in benchmarks/results/headline/<label>/<row>__s<seed>.json; the table is rebuilt from them.
+Per-seed metrics are kept in results/aihf/headline/<label>/<row>__s<seed>.json; the table is rebuilt from them.
 """
 
 import argparse
@@ -23,7 +23,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "benchmarks", "results")
+OUT = os.path.join(ROOT, "results", "aihf")
 # row: (command, [(figure, metrics key), ...]) -- the README's headline rows
 ROWS = {
     "dpo": (["dpo_llm.py"], [("pi0, sampled", "gold_reward_init"), ("pi0, greedy", "gold_reward_greedy_init"),
@@ -77,7 +77,7 @@ def report(label, env):
 
     folder = os.path.join(OUT, "headline", label)
     lines = [f"# Headline figures ({label})", "",
-             f"`python benchmarks/headline.py{' --env ' + ' '.join(f'{k}={v}' for k, v in env.items()) if env else ''}"
+             f"`python experiments/headline.py{' --env ' + ' '.join(f'{k}={v}' for k, v in env.items()) if env else ''}"
              f"{' --label ' + label if label != 'native' else ''}`: each README default command, one process per seed, "
              f"shipped pi0; {platform.processor() or platform.machine()}, torch {torch.__version__}, transformers "
              f"{transformers.__version__}. Gold reward on the 256 held-out prompts; mean over seeds with the 95% "
