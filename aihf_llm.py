@@ -28,11 +28,13 @@ scarce): policy and reference from SFT on the demonstrations, for rl the reward 
 """
 
 import copy
+import importlib.util
 import inspect
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -69,6 +71,12 @@ class Args:
     """run directory name under --output_dir (default: {exp_name}__{seed}__{unix time})"""
     output_dir: str = "runs"
     """where run directories are written"""
+    track: bool = False
+    """also log to Weights & Biases (pip install wandb): the TensorBoard scalars, the flags as the run's config"""
+    wandb_project_name: str = "aihf"
+    """the W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """the W&B team or user of --track (default: your own)"""
     resume: Optional[str] = None
     """a run directory to continue: its config.json replaces the other flags"""
 
@@ -85,6 +93,11 @@ class Args:
     """policy to start from (hub id or local dir); default: the embedded task's pi0, or pythia-160m with --dataset_name"""
     reward_model_path: Optional[str] = None
     """rl: the reward model's starting point (causal LM + new scalar head, or a trained one); default: the policy's start"""
+    eval_reward_model: Optional[str] = None
+    """a reward model that scores the start, SFT and final policies' responses to --num_eval_prompts held-out prompts
+    (a local folder or hub id of a one-label sequence classifier with its own tokenizer, e.g. rlhf_llm.py's reward_model)"""
+    num_eval_prompts: int = 256
+    """held-out prompts (of the held-out pairs) for --eval_reward_model"""
     dataset_name: Optional[str] = None
     """preference data: hub id (e.g. Anthropic/hh-rlhf) or local dir/.jsonl/.json/.parquet; default: embedded task"""
     dataset_split: str = "train"
@@ -205,6 +218,7 @@ class Args:
 # The valid interval of every numeric flag, checked before anything is built or written ("(" excludes the end).
 RANGES = {
     "seed": "[0, inf)", "w_demo": "[0, 1e3]", "w_pref": "[0, 1e3]", "demo_fraction": "(0, 1)", "num_eval_prefs": "[1, inf)",
+    "num_eval_prompts": "[2, inf)",
     "num_eval_demos": "[0, 1e6]", "max_length": "[2, 1e6]", "max_prompt_length": "[1, 1e6]", "sft_epochs": "[0, 1e4]",
     "sft_learning_rate": "(0, 1]", "reward_pretrain_steps": "[0, 1e7]", "reward_steps": "[0, 1e4]", "rm_learning_rate": "(0, 1]",
     "total_episodes": "[0, 1e9]", "rollout_batch_size": "[1, 1e6]", "num_mini_batches": "[1, 1e6]", "num_ppo_epochs": "[1, 1e3]",
@@ -369,13 +383,17 @@ def main():
     # everything that can fail on bad input happens before the run directory exists
     task, model_path, pref_train, pref_eval, demo_data = load_aihf_data(args)
     model, tokenizer = load_policy(model_path, device)
+    pref_train, pref_eval, demo_data = (render_chat(tokenizer, data, what) for data, what in (
+        (pref_train, "preference pairs"), (pref_eval, "held-out pairs"), (demo_data, "demonstrations")))
     check_same_tokenizer(args.reward_model_path, tokenizer, model_path)
     response_length = args.response_length or (task.max_response_tokens if task is not None else 128)
     prefs, eval_pairs, demos, eval_demos = aihf_examples(args, model, tokenizer, pref_train, pref_eval, demo_data,
                                                          response_length)
+    eval_prompts = held_out_prompts(args, eval_pairs)  # (what --eval_reward_model's responses answer)
 
     run_dir, state = open_run(args, model, first_stage="sft" if args.sft_epochs else "start")
-    run = Run(args, device, autocast, tokenizer, task, response_length, run_dir, state, summary_writer(run_dir))
+    run = Run(args, device, autocast, tokenizer, task, response_length, run_dir, state, summary_writer(run_dir, args),
+              eval_prompts)
     policy = parallelize(model, args)  # a forward of policy: sft_batch_loss(policy, ...); under torchrun, DDP or FSDP2
     start_path = os.path.join(run_dir, "sft_model") if args.sft_epochs else model_path  # pi_ref, and the reward's backbone
     print(f"[run] {run_dir}: AIHF-{args.algo}, {len(demos)} demonstrations (+{len(eval_demos)} held out), {len(prefs)} pairs, "
@@ -383,7 +401,7 @@ def main():
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
           f"log-prob kernel {'triton' if _use_triton(torch.empty(0, device=device)) else 'torch'}")
     if "gold_reward_init" not in run.metrics:
-        run.metrics.update(evaluate_gold(run, policy, "_init"))
+        evaluate_stage(run, policy, "_init")
 
     if state["stage"] == "sft":  # RLHF's start: pi_ref = the policy after SFT on the demonstrations
         train_sft(run, model, policy, demos, save_to=start_path, next_stage="start")
@@ -400,7 +418,8 @@ def main():
     else:
         aihf_direct(run, model, policy, demos, prefs, eval_demos, eval_pairs)
 
-    run.metrics.update(evaluate_gold(run, policy, ""))
+    evaluate_stage(run, policy, "")
+    run.metrics.update(reward_model_scores(run))
     algo = {"rl": "aihf_rl", "direct": "aihf_direct", "selfplay": "aihf_selfplay"}[args.algo]
     finish_run(run, model, started, algo)
 
@@ -434,7 +453,7 @@ def train_sft(run, model, policy, demos, save_to, next_stage):
             save_checkpoint(run, model, optimizer, scheduler)
     bar.close()
     save_model(save_to, model, run.tokenizer)
-    run.metrics.update(evaluate_gold(run, policy, "_sft"))
+    evaluate_stage(run, policy, "_sft")
     state.update(stage=next_stage, step=0)
     save_checkpoint(run, model, optimizer, scheduler)
 
@@ -1122,6 +1141,96 @@ def evaluate_gold(run, policy, suffix):
     return {f"{k}{suffix}": v for k, v in result.items()}
 
 
+def evaluate_stage(run, policy, suffix):
+    """The start ("_init"), SFT ("_sft") and final ("") policy: the gold reward on the embedded task and, with
+    --eval_reward_model, its responses (temperature 1) to the held-out prompts, kept in the run's state and scored at
+    the end (reward_model_scores), so that the scoring model never shares memory with the ones being trained. The
+    sampling draws from a fork of the random state: a run trains the same with or without it."""
+    run.metrics.update(evaluate_gold(run, policy, suffix))
+    responses = run.state.setdefault("eval_responses", {})
+    if run.args.eval_reward_model is None or suffix in responses:
+        return
+    queries, query_mask = (t.to(run.device) for t in left_pad(this_rank(run.eval_prompts), run.pad_id))
+    was_training = all(m.training for m in policy.modules())
+    policy.eval()
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        seed_share(run.args.seed)
+        sampled = generate(policy, queries, query_mask, run, temperature=1.0)
+    policy.train(was_training)
+    responses[suffix] = gather(response_texts(run, sampled), len(run.eval_prompts))
+
+
+def response_texts(run, responses):
+    """Sampled token ids -> the responses' text, cut at the first EOS."""
+    return run.tokenizer.batch_decode(truncate_after_eos(responses, run.eos_id, run.pad_id)[0], skip_special_tokens=True)
+
+
+def reward_model_scores(run):
+    """--eval_reward_model's verdict on the responses evaluate_stage kept: for each policy the mean score over the
+    held-out prompts with its 95% interval (normal approximation over the prompts), and the final policy's win rate
+    against the start's response to the same prompt (a tie counts one half). The model is loaded here, with its own
+    tokenizer, scores the prompt + response texts --forward_batch_size at a time, and is freed."""
+    if run.args.eval_reward_model is None:
+        return {}
+    model, tokenizer = load_eval_reward_model(run.args.eval_reward_model, run.device)
+    prompts = run.tokenizer.batch_decode(run.eval_prompts, skip_special_tokens=True)
+    scores = {suffix: score_texts(run, model, tokenizer, [p + r for p, r in zip(prompts, responses)])
+              for suffix, responses in run.state["eval_responses"].items()}
+    del model
+    out = {}
+    for suffix, s in scores.items():
+        out[f"eval_rm_score{suffix}"] = s.mean().item()
+        out[f"eval_rm_score{suffix}_ci95"] = (1.96 * s.std() / math.sqrt(len(s))).item()
+        print(f"[eval] --eval_reward_model, policy{suffix or ' (final)'}: {out[f'eval_rm_score{suffix}']:.3f} "
+              f"± {out[f'eval_rm_score{suffix}_ci95']:.3f} over {len(s)} prompts")
+    if "" in scores and "_init" in scores:
+        final, start = scores[""], scores["_init"]
+        out["eval_rm_win_rate"] = ((final > start).float() + 0.5 * (final == start).float()).mean().item()
+        print(f"[eval] --eval_reward_model: the final policy's response wins on {out['eval_rm_win_rate']:.3f} of the prompts")
+    return out
+
+
+@torch.no_grad()
+def score_texts(run, model, tokenizer, texts):
+    """The scoring model's reward of each text, as its own tokenizer reads it (+ its EOS, where a response ended, as
+    reward models here are trained; the start cut off where the text exceeds its context). A decoder with a linear
+    `score` head (the reward models rlhf_llm.py saves) is read at the last token, minus its reward_bias; any other
+    sequence classifier through its own forward. Under torchrun each process scores its share."""
+    limit = getattr(model.config, "max_position_embeddings", None) or 10**9
+    rows = [(ids + [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]
+             else ids)[-limit:] for ids in tokenizer(this_rank(texts))["input_ids"]]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for s in range(0, len(rows), run.args.forward_batch_size):
+        ids, mask = (t.to(run.device) for t in pad_right(rows[s : s + run.args.forward_batch_size], pad_id))
+        with run.autocast:
+            if isinstance(getattr(model, "score", None), torch.nn.Linear):
+                out.append(sequence_rewards(model, ids, mask).float())
+            else:
+                out.append(model(input_ids=ids, attention_mask=mask).logits[:, 0].float())
+    return gather(torch.cat(out).cpu(), len(texts))
+
+
+def load_eval_reward_model(path, device):
+    """--eval_reward_model and its tokenizer (check_eval_reward_model has checked it), frozen, in eval mode."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    if not hasattr(model.config, "reward_bias"):
+        model.config.reward_bias = 0.0
+    return model.to(device).eval().requires_grad_(False), AutoTokenizer.from_pretrained(path)
+
+
+def held_out_prompts(args, examples):
+    """The first --num_eval_prompts distinct prompts of the held-out (prompt, ...) examples: those --eval_reward_model's
+    responses answer."""
+    prompts = [list(p) for p in dict.fromkeys(tuple(e[0]) for e in examples)][: args.num_eval_prompts]
+    if args.eval_reward_model is not None and len(prompts) < 2:
+        fail(f"--eval_reward_model scores responses to held-out prompts, and there are {len(prompts)}; hold out pairs "
+             "(--num_eval_prefs, or an --eval_split of the dataset)")
+    return prompts
+
+
 @torch.no_grad()
 def reward_accuracies(run, reward_model, policy, eval_pairs, eval_demos):
     """AIHF-RL's learned reward on held-out data: the share of preference pairs it ranks right, and the share of
@@ -1276,8 +1385,31 @@ def text_column(table, column: str, name: str):
 
 
 def preference_pairs(table, name: str):
-    """prompt/chosen/rejected lists from a table with those columns, or HH-style chosen/rejected transcripts."""
+    """prompt/chosen/rejected columns, from a table in one of these formats (TRL's names):
+    - standard: prompt/chosen/rejected strings, or HH-style chosen/rejected transcripts (the prompt is their shared start);
+    - conversational: chosen/rejected lists of {"role", "content"} messages, either whole conversations (the prompt
+      is what they share: UltraFeedback-binarized) or the answer alone with the conversation so far in `prompt` (a
+      list of messages, or a string: one user turn). A conversational prompt is a list of messages and a response
+      one message, until render_chat writes them as the tokenizer's chat template does."""
     columns = set(table.column_names)
+    if {"chosen", "rejected"} <= columns and table.num_rows and isinstance(table[0]["chosen"], list):
+        prompts, chosen, rejected, unmatched = [], [], [], 0
+        chosen_column, rejected_column = (conversation_column(table, c, name) for c in ("chosen", "rejected"))
+        if "prompt" in columns and chosen_column[0][0]["role"] == "assistant":  # the answer alone: prepend the prompt
+            prompt_column = conversation_column(table, "prompt", name)
+            chosen_column = [p + c for p, c in zip(prompt_column, chosen_column)]
+            rejected_column = [p + r for p, r in zip(prompt_column, rejected_column)]
+        for c, r in zip(chosen_column, rejected_column):
+            if c[:-1] != r[:-1] or not c[:-1] or c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
+                unmatched += 1
+                continue
+            prompts.append(c[:-1])
+            chosen.append(c[-1])
+            rejected.append(r[-1])
+        if unmatched:
+            print(f"[data] {name}: skipped {unmatched} pairs whose chosen/rejected conversations do not share a prompt "
+                  "and end with an assistant turn")
+        return prompts, chosen, rejected
     if {"prompt", "chosen", "rejected"} <= columns:
         return tuple(text_column(table, c, name) for c in ("prompt", "chosen", "rejected"))
     if {"chosen", "rejected"} <= columns:  # Anthropic-HH: the prompt is the shared transcript prefix
@@ -1293,23 +1425,94 @@ def preference_pairs(table, name: str):
         if unmatched:
             print(f"[data] {name}: skipped {unmatched} HH pairs whose chosen/rejected do not share the prompt")
         return prompts, chosen, rejected
-    fail(f"dataset {name!r} lacks the columns prompt/chosen/rejected (or HH-style chosen/rejected); "
+    fail(f"dataset {name!r} lacks the columns prompt/chosen/rejected (or HH-style or conversational chosen/rejected); "
          f"found {sorted(columns)}")
 
 
 def demonstrations(table, name: str):
-    """prompt/completion lists, or the chosen responses of preference data."""
+    """prompt/completion columns, from a table in one of these formats: prompt/completion strings, or lists of
+    messages (TRL's conversational prompt-completion); a conversation per row, the response its last assistant turn
+    (`messages`: TRL's conversational format, UltraChat; `real`: SPIN's pairs, whose own `generated` half the direct and
+    self-play forms draw afresh); or the chosen responses of preference data."""
     columns = set(table.column_names)
+    if {"prompt", "completion"} <= columns and table.num_rows and isinstance(table[0]["completion"], list):
+        conversations = [p + c for p, c in zip(conversation_column(table, "prompt", name),
+                                               conversation_column(table, "completion", name))]
+        return split_conversations(conversations, name)
     if {"prompt", "completion"} <= columns:
         return text_column(table, "prompt", name), text_column(table, "completion", name)
+    for column in ("messages", "real"):
+        if column in columns:
+            return split_conversations(conversation_column(table, column, name), name)
     if "chosen" in columns:  # preference data reused as demonstrations: the chosen responses
         return preference_pairs(table, name)[:2]
-    fail(f"SFT dataset {name!r} lacks the columns prompt/completion; found {sorted(columns)}")
+    fail(f"SFT dataset {name!r} lacks the columns prompt/completion (or conversational messages, real, chosen); "
+         f"found {sorted(columns)}")
+
+
+def split_conversations(conversations, name):
+    """(prompts, responses) of conversations: each cut where its last assistant turn begins (later turns dropped)."""
+    prompts, responses = [], []
+    for messages in conversations:
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=0)
+        if last > 0:  # (a conversation without an assistant turn after some context teaches nothing)
+            prompts.append(messages[:last])
+            responses.append(messages[last])
+    if not prompts:
+        fail(f"dataset {name!r}: no conversation has an assistant turn after a first message; check the data")
+    return prompts, responses
+
+
+def conversation_column(table, column: str, name: str):
+    """A column of conversations: each a list of {"role", "content"} messages (extra keys are kept); anything else
+    fails in one line."""
+    values = list(table[column])
+    for i, v in enumerate(values):
+        if isinstance(v, str) and column == "prompt":
+            values[i] = [{"role": "user", "content": v}]  # (TRL: a prompt string is one user turn)
+        elif not (isinstance(v, list) and v and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                    and isinstance(m.get("content"), str) for m in v)):
+            fail(f"dataset {name!r} column {column!r} holds {str(v)[:80]!r} at row {i}, not a list of "
+                 '{"role", "content"} messages; fix or drop the row')
+    return values
+
+
+def render_chat(tokenizer, data, what):
+    """The conversational entries of a data tuple (prompts, *responses), written as text by the tokenizer's chat
+    template: the prompt is the conversation up to where the response's assistant turn begins (with the template's
+    generation prompt), the response the rest of the rendered conversation, so only the response is scored and trained
+    on. Text entries pass as they are."""
+    prompts, *responses = data
+    if not len(prompts) or isinstance(prompts[0], str):
+        return data
+    if getattr(tokenizer, "chat_template", None) is None:
+        fail(f"the {what} are conversations, and the tokenizer has no chat template to write them with; use a chat "
+             "model's tokenizer (--model_name_or_path) or give the data as text")
+    rendered = [[], *([] for _ in responses)]
+    for i, prompt in enumerate(prompts):
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        rendered[0].append(prompt_text)
+        for column, out in zip(responses, rendered[1:]):
+            whole = tokenizer.apply_chat_template(prompt + [column[i]], tokenize=False)
+            if not whole.startswith(prompt_text):
+                fail(f"the {what}: the chat template writes a conversation's start differently with and without its "
+                     "answer, so the prompt cannot be cut off; use another chat template")
+            out.append(whole[len(prompt_text) :].rstrip())
+    return tuple(rendered)
+
+
+def encode_prompts(tokenizer, prompts):
+    """Token ids of prompts, with the tokenizer's special tokens (e.g. a BOS), except where a chat template wrote them."""
+    bos = tokenizer.bos_token
+    written = [bool(bos) and p.startswith(bos) for p in prompts]
+    ids = {flag: iter(tokenizer([p for p, w in zip(prompts, written) if w == flag], add_special_tokens=not flag)["input_ids"])
+           for flag in set(written)}
+    return [next(ids[w]) for w in written]
 
 
 def tokenize_examples(tokenizer, prompts, responses_per_prompt, args, what: str):
     """Token ids of each prompt and its responses (+EOS). Drops over-long prompts, truncates responses."""
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"] if len(prompts) else []
+    prompt_ids = encode_prompts(tokenizer, list(prompts)) if len(prompts) else []
     responses = [tokenizer(list(r), add_special_tokens=False)["input_ids"] for r in responses_per_prompt] if len(prompts) else []
     kept, dropped, truncated = [], 0, 0
     for i, p in enumerate(prompt_ids):
@@ -1321,7 +1524,8 @@ def tokenize_examples(tokenizer, prompts, responses_per_prompt, args, what: str)
         for rs in responses:
             # a cut response gets no EOS (as in TRL): the data never ended there, and SFT must not learn to stop mid-answer
             truncated += len(rs[i]) >= budget
-            row.append(rs[i] + [tokenizer.eos_token_id] if len(rs[i]) < budget else rs[i][:budget])
+            ended = rs[i][-1:] == [tokenizer.eos_token_id]  # (a chat template's end of turn may be the EOS itself)
+            row.append(rs[i] + [tokenizer.eos_token_id] * (not ended) if len(rs[i]) < budget else rs[i][:budget])
         kept.append((p, *row))
     if dropped or truncated:
         print(f"[data] {what}: dropped {dropped} of {len(prompt_ids)} examples whose prompt is empty or exceeds "
@@ -2002,11 +2206,21 @@ def save_model(path, model, tokenizer=None):
     barrier()
 
 
-def summary_writer(run_dir):
-    """TensorBoard's SummaryWriter on the first process; on the others one that drops what it is given."""
+def summary_writer(run_dir, args):
+    """TensorBoard's SummaryWriter on the first process, with --track mirrored to Weights & Biases as CleanRL does (the
+    same scalars, the flags as the run's config; a resumed run continues its W&B run); on the others one that drops
+    what it is given."""
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(run_dir) if RANK == 0 else NoWriter()
+    if RANK:
+        return NoWriter()
+    if args.track:  # before the writer: W&B mirrors the TensorBoard files written after init
+        import wandb
+
+        name = os.path.basename(os.path.normpath(run_dir))
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=name,
+                   id=re.sub(r"[^\w.-]", "-", name)[-128:], resume="allow", dir=run_dir, sync_tensorboard=True)
+    return SummaryWriter(run_dir)
 
 
 class NoWriter:
@@ -2054,6 +2268,7 @@ class Run:
     dir: str
     state: dict  # stage, step, global_step, metrics
     writer: object
+    eval_prompts: list = field(default_factory=list)  # token ids of the prompts --eval_reward_model's responses answer
 
     @property
     def pad_id(self):
@@ -2123,6 +2338,10 @@ def finish_run(run, model, started, algo):
     if RANK == 0:
         write_json(result, os.path.join(run.dir, "metrics.json"))
     run.writer.close()
+    if args.track and RANK == 0:
+        import wandb
+
+        wandb.finish()
     print(json.dumps(result))
     if DISTRIBUTED:
         # the processes leave together, so that none closes its connections while the first still writes its results
@@ -2162,6 +2381,8 @@ def parse_args():
 
 def validate_args(args: Args):
     check_ranges(args, RANGES)
+    check_track(args)
+    check_eval_reward_model(args)
     rlhf_start = args.start == "rlhf"  # the defaults that --start sets, unless given
     for name, value in (("sft_epochs", 3 if rlhf_start else 0),
                         ("reward_pretrain_steps", 120 if rlhf_start and args.algo == "rl" and args.w_pref else 0),
@@ -2268,6 +2489,28 @@ def check_batches_fit(needs):
     for what, available, runs, batch_size, flag in needs:
         if runs and available < batch_size:
             fail(f"only {available} {what} for {flag} {batch_size}; lower {flag} or add data")
+
+
+def check_track(args):
+    """--track needs wandb (checked before anything is built or written)."""
+    if args.track and importlib.util.find_spec("wandb") is None:
+        fail("--track logs to Weights & Biases, and wandb is not installed; pip install wandb, or drop --track")
+
+
+def check_eval_reward_model(args):
+    """--eval_reward_model is a sequence classifier with one label and a tokenizer, before anything is trained."""
+    if args.eval_reward_model is None:
+        return
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = args.eval_reward_model
+    try:
+        config, _ = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        fail(f"could not load --eval_reward_model {path!r} ({str(e).splitlines()[0]}); give a local folder or a hub id")
+    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []) or config.num_labels != 1:
+        fail(f"--eval_reward_model {path!r} is not a reward model (a sequence classifier with one label; its config has "
+             f"{config.architectures} with {config.num_labels} labels); give one, e.g. the reward_model folder of rlhf_llm.py")
 
 
 def check_ranges(config, ranges: dict, prefix: str = "--"):

@@ -30,11 +30,13 @@ Bradley-Terry teacher on the true segment return.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -59,6 +61,12 @@ class Args:
     """seed of the experiment (data, networks, environments)"""
     num_threads: int = 1
     """torch CPU threads (1 is fastest per core for these small networks)"""
+    track: bool = False
+    """also log to Weights & Biases (pip install wandb): the TensorBoard scalars, the flags as the run's config"""
+    wandb_project_name: str = "aihf"
+    """the W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """the W&B team or user of --track (default: your own)"""
     env_id: str = "Hopper-v5"
     """gymnasium MuJoCo task with a flat Box observation and action space: Hopper-v5, HalfCheetah-v5, Walker2d-v5"""
     algo: Literal["aihf", "rlhf", "irl", "ipl", "sac"] = "aihf"
@@ -330,6 +338,10 @@ def main(args: Optional[Args] = None):
             evaluate_start(t, writer)
     metrics = train(t, writer, run_dir, ckpt, started, *(resumed or (0, -float("inf"), [], False)))
     writer.close()
+    if args.track:
+        import wandb
+
+        wandb.finish()
     print(json.dumps(metrics))
     return metrics
 
@@ -988,6 +1000,7 @@ def last_tenth_mean(returns):
 def validate_args(args: Args) -> Args:
     """Fill algorithm-dependent defaults and reject bad input (one line, exit code 2) before anything is written."""
     check_ranges(args, RANGES)
+    check_track(args)
     for noise in args.pool_noises:  # a tuple flag: each element by hand
         if not 0 <= noise <= 100:
             fail(f"--pool_noises must each be in [0, 100] (got {noise})")
@@ -1135,7 +1148,8 @@ def open_run(args: Args, data_key):
         # runs into one curve. The data flags are checked through the data key below, whose message names them.
         may_change = {"exp_name", "run_name", "num_threads", "total_timesteps", "buffer_size", "learning_starts",
                       "eval_every", "eval_episodes", "log_every", "save_every", "save_buffer", "resume",
-                      "cache_dir", "expert_out", "demo_actions"}  # demos: compared through the data key, below
+                      "cache_dir", "expert_out", "demo_actions",  # demos: compared through the data key, below
+                      "track", "wandb_project_name", "wandb_entity"}
         if args.algo != "ipl":  # knobs the run never read
             may_change |= {"ipl_reg_weight", "ipl_replay_weight", "ipl_pairs", "ipl_window"}
         if data_key is not None:
@@ -1165,9 +1179,16 @@ def open_run(args: Args, data_key):
 
 
 def open_writer(run_dir, args: Args, data):
-    """The run's TensorBoard writer, with the flags as a table and the data's expert and demonstration returns."""
+    """The run's TensorBoard writer, with the flags as a table and the data's expert and demonstration returns; with
+    --track mirrored to Weights & Biases as CleanRL does (a resumed run continues its W&B run)."""
     from torch.utils.tensorboard import SummaryWriter  # imported late: keeps --help fast
 
+    if args.track:  # before the writer: W&B mirrors the TensorBoard files written after init
+        import wandb
+
+        name = os.path.basename(os.path.normpath(run_dir))
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=name,
+                   id=re.sub(r"[^\w.-]", "-", name)[-128:], resume="allow", dir=run_dir, sync_tensorboard=True)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters",
                     "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
@@ -1262,6 +1283,12 @@ def fail(message: str):
     """Bad input: one line on stderr that names the problem and the fix; exit code 2, as for tyro's own errors."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_track(args):
+    """--track needs wandb (checked before anything is built or written)."""
+    if args.track and importlib.util.find_spec("wandb") is None:
+        fail("--track logs to Weights & Biases, and wandb is not installed; pip install wandb, or drop --track")
 
 
 def check_ranges(config, ranges: dict, prefix: str = "--"):

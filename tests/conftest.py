@@ -175,3 +175,48 @@ def tiny_hh(tmp_path_factory):
     tokenizer.save_pretrained(model_dir)
     return {"model": str(model_dir), "train": str(root / "train.jsonl"), "test": str(root / "test.jsonl"),
             "sft": str(root / "sft.jsonl"), "dir": str(root)}
+
+
+# A chat template in the usual shape: a header per turn, the assistant's turns ended by the EOS token itself.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                 "{% if m['role'] == 'assistant' %}<|endoftext|>{% else %}<|end|>{% endif %}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tiny_hh, tmp_path_factory):
+    """tiny_hh's model with a chat template, and conversational data files in the formats the scripts read:
+    preferences as TRL's conversational pairs (prompt messages + one-message answers) and as whole conversations
+    (UltraFeedback-binarized), demonstrations as `messages` (TRL, UltraChat) and as SPIN's real/generated pairs.
+
+    Returns dict(model=dir, prefs=jsonl, prefs_whole=jsonl, sft=jsonl, spin=jsonl)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tiny_chat")
+    model_dir = root / "tiny-chat"
+    shutil.copytree(tiny_hh["model"], model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(model_dir)
+    files = {"prefs": [], "prefs_whole": [], "sft": [], "spin": []}
+    for i in range(48):
+        q, good, bad = HH_DIALOGUES[i % len(HH_DIALOGUES)]
+        history = [{"role": "user", "content": q}]
+        if i % 3:  # multi-turn: the prompt holds an earlier exchange
+            history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi."}] + history
+        files["prefs"].append({"prompt": history, "chosen": [{"role": "assistant", "content": good}],
+                               "rejected": [{"role": "assistant", "content": bad}]})
+        files["prefs_whole"].append({"prompt": q, "chosen": history + [{"role": "assistant", "content": good}],
+                                     "rejected": history + [{"role": "assistant", "content": bad}]})
+        files["sft"].append({"messages": history + [{"role": "assistant", "content": good}]})
+        files["spin"].append({"real": history + [{"role": "assistant", "content": good}],
+                              "generated": history + [{"role": "assistant", "content": bad}]})
+    out = {"model": str(model_dir)}
+    for name, rows in files.items():
+        with open(root / f"{name}.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        out[name] = str(root / f"{name}.jsonl")
+    return out

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, assert_learned, make_run, run_script
+from conftest import ROOT, assert_learned, fails_in_one_line, make_run, run_script
 
 SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py")) if not p.endswith("sort_task.py"))
 LLM_SCRIPTS = [s for s in SCRIPTS if s.endswith("_llm.py")]
@@ -345,3 +345,260 @@ def test_main_is_short_and_the_core_update_comes_early(script):
     _, main_lines, first, share = measure(script)
     assert main_lines <= MAIN_LINES, f"{script}: main() has {main_lines} lines; move a stage into its own function"
     assert first is not None and share <= CORE_SHARE, f"{script}: the core update first appears at line {first} ({share})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --track: Weights & Biases mirrors TensorBoard (an optional package: a clear error where it is missing)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_track_without_wandb_fails_in_one_line(script, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed, whatever this machine has
+    m = import_module(script[:-3])
+    message = fails_in_one_line(lambda: m.validate_args(m.Args(track=True)))
+    assert "--track" in message and "pip install wandb" in message
+    assert [f for f in os.listdir(tmp_path) if f != "MUJOCO_LOG.TXT"] == []
+
+
+# A stand-in for the wandb package: it records what the script asks of it.
+FAKE_WANDB = '''
+import json, os
+
+
+def _record(event, **fields):
+    with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+        f.write(json.dumps({"event": event, **fields}, default=str) + "\\n")
+
+
+def init(**kwargs):
+    _record("init", files_then=sorted(os.listdir(kwargs["dir"])), **kwargs)
+
+
+def finish():
+    _record("finish")
+'''
+
+
+@pytest.mark.parametrize("script,flags", [
+    ("dpo_llm.py", ["--task.num_demos", 64, "--task.num_prefs", 64, "--task.num_eval_prompts", 8, "--task.num_eval_prefs",
+                    16, "--sft_epochs", 1, "--num_epochs", 1, "--batch_size", 16]),
+    ("aihf_mujoco.py", ["--algo", "sac", "--total_timesteps", 300, "--learning_starts", 100, "--eval_every", 300,
+                        "--eval_episodes", 1, "--hidden", 32, "--batch_size", 32])])
+def test_track_mirrors_tensorboard_to_wandb(script, flags, task_cache, tmp_path):
+    """--track: wandb.init before the TensorBoard writer, with the project, entity, the flags as config and TensorBoard
+    mirrored (sync_tensorboard), named and identified by the run folder (so --resume continues it); finish() at the end.
+    The LLM scripts share this code (identical copies); MuJoCo's is its own."""
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "wandb.py").write_text(FAKE_WANDB)
+    log = tmp_path / "wandb.jsonl"
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), ROOT]), "FAKE_WANDB_LOG": str(log)}
+    out = ["--task.cache_dir", task_cache, "--output_dir", tmp_path / "runs"] if script.endswith("_llm.py") else []
+    run_script(script, *flags, *out, "--run_name", "tracked", "--track", "--wandb_project_name", "proj",
+               "--wandb_entity", "team", "--num_threads", 1, cwd=tmp_path, env=env)
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["init", "finish"]
+    init = events[0]
+    assert init["project"] == "proj" and init["entity"] == "team" and init["sync_tensorboard"] is True
+    assert init["name"] == init["id"] == "tracked" and init["resume"] == "allow"
+    assert init["config"]["track"] is True and init["config"]["seed"] == 1 and init["config"]["run_name"] == "tracked"
+    run_dir = tmp_path / "runs" / "tracked"
+    assert glob.glob(str(run_dir / "events.out.tfevents.*"))  # TensorBoard's own files, which W&B mirrors ...
+    assert os.path.samefile(tmp_path / init["dir"], run_dir)  # (MuJoCo's folder is relative to where it runs)
+    assert not [f for f in init["files_then"] if "tfevents" in f]  # ... once they are made after init
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --eval_reward_model: a separate reward model scores the start, SFT and final policies' responses
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def eval_reward_models(tiny_hh, tmp_path_factory):
+    """Two scoring models with the tiny HH tokenizer (not the policy's): a decoder with a `score` head, as rlhf_llm.py
+    saves reward models (one label, a reward_bias), and an encoder classifier read through its own forward."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPTNeoXConfig, \
+        GPTNeoXForSequenceClassification
+
+    root = tmp_path_factory.mktemp("eval_rm")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hh["model"])
+    torch.manual_seed(0)
+    decoder = GPTNeoXForSequenceClassification(GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=256, num_labels=1, pad_token_id=tokenizer.eos_token_id))
+    decoder.config.reward_bias = 0.25
+    encoder = BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=64, num_labels=1,
+                                                       max_position_embeddings=256, pad_token_id=0))
+    for name, model in (("decoder", decoder), ("encoder", encoder)):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return {"decoder": str(root / "decoder"), "encoder": str(root / "encoder"), "tokenizer": tokenizer}
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_eval_reward_model_scores_each_text_as_its_own_tokenizer_reads_it(kind, eval_reward_models):
+    """score_texts: the scoring model's own tokens of each text + its EOS, batched and padded; the decoder read at that
+    EOS minus its reward_bias (sequence_rewards), any other classifier through its forward; one text at a time gives
+    the same scores (padding changes nothing)."""
+    import dpo_llm as m
+
+    model, tokenizer = m.load_eval_reward_model(eval_reward_models[kind], torch.device("cpu"))
+    texts = ["\n\nHuman: hi\n\nAssistant: hello there", "\n\nHuman: how?\n\nAssistant: like this, slowly", "x"]
+    run = make_run(m, SimpleNamespace(forward_batch_size=2))
+    scores = m.score_texts(run, model, tokenizer, texts)
+    alone = []
+    for text in texts:
+        ids = torch.tensor([tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]])
+        with torch.no_grad():
+            if kind == "decoder":
+                last = model.base_model(input_ids=ids).last_hidden_state[0, -1]
+                alone.append(model.score(last).squeeze() - 0.25)
+            else:
+                alone.append(model(input_ids=ids).logits[0, 0])
+    torch.testing.assert_close(scores, torch.stack(alone), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("module", [s[:-3] for s in LLM_SCRIPTS])
+def test_eval_reward_model_statistics(module, monkeypatch, tiny_hh):
+    """reward_model_scores: per policy the mean score and its 95% half-interval over the prompts, and the final
+    policy's win rate against the start's response to the same prompt (ties one half), from the kept responses."""
+    from transformers import AutoTokenizer
+
+    m = import_module(module)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hh["model"])
+    prompts = [tokenizer(p)["input_ids"] for p in ("a", "bb", "ccc", "dddd")]
+    run = make_run(m, SimpleNamespace(eval_reward_model="some/model", forward_batch_size=2))
+    run.tokenizer, run.eval_prompts = tokenizer, prompts
+    run.state["eval_responses"] = {"_init": ["1", "5", "3", "2"], "_sft": ["2", "2", "2", "2"], "": ["4", "5", "1", "9"]}
+    monkeypatch.setattr(m, "load_eval_reward_model", lambda path, device: (torch.nn.Linear(1, 1), None))
+    # the score of "prompt + response": the response's number (the prompt's letters score nothing)
+    monkeypatch.setattr(m, "score_texts", lambda run, model, tok, texts: torch.tensor([float(t.lstrip("abcd")) for t in texts]))
+    out = m.reward_model_scores(run)
+    final = torch.tensor([4.0, 5, 1, 9])
+    assert out["eval_rm_score"] == pytest.approx(final.mean().item())
+    assert out["eval_rm_score_ci95"] == pytest.approx(1.96 * final.std().item() / 2)
+    assert out["eval_rm_score_init"] == pytest.approx(2.75) and out["eval_rm_score_sft"] == 2.0
+    assert out["eval_rm_score_sft_ci95"] == 0.0
+    assert out["eval_rm_win_rate"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)  # 4 > 1, 5 = 5, 1 < 3, 9 > 2
+
+
+def test_eval_reward_model_run_trains_the_same_and_reports(eval_reward_models, task_cache, tmp_path):
+    """A run with --eval_reward_model (a scoring model with a tokenizer of its own) reports each policy's mean score,
+    interval and the final win rate, and trains exactly as the same run without it (its sampling forks the RNG)."""
+    flags = ["--task.num_demos", 64, "--task.num_prefs", 64, "--task.num_eval_prompts", 8, "--task.num_eval_prefs", 16,
+             "--sft_epochs", 1, "--num_epochs", 1, "--batch_size", 16, "--num_threads", 1, "--task.cache_dir", task_cache,
+             "--output_dir", tmp_path]
+    run_script("dpo_llm.py", *flags, "--run_name", "plain")
+    run_script("dpo_llm.py", *flags, "--run_name", "scored", "--eval_reward_model", eval_reward_models["decoder"],
+               "--num_eval_prompts", 12)
+    plain, scored = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("plain", "scored"))
+    for suffix in ("_init", "_sft", ""):
+        assert math.isfinite(scored[f"eval_rm_score{suffix}"]) and scored[f"eval_rm_score{suffix}_ci95"] > 0
+    assert 0 <= scored["eval_rm_win_rate"] <= 1
+    same = {k: v for k, v in plain.items() if k not in ("wall_s", "dpo_tokens_per_s")}
+    assert same and all(scored[k] == v for k, v in same.items()), {k: (v, scored[k]) for k, v in same.items() if scored[k] != v}
+    kept = torch.load(tmp_path / "scored" / "checkpoint.pt", weights_only=False)["eval_responses"]  # (the final
+    assert set(kept) == {"_init", "_sft"} and all(len(r) == 12 for r in kept.values())  # policy's come after it)
+
+
+@pytest.mark.parametrize("module", [s[:-3] for s in LLM_SCRIPTS])
+def test_eval_reward_model_that_is_no_reward_model_fails_in_one_line(module, tiny_hh, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    m = import_module(module)
+    for path, needle in ((tiny_hh["model"], "is not a reward model"), (str(tmp_path / "missing"), "could not load")):
+        message = fails_in_one_line(lambda: m.validate_args(m.Args(eval_reward_model=path)))
+        assert "--eval_reward_model" in message and needle in message, message
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversational data: recognised from its columns, written by the chat template, only the answer trained on
+# ---------------------------------------------------------------------------------------------------------------
+def _table(rows):
+    import datasets
+
+    return datasets.Dataset.from_list(rows)
+
+
+@pytest.mark.parametrize("module", [s[:-3] for s in LLM_SCRIPTS])
+def test_conversational_formats_become_prompts_and_answers(module):
+    m = import_module(module)
+    user, earlier = {"role": "user", "content": "q?"}, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hi."}]
+    good, bad = {"role": "assistant", "content": "yes"}, {"role": "assistant", "content": "no"}
+    explicit = _table([{"prompt": earlier + [user], "chosen": [good], "rejected": [bad]}])
+    prompt_string = _table([{"prompt": "q?", "chosen": [good], "rejected": [bad]}])
+    whole = _table([{"prompt": "q?", "chosen": [user, good], "rejected": [user, bad]},  # UltraFeedback-binarized
+                    {"prompt": "q?", "chosen": [user, good], "rejected": [earlier[0], bad]}])  # prompts differ: skipped
+    assert m.preference_pairs(explicit, "x") == ([earlier + [user]], [good], [bad])
+    assert m.preference_pairs(prompt_string, "x") == ([[user]], [good], [bad])
+    assert m.preference_pairs(whole, "x") == ([[user]], [good], [bad])
+    conversation = earlier + [user, good, {"role": "user", "content": "and?"}]  # the last assistant turn is the answer
+    for table in (_table([{"messages": conversation}]), _table([{"real": conversation, "generated": earlier}]),
+                  _table([{"prompt": earlier + [user], "completion": [good]}])):
+        assert m.demonstrations(table, "x") == ([earlier + [user]], [good])
+    for bad_rows in ([{"messages": "just text"}], [{"messages": [{"role": "user"}]}]):
+        message = fails_in_one_line(lambda: m.demonstrations(_table(bad_rows), "x"))
+        assert "'messages'" in message and "messages" in message
+
+
+@pytest.mark.parametrize("module", [s[:-3] for s in LLM_SCRIPTS])
+def test_chat_template_writes_the_prompt_and_only_the_answer_is_trained_on(module, tiny_chat, tiny_hh):
+    """render_chat: the prompt is the conversation with the template's generation prompt, the response the rest (here
+    ending in the template's own EOS, which gets no second one); in the SFT batch every prompt token has no target and
+    every response token has one. A tokenizer without a chat template refuses conversations in one line."""
+    from transformers import AutoTokenizer
+
+    m = import_module(module)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat["model"])
+    prompts, answers = m.demonstrations(_table([json.loads(line) for line in open(tiny_chat["sft"])][:3]), "x")
+    text_prompts, text_answers = m.render_chat(tokenizer, (prompts, answers), "demonstrations")
+    for prompt, answer, text_prompt, text_answer in zip(prompts, answers, text_prompts, text_answers):
+        assert text_prompt == tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        assert text_prompt.endswith("<|assistant|>") and text_answer == answer["content"] + "<|endoftext|>"
+    args = SimpleNamespace(max_prompt_length=200, max_length=256)
+    examples = m.tokenize_examples(tokenizer, text_prompts, [text_answers], args, "demonstrations")
+    ids, mask, targets = m.sft_batch(examples, tokenizer.pad_token_id or 0)
+    for row, (prompt_ids, answer_ids) in enumerate(examples):
+        assert answer_ids == tokenizer(text_answers[row], add_special_tokens=False)["input_ids"]  # one EOS, its own
+        assert answer_ids.count(tokenizer.eos_token_id) == 1 and answer_ids[-1] == tokenizer.eos_token_id
+        trained = targets[row][targets[row] != -100].tolist()
+        assert trained == answer_ids  # every answer token, and nothing of the prompt
+    plain = AutoTokenizer.from_pretrained(tiny_hh["model"])
+    message = fails_in_one_line(lambda: m.render_chat(plain, (prompts, answers), "demonstrations"))
+    assert "chat template" in message and "demonstrations" in message
+
+
+CHAT_RUNS = {  # each script on a conversational preference file and a conversational demonstration file
+    "dpo_llm.py": ["--dataset_name", "prefs_whole", "--sft_dataset_name", "sft", "--num_epochs", 1],
+    "rlhf_llm.py": ["--dataset_name", "prefs", "--sft_dataset_name", "sft", "--rm_epochs", 1, "--total_episodes", 8,
+                    "--rollout_batch_size", 4, "--num_reward_norm_samples", 4, "--forward_batch_size", 4],
+    "aihf_llm.py": ["--dataset_name", "prefs", "--demo_dataset_name", "spin", "--algo", "direct", "--num_epochs", 1,
+                    "--num_eval_demos", 8, "--forward_batch_size", 8],
+    "afd_llm.py": ["--dataset_name", "prefs_whole", "--sft_dataset_name", "spin", "--rm_epochs", 1, "--max_n", 2,
+                   "--forward_batch_size", 8],
+}
+
+
+@pytest.mark.parametrize("script", sorted(CHAT_RUNS))
+def test_conversational_data_runs_end_to_end(script, tiny_chat, tmp_path):
+    flags = [tiny_chat[f] if f in tiny_chat else f for f in CHAT_RUNS[script]]
+    run_script(script, "--model_name_or_path", tiny_chat["model"], *flags, "--max_length", 128, "--max_prompt_length", 100,
+               "--response_length", 8, "--sft_epochs", 1, "--batch_size", 8, "--num_threads", 1, "--output_dir", tmp_path,
+               "--run_name", "chat")
+    metrics = json.loads((tmp_path / "chat" / "metrics.json").read_text())
+    assert metrics["steps"] > 0 and metrics["task"].endswith(".jsonl")
+
+
+@pytest.mark.parametrize("module", [s[:-3] for s in LLM_SCRIPTS])
+def test_prompts_get_one_bos_whether_or_not_a_chat_template_wrote_it(module, tiny_hh):
+    """A tokenizer that adds a BOS (Llama's way): a plain prompt gets it, a prompt whose chat template already wrote it
+    does not get a second one; the order of the prompts is kept."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    m = import_module(module)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hh["model"])
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single=f"{tokenizer.bos_token} $A",
+                                                             special_tokens=[(tokenizer.bos_token, bos)])
+    plain = tokenizer("hi there", add_special_tokens=False)["input_ids"]
+    ids = m.encode_prompts(tokenizer, ["hi there", tokenizer.bos_token + "hi there", "hi there"])
+    assert ids == [[bos] + plain] * 3
