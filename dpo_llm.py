@@ -29,6 +29,7 @@ import random
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cache, partial, wraps
 from typing import Literal, Optional
@@ -552,15 +553,25 @@ def sequence_rewards(reward_model, ids, mask):
     return reward_model.score(last).squeeze(-1).float() - reward_model.config.reward_bias
 
 
+@contextmanager
+def eval_mode(policy):
+    """The policy in eval mode for an evaluation, and back in its mode after (the model's: a wrapper's own flag may
+    differ)."""
+    was_training = all(m.training for m in policy.modules())  # the model's mode
+    policy.eval()
+    try:
+        yield
+    finally:
+        policy.train(was_training)
+
+
 def evaluate_gold(run, policy, suffix):
     """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only).
     Every process runs the same evaluation and gets the same result."""
     if run.task is None:
         return {}
-    was_training = all(m.training for m in policy.modules())  # the model's mode (a wrapper's own flag may differ)
-    policy.eval()
-    result = forward_pass(run.task.evaluate)(policy, run.tokenizer, seed=run.args.seed, synced_gpus=SHARDED)
-    policy.train(was_training)
+    with eval_mode(policy):
+        result = forward_pass(run.task.evaluate)(policy, run.tokenizer, seed=run.args.seed, synced_gpus=SHARDED)
     print(f"[eval] policy{suffix or ' (final)'}: gold reward sampled {result['gold_reward']:.3f}, greedy {result['gold_reward_greedy']:.3f}")
     return {f"{k}{suffix}": v for k, v in result.items()}
 
@@ -575,12 +586,9 @@ def evaluate_stage(run, policy, suffix):
     if run.args.eval_reward_model is None or suffix in responses:
         return
     queries, query_mask = (t.to(run.device) for t in left_pad(this_rank(run.eval_prompts), run.pad_id))
-    was_training = all(m.training for m in policy.modules())
-    policy.eval()
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+    with eval_mode(policy), torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         seed_share(run.args.seed)
         sampled = generate(policy, queries, query_mask, run, temperature=1.0)
-    policy.train(was_training)
     responses[suffix] = gather(response_texts(run, sampled), len(run.eval_prompts))
 
 
