@@ -774,43 +774,42 @@ def preference_pairs(table, name: str):
     - conversational: chosen/rejected lists of {"role", "content"} messages, either whole conversations (the prompt
       is what they share: UltraFeedback-binarized) or the answer alone with the conversation so far in `prompt` (a
       list of messages, or a string: one user turn). A conversational prompt is a list of messages and a response
-      one message, until render_chat writes them as the tokenizer's chat template does."""
+      one message, until render_chat writes them as the tokenizer's chat template does.
+    Pairs whose two sides do not share their prompt are skipped (and counted)."""
     columns = set(table.column_names)
-    if {"chosen", "rejected"} <= columns and table.num_rows and isinstance(table[0]["chosen"], list):
-        prompts, chosen, rejected, unmatched = [], [], [], 0
-        chosen_column, rejected_column = (conversation_column(table, c, name) for c in ("chosen", "rejected"))
-        if "prompt" in columns and chosen_column[0][0]["role"] == "assistant":  # the answer alone: prepend the prompt
-            prompt_column = conversation_column(table, "prompt", name)
-            chosen_column = [p + c for p, c in zip(prompt_column, chosen_column)]
-            rejected_column = [p + r for p, r in zip(prompt_column, rejected_column)]
-        for c, r in zip(chosen_column, rejected_column):
-            if c[:-1] != r[:-1] or not c[:-1] or c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
-                unmatched += 1
-                continue
-            prompts.append(c[:-1])
-            chosen.append(c[-1])
-            rejected.append(r[-1])
-        if unmatched:
-            print(f"[data] {name}: skipped {unmatched} pairs whose chosen/rejected conversations do not share a prompt "
-                  "and end with an assistant turn")
-        return prompts, chosen, rejected
-    if {"prompt", "chosen", "rejected"} <= columns:
+    if not {"chosen", "rejected"} <= columns:
+        fail(f"dataset {name!r} lacks the columns prompt/chosen/rejected (or HH-style or conversational chosen/rejected); "
+             f"found {sorted(columns)}")
+    if table.num_rows and isinstance(table[0]["chosen"], list):
+        chosen, rejected = (conversation_column(table, c, name) for c in ("chosen", "rejected"))
+        if "prompt" in columns and chosen[0][0]["role"] == "assistant":  # the answer alone: prepend the prompt
+            prompt = conversation_column(table, "prompt", name)
+            chosen, rejected = [p + c for p, c in zip(prompt, chosen)], [p + r for p, r in zip(prompt, rejected)]
+        split = split_conversation_pair
+    elif "prompt" in columns:
         return tuple(text_column(table, c, name) for c in ("prompt", "chosen", "rejected"))
-    if {"chosen", "rejected"} <= columns:  # Anthropic-HH: the prompt is the shared transcript prefix
-        prompts, chosen, rejected, unmatched = [], [], [], 0
-        for c, r in zip(text_column(table, "chosen", name), text_column(table, "rejected", name)):
-            prompt, c_response = split_hh(c)
-            if prompt is None or not r.startswith(prompt):
-                unmatched += 1
-                continue
-            prompts.append(prompt)
-            chosen.append(c_response)
-            rejected.append(r[len(prompt):])
-        if unmatched:
-            print(f"[data] {name}: skipped {unmatched} HH pairs whose chosen/rejected do not share the prompt")
-        return prompts, chosen, rejected
-    fail(f"dataset {name!r} lacks the columns prompt/chosen/rejected (or HH-style or conversational chosen/rejected); "
-         f"found {sorted(columns)}")
+    else:  # Anthropic-HH transcripts
+        chosen, rejected = text_column(table, "chosen", name), text_column(table, "rejected", name)
+        split = split_hh_pair
+    pairs = [split(c, r) for c, r in zip(chosen, rejected)]
+    kept = [p for p in pairs if p is not None]
+    if len(kept) < len(pairs):
+        print(f"[data] {name}: skipped {len(pairs) - len(kept)} pairs whose chosen and rejected do not share the prompt")
+    return tuple(map(list, zip(*kept))) if kept else ([], [], [])
+
+
+def split_hh_pair(chosen, rejected):
+    """(prompt, chosen response, rejected response) of two HH transcripts, or None where they do not share the prompt."""
+    prompt, response = split_hh(chosen)
+    return None if prompt is None or not rejected.startswith(prompt) else (prompt, response, rejected[len(prompt) :])
+
+
+def split_conversation_pair(chosen, rejected):
+    """(prompt, chosen answer, rejected answer) of two conversations that share all but their last turn, an assistant's
+    on both sides; or None."""
+    if chosen[:-1] != rejected[:-1] or not chosen[:-1] or {chosen[-1]["role"], rejected[-1]["role"]} != {"assistant"}:
+        return None
+    return chosen[:-1], chosen[-1], rejected[-1]
 
 
 def demonstrations(table, name: str):

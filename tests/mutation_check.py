@@ -180,7 +180,7 @@ MUTANTS = [
      "add_special_tokens=not flag)", "add_special_tokens=True)",
      ["tests/test_shared_machinery.py::-k 'one_bos and dpo'"]),
     ("afd: whole-conversation pairs with different prompts kept", "afd_llm.py",
-     "            if c[:-1] != r[:-1] or", "            if False and c[:-1] != r[:-1] or",
+     "    if chosen[:-1] != rejected[:-1] or", "    if False and chosen[:-1] != rejected[:-1] or",
      ["tests/test_shared_machinery.py::-k 'conversational_formats and afd'"]),
     ("dpo: a forward pass given the wrapper runs outside its forward (DDP sees no forward)", "dpo_llm.py",
      "            return model(fn, *args, **kwargs)", "            return fn(getattr(model, 'module', model).model, *args, **kwargs)",
