@@ -290,3 +290,22 @@ def test_shares_gathers_and_reductions_on_two_processes(tmp_path):
     for name, value in single.items():
         torch.testing.assert_close(r0["reward_weights"][name], value, rtol=1e-5, atol=1e-6, msg=name)
         assert torch.equal(r0["reward_weights"][name], r1["reward_weights"][name]), name
+
+
+def test_eval_reward_model_on_two_processes(tiny_hh, task_cache, tmp_path):
+    """--eval_reward_model under torchrun: each process samples and scores its share of the held-out prompts (15: an
+    uneven split, whose padding copies are dropped again), and the run reports every prompt's score once."""
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hh["model"])
+    GPTNeoXForSequenceClassification(GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=256, num_labels=1)).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    torchrun("dpo_llm.py", *RUNS["dpo_llm"][0], "--eval_reward_model", tmp_path / "rm", "--num_eval_prompts", 15,
+             "--task.cache_dir", task_cache, "--output_dir", tmp_path, "--run_name", "two")
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert {"eval_rm_score_init", "eval_rm_score_sft", "eval_rm_score"} <= set(metrics)
+    assert 0 <= metrics["eval_rm_win_rate"] <= 1 and metrics["eval_rm_score_ci95"] > 0
+    kept = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["eval_responses"]
+    assert set(kept) == {"_init", "_sft"} and all(len(r) == 15 for r in kept.values())
