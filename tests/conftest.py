@@ -220,3 +220,22 @@ def tiny_chat(tiny_hh, tmp_path_factory):
                 f.write(json.dumps(r) + "\n")
         out[name] = str(root / f"{name}.jsonl")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_rm(tiny_hh, tmp_path_factory):
+    """A folder an --eval_reward_model flag can name: a tiny decoder reward model with a `score` head and a
+    reward_bias of 0.25, as rlhf_llm.py saves them, and a tokenizer of its own (tiny_hh's, not the embedded task's)."""
+    import torch
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("eval_rm") / "decoder"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hh["model"])
+    torch.manual_seed(0)
+    model = GPTNeoXForSequenceClassification(GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=256, num_labels=1, pad_token_id=tokenizer.eos_token_id))
+    model.config.reward_bias = 0.25
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -293,20 +293,13 @@ def test_bad_data(monkeypatch, tmp_path, tiny_hh):
 
 
 
-def test_eval_reward_model_scores_the_best_of_n_choices(tiny_hh, task_cache, tmp_path):
+def test_eval_reward_model_scores_the_best_of_n_choices(tiny_eval_rm, task_cache, tmp_path):
     """With Best-of-N the final policy is its choice: --eval_reward_model scores, per held-out prompt, the sample with
     the highest learned reward (the bon_samples.jsonl record), against pi0's and the SFT model's own samples."""
-    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_hh["model"])
-    GPTNeoXForSequenceClassification(GPTNeoXConfig(
-        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=256, num_labels=1)).save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
     small = ["--task.num_demos", 96, "--task.num_prefs", 0, "--task.num_eval_prompts", 16, "--task.num_eval_prefs", 16,
              "--sft_epochs", 1, "--batch_size", 16, "--rm_eval_fraction", 0.25, "--rm_epochs", 1, "--max_n", 4,
              "--num_threads", 1, "--num_bon_prompts", 16]
-    run_script("afd_llm.py", *small, "--eval_reward_model", tmp_path / "rm", "--num_eval_prompts", 10, "--task.cache_dir",
+    run_script("afd_llm.py", *small, "--eval_reward_model", tiny_eval_rm, "--num_eval_prompts", 10, "--task.cache_dir",
                task_cache, "--output_dir", tmp_path, "--run_name", "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert {"eval_rm_score_init", "eval_rm_score_sft", "eval_rm_score", "eval_rm_win_rate"} <= set(metrics)

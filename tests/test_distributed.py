@@ -292,17 +292,10 @@ def test_shares_gathers_and_reductions_on_two_processes(tmp_path):
         assert torch.equal(r0["reward_weights"][name], r1["reward_weights"][name]), name
 
 
-def test_eval_reward_model_on_two_processes(tiny_hh, task_cache, tmp_path):
+def test_eval_reward_model_on_two_processes(tiny_eval_rm, task_cache, tmp_path):
     """--eval_reward_model under torchrun: each process samples and scores its share of the held-out prompts (15: an
     uneven split, whose padding copies are dropped again), and the run reports every prompt's score once."""
-    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForSequenceClassification
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_hh["model"])
-    GPTNeoXForSequenceClassification(GPTNeoXConfig(
-        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=256, num_labels=1)).save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
-    torchrun("dpo_llm.py", *RUNS["dpo_llm"][0], "--eval_reward_model", tmp_path / "rm", "--num_eval_prompts", 15,
+    torchrun("dpo_llm.py", *RUNS["dpo_llm"][0], "--eval_reward_model", tiny_eval_rm, "--num_eval_prompts", 15,
              "--task.cache_dir", task_cache, "--output_dir", tmp_path, "--run_name", "two")
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert {"eval_rm_score_init", "eval_rm_score_sft", "eval_rm_score"} <= set(metrics)

@@ -411,26 +411,19 @@ def test_track_mirrors_tensorboard_to_wandb(script, flags, task_cache, tmp_path)
 # --eval_reward_model: a separate reward model scores the start, SFT and final policies' responses
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def eval_reward_models(tiny_hh, tmp_path_factory):
-    """Two scoring models with the tiny HH tokenizer (not the policy's): a decoder with a `score` head, as rlhf_llm.py
-    saves reward models (one label, a reward_bias), and an encoder classifier read through its own forward."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPTNeoXConfig, \
-        GPTNeoXForSequenceClassification
+def eval_reward_models(tiny_hh, tiny_eval_rm, tmp_path_factory):
+    """Two scoring models with the tiny HH tokenizer (not the policy's): the decoder of tiny_eval_rm (a `score` head
+    and a reward_bias of 0.25, as rlhf_llm.py saves reward models) and an encoder classifier read through its forward."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    root = tmp_path_factory.mktemp("eval_rm")
+    folder = tmp_path_factory.mktemp("eval_rm") / "encoder"
     tokenizer = AutoTokenizer.from_pretrained(tiny_hh["model"])
     torch.manual_seed(0)
-    decoder = GPTNeoXForSequenceClassification(GPTNeoXConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=256, num_labels=1, pad_token_id=tokenizer.eos_token_id))
-    decoder.config.reward_bias = 0.25
-    encoder = BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                                                       num_attention_heads=2, intermediate_size=64, num_labels=1,
-                                                       max_position_embeddings=256, pad_token_id=0))
-    for name, model in (("decoder", decoder), ("encoder", encoder)):
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return {"decoder": str(root / "decoder"), "encoder": str(root / "encoder"), "tokenizer": tokenizer}
+    BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64, num_labels=1,
+                                             max_position_embeddings=256, pad_token_id=0)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return {"decoder": tiny_eval_rm, "encoder": str(folder)}
 
 
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
