@@ -1006,28 +1006,19 @@ def validate_args(args: Args) -> Args:
             fail(f"--pool_noises must each be in [0, 100] (got {noise})")
     paper = args.algo != "sac"
     learns_from_policy = args.algo in ("aihf", "irl")
-    if args.batch_size is None:
-        args.batch_size = 100 if paper else 256
-    if args.policy_lr is None:
-        args.policy_lr = 1e-3 if paper else 3e-4
-    if args.autotune is None:
-        args.autotune = not paper
-    if args.reward_input is None:
-        args.reward_input = "state" if args.env_id.startswith("HalfCheetah") else "state_action"
     if args.algo == "irl":  # ML-IRL: demonstrations alone
         args.pref_weight, args.num_prefs = 0.0, 0
     if args.termination is None:
         args.termination = "absorbing" if learns_from_policy else "replay"
-    if args.policy_samples is None:
-        args.policy_samples = 10_000 if args.termination == "rollouts" else 5000
-    if args.reward_pretrain_steps is None:
-        args.reward_pretrain_steps = 3000 if args.algo in ("rlhf", "aihf") else 0
-    if args.bc_steps is None:
-        args.bc_steps = 10000 if args.algo in ("rlhf", "aihf") else 0
-    if args.demo_actions is None:
-        args.demo_actions = "mean" if args.algo == "rlhf" else "sample"
-    if args.expert_path is None:
-        args.expert_path = f"experts/{args.env_id}.pt"
+    for name, value in (("batch_size", 100 if paper else 256), ("policy_lr", 1e-3 if paper else 3e-4),
+                        ("autotune", not paper), ("expert_path", f"experts/{args.env_id}.pt"),
+                        ("reward_input", "state" if args.env_id.startswith("HalfCheetah") else "state_action"),
+                        ("policy_samples", 10_000 if args.termination == "rollouts" else 5000),
+                        ("reward_pretrain_steps", 3000 if args.algo in ("rlhf", "aihf") else 0),
+                        ("bc_steps", 10000 if args.algo in ("rlhf", "aihf") else 0),
+                        ("demo_actions", "mean" if args.algo == "rlhf" else "sample")):
+        if getattr(args, name) is None:  # the defaults that depend on --algo, --env_id or --termination
+            setattr(args, name, value)
     if args.learning_starts >= args.total_timesteps:
         fail(f"--learning_starts must be < --total_timesteps (got {args.learning_starts} >= {args.total_timesteps})")
     if args.buffer_size < args.policy_samples and args.termination != "rollouts":
@@ -1199,8 +1190,7 @@ def open_writer(run_dir, args: Args, data):
 
 
 def wall_s(ckpt, started):
-    """Wall-clock seconds of the whole run (data, pre-training stages, SAC, evals), including time before any
-    --resume."""
+    """Wall-clock seconds of the whole run (data, pre-training, SAC, evals), including those before any --resume."""
     return (0.0 if ckpt is None else ckpt.get("wall_s", 0.0)) + time.time() - started
 
 
@@ -1321,9 +1311,7 @@ def write_json(obj, path: str):
 
 
 def progress_bar(total: int, desc: str, initial: int = 0):
-    """A tqdm bar (set_postfix shows the running loss) when stderr is a terminal, and under torchrun on the first
-    process only; in logs and tests a silent stand-in, and the plain status lines carry the progress. tqdm comes with
-    transformers and datasets."""
+    """A tqdm bar on a terminal, first process only (tqdm comes with transformers); the status lines carry the rest."""
     from tqdm.auto import tqdm
 
     hidden = not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0"

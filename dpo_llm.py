@@ -391,8 +391,8 @@ def load_policy(path: str, device):
 
 
 def to_autocast_dtype(hidden):
-    """Under autocast (--bf16), hidden states in its dtype. The final layer norm hands back fp32, but the LM head is a
-    linear layer, which autocast runs in bf16; so are the fused losses' chunk matmuls (their softmax math is fp32)."""
+    """Under --bf16 autocast, hidden states in bf16: the final norm hands back fp32, but autocast would run the LM head
+    in bf16, and so do the fused losses' chunk matmuls (their softmax math is fp32)."""
     device = hidden.device.type
     return hidden.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else hidden
 
@@ -413,13 +413,10 @@ def scored_tokens(model, ids, mask, targets):
 
 
 def pair_scored_tokens(model, prompt_ids, prompt_mask, response_ids, response_mask):
-    """scored_tokens of the sequences [prompt + chosen, prompt + rejected] of each pair, with the prompt run once.
-
-    The concatenated forward would run every prompt twice, once per response. Here the backbone runs the B
-    prompts, their keys and values are repeated for the 2B responses, and the responses run on top of them;
-    autograd carries both responses' gradients back through the shared keys and values into the one prompt pass.
-    Same log-probs as the concatenated sequences (tested), with the prompt's share of the backbone's work and
-    activations halved, which counts most where prompts are long, as in multi-turn dialogue data like HH."""
+    """scored_tokens of [prompt + chosen, prompt + rejected] for each pair, with the prompt run once: its keys and
+    values are repeated for both responses, which run on top of them, and autograd carries both gradients back into
+    the one prompt pass. The log-probs of the concatenated sequences (tested), with the prompt's work and activations
+    halved: what counts where prompts are long, as in multi-turn dialogue like HH."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -445,9 +442,8 @@ def pair_scored_tokens(model, prompt_ids, prompt_mask, response_ids, response_ma
 
 @forward_pass
 def sft_batch_loss(model, batch, args, autocast):
-    """The SFT loss of one micro-batch (ids, mask, targets): mean over its response tokens, divided by the
-    micro-batches per optimizer step. The LM head and the loss run fused, chunk by chunk (machinery). (Under torchrun:
-    the tokens of every process's share of the micro-batch, global_sum; DDP and FSDP2 average over processes.)"""
+    """The SFT loss of one micro-batch (ids, mask, targets), fused with the LM head: the mean over the response tokens
+    of every process's share (DDP and FSDP2 average over processes), divided by the micro-batches per step."""
     ids, mask, targets = batch
     scale = WORLD_SIZE / (global_sum((targets != -100).sum()) * args.gradient_accumulation_steps)
     with autocast:
@@ -490,8 +486,7 @@ def sequence_logps(model, batches, run):
 
 
 def pair_logps(run, policy, pairs):
-    """log pi(y|x) of both responses of each (prompt, chosen, rejected), in micro-batches: [c0, r0, c1, r1, ...].
-    Each process scores its share of the pairs, and every process gets them all."""
+    """log pi(y|x) of both responses of each pair, [c0, r0, c1, r1, ...]: each process scores its share, all get all."""
     mine = this_rank(pairs)
     batches = [pair_batch(mine[i : i + run.micro], run.pad_id) for i in range(0, len(mine), run.micro)]
     return gather(sequence_logps(policy, batches, run), 2 * len(pairs))
@@ -512,10 +507,8 @@ def truncate_after_eos(responses, eos_id, pad_id):
 @forward_pass
 @torch.no_grad()
 def generate(policy, queries, query_mask, run, temperature=None):
-    """Responses (B, run.response_length) sampled with the KV cache (HF generate) at `temperature` (--temperature
-    unless given), --forward_batch_size prompts at a time, right-padded with the pad token.
-
-    N+: plain temperature sampling: top_k 0 and top_p 1 switch off HF's defaults, no min length."""
+    """Responses (B, run.response_length), right-padded, sampled with HF generate at `temperature` (default
+    --temperature), --forward_batch_size prompts at a time. N+: plain sampling (top_k 0, top_p 1, no min length)."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=run.response_length, do_sample=True, temperature=temperature or run.args.temperature,
@@ -555,8 +548,7 @@ def sequence_rewards(reward_model, ids, mask):
 
 @contextmanager
 def eval_mode(policy):
-    """The policy in eval mode for an evaluation, and back in its mode after (the model's: a wrapper's own flag may
-    differ)."""
+    """The policy in eval mode, then back in its model's own mode (a wrapper's flag may differ)."""
     was_training = all(m.training for m in policy.modules())  # the model's mode
     policy.eval()
     try:
@@ -566,8 +558,7 @@ def eval_mode(policy):
 
 
 def evaluate_gold(run, policy, suffix):
-    """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only).
-    Every process runs the same evaluation and gets the same result."""
+    """Gold reward of sampled (temperature 1) and greedy responses on the held-out prompts (embedded task only)."""
     if run.task is None:
         return {}
     with eval_mode(policy):
@@ -577,10 +568,9 @@ def evaluate_gold(run, policy, suffix):
 
 
 def evaluate_stage(run, policy, suffix):
-    """The start ("_init"), SFT ("_sft") and final ("") policy: the gold reward on the embedded task and, with
-    --eval_reward_model, its responses (temperature 1) to the held-out prompts, kept in the run's state and scored at
-    the end (reward_model_scores), so that the scoring model never shares memory with the ones being trained. The
-    sampling draws from a fork of the random state: a run trains the same with or without it."""
+    """The start ("_init"), SFT ("_sft") or final ("") policy: its gold reward (embedded task) and, with
+    --eval_reward_model, its responses (temperature 1, from a fork of the RNG: training is unchanged) to the held-out
+    prompts, kept in the run's state and scored at the end, so the scoring model never shares memory with training."""
     run.metrics.update(evaluate_gold(run, policy, suffix))
     responses = run.state.setdefault("eval_responses", {})
     if run.args.eval_reward_model is None or suffix in responses:
@@ -598,10 +588,9 @@ def response_texts(run, responses):
 
 
 def reward_model_scores(run):
-    """--eval_reward_model's verdict on the responses evaluate_stage kept: for each policy the mean score over the
-    held-out prompts with its 95% interval (normal approximation over the prompts), and the final policy's win rate
-    against the start's response to the same prompt (a tie counts one half). The model is loaded here, with its own
-    tokenizer, scores the prompt + response texts --forward_batch_size at a time, and is freed."""
+    """--eval_reward_model's verdict on the responses evaluate_stage kept: each policy's mean score over the prompts
+    with its 95% interval (normal approximation), and the final policy's win rate against the start's response to the
+    same prompt (a tie counts one half). The model is loaded only here, and freed."""
     if run.args.eval_reward_model is None:
         return {}
     model, tokenizer = load_eval_reward_model(run.args.eval_reward_model, run.device)
@@ -624,10 +613,9 @@ def reward_model_scores(run):
 
 @torch.no_grad()
 def score_texts(run, model, tokenizer, texts):
-    """The scoring model's reward of each text, as its own tokenizer reads it (+ its EOS, where a response ended, as
-    reward models here are trained; the start cut off where the text exceeds its context). A decoder with a linear
-    `score` head (the reward models rlhf_llm.py saves) is read at the last token, minus its reward_bias; any other
-    sequence classifier through its own forward. Under torchrun each process scores its share."""
+    """The scoring model's reward of each text in its own tokens, + its EOS (as reward models here are trained), the
+    start cut where the text exceeds its context. A decoder with a linear `score` head (rlhf_llm.py's reward models)
+    is read at the last token, minus its reward_bias; any other classifier through its own forward."""
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9
     rows = [(ids + [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id]
              else ids)[-limit:] for ids in tokenizer(this_rank(texts))["input_ids"]]
@@ -654,8 +642,7 @@ def load_eval_reward_model(path, device):
 
 
 def held_out_prompts(args, examples):
-    """The first --num_eval_prompts distinct prompts of the held-out (prompt, ...) examples: those --eval_reward_model's
-    responses answer."""
+    """The first --num_eval_prompts distinct prompts of the held-out examples (what --eval_reward_model scores)."""
     prompts = [list(p) for p in dict.fromkeys(tuple(e[0]) for e in examples)][: args.num_eval_prompts]
     if args.eval_reward_model is not None and len(prompts) < 2:
         fail(f"--eval_reward_model scores responses to held-out prompts, and there are {len(prompts)}; hold out pairs "
@@ -670,7 +657,7 @@ def load_data(args):
     """(task or None, the policy to start from, training pairs, held-out pairs, demonstrations), each a tuple of
     text columns: pairs (prompts, chosen, rejected), demonstrations (prompts, completions)."""
     if args.dataset_name is None:
-        task = load_embedded_task(args)
+        task = embedded_task(args)
         return (task, task.model_path, preference_pairs(task.prefs, "embedded task"),
                 preference_pairs(task.eval_prefs, "embedded task"), demonstrations(task.demos, "embedded task"))
     train_table = load_table(args.dataset_name, args.dataset_split)
@@ -769,12 +756,9 @@ def text_column(table, column: str, name: str):
 
 
 def preference_pairs(table, name: str):
-    """prompt/chosen/rejected columns, from a table in one of these formats (TRL's names):
-    - standard: prompt/chosen/rejected strings, or HH-style chosen/rejected transcripts (the prompt is their shared start);
-    - conversational: chosen/rejected lists of {"role", "content"} messages, either whole conversations (the prompt
-      is what they share: UltraFeedback-binarized) or the answer alone with the conversation so far in `prompt` (a
-      list of messages, or a string: one user turn). A conversational prompt is a list of messages and a response
-      one message, until render_chat writes them as the tokenizer's chat template does.
+    """prompt/chosen/rejected columns (TRL's names) from prompt/chosen/rejected strings; HH-style transcripts (the
+    prompt is their shared start); or lists of {"role", "content"} messages, whole conversations (UltraFeedback-
+    binarized) or answers with the conversation so far in `prompt`, which render_chat writes as text later.
     Pairs whose two sides do not share their prompt are skipped (and counted)."""
     columns = set(table.column_names)
     if not {"chosen", "rejected"} <= columns:
@@ -805,17 +789,15 @@ def split_hh_pair(chosen, rejected):
 
 
 def split_conversation_pair(chosen, rejected):
-    """(prompt, chosen answer, rejected answer) of two conversations that share all but their last turn, an assistant's
-    on both sides; or None."""
+    """(prompt, chosen, rejected) of two conversations that differ only in a last assistant turn, else None."""
     if chosen[:-1] != rejected[:-1] or not chosen[:-1] or {chosen[-1]["role"], rejected[-1]["role"]} != {"assistant"}:
         return None
     return chosen[:-1], chosen[-1], rejected[-1]
 
 
 def demonstrations(table, name: str):
-    """prompt/completion columns, from a table in one of these formats: prompt/completion strings, or lists of
-    messages (TRL's conversational prompt-completion); a conversation per row, the response its last assistant turn
-    (`messages`: TRL's conversational format, UltraChat; `real`: SPIN's pairs, whose own `generated` half the direct and
+    """prompt/completion columns from prompt/completion strings or messages (TRL's formats); a conversation per row,
+    the response its last assistant turn (`messages`: TRL, UltraChat; `real`: SPIN, whose `generated` half the
     self-play forms draw afresh); or the chosen responses of preference data."""
     columns = set(table.column_names)
     if {"prompt", "completion"} <= columns and table.num_rows and isinstance(table[0]["completion"], list):
@@ -847,8 +829,7 @@ def split_conversations(conversations, name):
 
 
 def conversation_column(table, column: str, name: str):
-    """A column of conversations: each a list of {"role", "content"} messages (extra keys are kept); anything else
-    fails in one line."""
+    """A column of lists of {"role", "content"} messages (a prompt string: one user turn); else a one-line error."""
     values = list(table[column])
     for i, v in enumerate(values):
         if isinstance(v, str) and column == "prompt":
@@ -861,10 +842,9 @@ def conversation_column(table, column: str, name: str):
 
 
 def render_chat(tokenizer, data, what):
-    """The conversational entries of a data tuple (prompts, *responses), written as text by the tokenizer's chat
-    template: the prompt is the conversation up to where the response's assistant turn begins (with the template's
-    generation prompt), the response the rest of the rendered conversation, so only the response is scored and trained
-    on. Text entries pass as they are."""
+    """A data tuple (prompts, *responses) of conversations written as text by the tokenizer's chat template: the prompt
+    up to where the answer's turn begins (with the generation prompt), the response the rest, so only the response
+    is scored and trained on. Text passes as it is."""
     prompts, *responses = data
     if not len(prompts) or isinstance(prompts[0], str):
         return data
@@ -941,9 +921,7 @@ def left_pad(sequences, pad_id):
 
 
 def collate(sequences, loss_starts, pad_id):
-    """Right-padded batch: input ids, attention mask and the targets of each position (-100 = no loss).
-
-    Targets are shifted here, once: targets[:, t] is the token at t+1, so hidden state t predicts it."""
+    """Right-padded ids, attention mask and targets (-100 = no loss), shifted once here: targets[:, t] is token t+1."""
     ids, mask = pad_right(sequences, pad_id)
     targets = torch.full_like(ids, -100)
     for i, (s, start) in enumerate(zip(sequences, loss_starts)):
@@ -952,9 +930,8 @@ def collate(sequences, loss_starts, pad_id):
 
 
 def pair_batch(examples, pad_id):
-    """A batch of pairs for the shared-prompt forward (`pair_scored_tokens`): one prompt row per pair, and the
-    chosen and rejected responses (EOS included) as adjacent rows [c0, r0, c1, r1, ...], so that a chunk of whole
-    pairs is a contiguous block of rows (the fused DPO loss needs whole pairs per chunk)."""
+    """Pairs for pair_scored_tokens: a prompt row per pair, and its responses as adjacent rows [c0, r0, c1, r1, ...],
+    so a chunk of whole pairs (what the fused DPO loss needs) is a contiguous block."""
     prompt_ids, prompt_mask = pad_right([p for p, _, _ in examples], pad_id)
     response_ids, response_mask = pad_right([r for _, chosen, rejected in examples for r in (chosen, rejected)], pad_id)
     return prompt_ids, prompt_mask, response_ids, response_mask
@@ -976,27 +953,17 @@ def batch_order(num_examples, batch_size, epochs, seed):
 # ==========================================================================================================
 # Machinery: the fused chunked LM-head losses, training plumbing, checkpoints, input validation
 # ==========================================================================================================
-# Naively, log p(y_t) needs logits = hidden @ W^T for all N tokens: an (N, V) tensor, plus its log-softmax,
-# plus their gradients: 4 x N x V floats (N = 4096 tokens, V = 50304: 3.3 GB in fp32). Here the tokens are
-# cut into chunks of C: each chunk's (C, V) logits are made, used and freed, so memory is ~ C x V.
-#
-# Where the loss is a function of per-sequence sums of log-probs whose gradient is known once the chunk is
-# scored (SFT cross-entropy; DPO over whole pairs with precomputed reference log-probs), the gradients w.r.t.
-# hidden states and LM-head weight are computed *inside the forward*, chunk by chunk (fused_linear_loss), so the
-# logits are never recomputed. Where the gradient is not known in the forward (PPO's per-token ratio and entropy),
-# a chunked Function keeps only the log-sum-exp and entropy per token and recomputes each chunk's logits in the
-# backward (ChunkedLogprobsEntropy); reference log-probs need no gradient (chunked_logps).
-#
-# For log p(y) = z_y - logsumexp(z):  d log p(y) / dz = onehot(y) - softmax(z).
+# Naively, log p(y_t) needs the (N, V) logits hidden @ W^T, their log-softmax and both gradients: 4 x N x V floats
+# (N = 4096 tokens, V = 50304: 3.3 GB in fp32). Here each chunk of C tokens makes, uses and frees its (C, V) logits.
+# Where the loss's gradient is known once a chunk is scored (SFT; DPO on whole pairs with precomputed reference
+# log-probs), fused_linear_loss computes the gradients w.r.t. hidden states and LM-head weight inside the forward, so
+# the logits are never recomputed; PPO's per-token ratio and entropy (in the scripts with PPO) keep the log-sum-exp
+# per token and recompute each chunk in the backward. For log p(y) = z_y - logsumexp(z): d log p(y)/dz = onehot(y) - p.
 def fused_linear_loss(loss_fn, hidden, weight, targets, seq_ids, *seq_inputs, group_size=1, scale=1.0, chunk_size):
-    """scale * sum(loss_fn(log p of each sequence, *seq_inputs)), from hidden (N, D), LM-head weight (V, D) and
-    targets (N,), without ever holding the (N, V) logits.
-
-    seq_ids (N,): the sequence each token belongs to, non-decreasing. loss_fn gets the summed log-probs of a block
-    of whole groups of `group_size` consecutive sequences (2 for a DPO pair) and the matching rows of each of
-    seq_inputs; it returns the per-group losses, or a tuple (per-group losses, *per-group statistics).
-    Returns (loss, statistics concatenated over the batch, log p of each sequence). The loss's gradients are
-    computed in the forward (backward only scales them)."""
+    """scale * sum(loss_fn(log p of each sequence, *seq_inputs)) from hidden (N, D), LM-head weight (V, D) and targets
+    (N,), never holding the (N, V) logits. seq_ids (N,): each token's sequence, non-decreasing. loss_fn gets the
+    summed log-probs of whole groups of `group_size` sequences (2: a DPO pair) and the matching rows of seq_inputs, and
+    returns per-group losses, or (losses, *statistics). Returns (loss, statistics, log p of each sequence)."""
     statistics = []
     loss, seq_logps = FusedLinearLoss.apply(hidden, weight, targets, seq_ids, loss_fn, seq_inputs, group_size, scale,
                                             chunk_size, statistics)
@@ -1004,8 +971,8 @@ def fused_linear_loss(loss_fn, hidden, weight, targets, seq_ids, *seq_inputs, gr
 
 
 def _chunk_logits(hidden, weight, start, end, buffer):
-    """Logits of one chunk in the hidden states' dtype (bf16 inputs: bf16 matmul; the softmax math is fp32 on both
-    paths). Written into one reused (chunk, V) buffer: a fresh 100+ MB allocation per chunk costs page faults."""
+    """One chunk's logits in the hidden states' dtype, written into one reused (chunk, V) buffer: a fresh 100+ MB
+    allocation per chunk costs page faults."""
     return torch.mm(hidden[start:end], weight.t(), out=buffer[: end - start])
 
 
@@ -1014,51 +981,37 @@ def _logits_buffer(hidden, weight, chunk_size):
 
 
 def _chunk_forward(logits, targets):
-    """Per token of one chunk of logits (in the matmul's dtype): log p(target) and the log-sum-exp, both fp32, and
-    what the gradient step reuses. The torch path turns an fp32 copy into softmax probabilities in place and hands
-    them on; the Triton path (GPU) reads the logits once and keeps nothing: its gradient kernel recomputes
-    exp(z - lse) in the same pass that writes the gradient."""
+    """log p(target) and the log-sum-exp of each token of a chunk (fp32), and what the gradient step reuses: the torch
+    path turns an fp32 copy into softmax probabilities in place (logsumexp() would allocate another (chunk, V) block);
+    the Triton path keeps nothing, its gradient kernel recomputes exp(z - lse)."""
     if _use_triton(logits):
         lse, target_logits, _ = _triton_lse(logits, targets)
         return target_logits - lse, lse, None
     probs = logits.float()  # bf16: an fp32 copy; fp32: the buffer itself
     target_logits = probs.gather(1, targets[:, None]).squeeze(1)
-    lse = _lse_then_softmax_(probs)
+    peak = probs.amax(-1)
+    total = probs.sub_(peak[:, None]).exp_().sum(-1)
+    probs.div_(total[:, None])
+    lse = peak + total.log()
     return target_logits - lse, lse, probs
 
 
 def _chunk_grad_(logits, targets, lse, grad_logp, probs=None):
-    """dL/dz of one chunk in the logits' dtype (in place on the buffer where the path allows), for dL/dlog p(target)
-    = grad_logp per token. probs: _chunk_forward's, or None (a backward that kept only the log-sum-exp)."""
+    """dL/dz = g (onehot(y) - p) of one chunk in the logits' dtype, for dL/dlog p(target) = g = grad_logp per token, in
+    place where the path allows. probs: _chunk_forward's, or None (recomputed from the log-sum-exp)."""
     if _use_triton(logits):
         return _triton_grad_(logits, targets, lse, grad_logp)
     if probs is None:
         probs = logits.float().sub_(lse[:, None]).exp_()
-    return _grad_logits_(probs, targets, grad_logp).to(logits.dtype)
-
-
-def _lse_then_softmax_(logits):
-    """Returns the log-sum-exp of each row, and turns the logits into softmax probabilities in place on the way.
-    (logsumexp() would allocate a second (chunk, V) temporary, and the gradient would need another exp pass.)"""
-    peak = logits.amax(-1)
-    total = logits.sub_(peak[:, None]).exp_().sum(-1)
-    logits.div_(total[:, None])
-    return peak + total.log()
-
-
-def _grad_logits_(probs, targets, grad_logp):
-    """In place on the softmax `probs`: dL/dz = g * (onehot(y) - softmax(z)), for dL/dlog p(y) = g per row."""
     grad = probs.mul_(-grad_logp[:, None])
     grad[torch.arange(len(targets), device=grad.device), targets] += grad_logp
-    return grad
+    return grad.to(logits.dtype)
 
 
 # ---- the same per-chunk work as two Triton kernels (GPU) ----
-# On a GPU the chunk's matmuls are fast and the torch ops above are ~10 passes over the (chunk, V) block (an fp32
-# copy, max, sub, exp, sum, div, gather, mul, scatter, a bf16 copy): they dominate. Two kernels do it in one read
-# (log-sum-exp, online) plus one read-and-write (the gradient, over the block in place, in its own dtype), with fp32
-# math; one program per token row, BLOCK columns at a time. The entropy terms serve PPO's loss (the kernels are the
-# same in every script). `--logprob_kernel auto` uses them for CUDA tensors when triton is installed; the tests run
+# On a GPU the torch ops above are ~10 passes over the (chunk, V) block and dominate the matmuls. The kernels make one
+# read (the log-sum-exp, online) and one read-and-write (the gradient, in place, in the block's dtype), fp32 math, one
+# program per token row. `--logprob_kernel auto` uses them for CUDA tensors when triton is installed; the tests run
 # them on the CPU through Triton's interpreter. Measurements: benchmarks/README.md.
 LOGPROB_KERNEL = "auto"  # auto | torch | triton; setup_torch() sets it from --logprob_kernel
 TRITON_BLOCK_V = 2048  # columns per step of a row (at most; fewer for a small vocabulary)
@@ -1134,9 +1087,8 @@ def _triton_grad_(logits, targets, lse, grad_logp, entropy=None, grad_entropy=No
 
 
 def _accumulate_(grad_weight, grad_logits, hidden):
-    """grad_weight (fp32) += grad_logits^T @ hidden, in place: no (V, D) temporary. Same dtypes: addmm_. bf16 inputs:
-    on CUDA, cuBLAS adds the bf16 product into the fp32 gradient (addmm's out_dtype, where this torch has it);
-    elsewhere the bf16 product is made, cast to fp32 and added (two (V, D) temporaries per chunk)."""
+    """grad_weight (fp32) += grad_logits^T @ hidden in place. bf16 factors: on CUDA, cuBLAS adds their product into the
+    fp32 gradient (addmm's out_dtype, where this torch has it); elsewhere two (V, D) temporaries per chunk."""
     if grad_logits.dtype == grad_weight.dtype:
         grad_weight.addmm_(grad_logits.t(), hidden)
     elif _adds_bf16_into_fp32(grad_weight.device):
@@ -1147,8 +1099,7 @@ def _accumulate_(grad_weight, grad_logits, hidden):
 
 @cache
 def _adds_bf16_into_fp32(device) -> bool:
-    """Whether torch.addmm adds a bf16 product into an fp32 tensor in place on this device: CUDA only, and only in
-    torch versions whose addmm takes an fp32 input with bf16 factors. Checked once per device, on a 2 x 2 product."""
+    """Whether this torch's addmm adds a bf16 product into an fp32 tensor in place on this device (CUDA only)."""
     if device.type != "cuda":
         return False
     total = torch.ones(2, 2, device=device)
@@ -1161,8 +1112,8 @@ def _adds_bf16_into_fp32(device) -> bool:
 
 
 def _chunk_plan(seq_ids, group_size: int, chunk_size: int):
-    """[(start, end, first_seq, end_seq)] per chunk: about chunk_size tokens each, never splitting a group of
-    group_size consecutive sequences. Boundaries: the first token of each group, grouped by chunk_size bucket."""
+    """[(start, end, first_seq, end_seq)] per chunk of about chunk_size tokens, never splitting a group of group_size
+    consecutive sequences: a chunk starts at the first token of a group, one per chunk_size bucket."""
     group = seq_ids // group_size
     group_starts = torch.cat([group.new_zeros(1), torch.nonzero(group[1:] != group[:-1]).squeeze(1) + 1])
     bucket = group_starts // chunk_size
@@ -1174,8 +1125,7 @@ def _chunk_plan(seq_ids, group_size: int, chunk_size: int):
 
 @torch.no_grad()
 def chunked_logps(hidden, weight, targets, chunk_size: int):
-    """Per-token log p(target) from hidden (N, D) and LM-head weight (V, D), chunk by chunk, without gradients (the
-    reference log-probs of the DPO forms): memory ~ chunk_size x V."""
+    """Per-token log p(target) from hidden (N, D) and LM-head weight (V, D), chunk by chunk, without gradients."""
     weight = weight.to(hidden.dtype)
     logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     buffer = _logits_buffer(hidden, weight, chunk_size)
@@ -1186,8 +1136,8 @@ def chunked_logps(hidden, weight, targets, chunk_size: int):
 
 
 class FusedLinearLoss(torch.autograd.Function):
-    """The autograd Function behind fused_linear_loss: one pass over chunks of whole groups of sequences computes
-    the loss, its gradients w.r.t. hidden states and LM-head weight, the statistics and the sequence log-probs."""
+    """fused_linear_loss's one pass over chunks of whole groups: the loss, its gradients w.r.t. hidden states and
+    LM-head weight, the statistics and the sequence log-probs."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, seq_ids, loss_fn, seq_inputs, group_size: int, scale, chunk_size: int,
@@ -1230,8 +1180,7 @@ class FusedLinearLoss(torch.autograd.Function):
 
 # ---- training plumbing ----
 def setup_torch(args):
-    """Threads, device, the log-prob kernel, bf16 autocast and the seeds; quiet library logging; under torchrun, this
-    process's place among the others (init_distributed)."""
+    """Threads, device, log-prob kernel, bf16 autocast, seeds, quiet library logging; under torchrun, init_distributed."""
     global LOGPROB_KERNEL, SHARDED
     import datasets
     import transformers
@@ -1281,9 +1230,7 @@ def status(logs, keys):
 
 
 def progress_bar(total: int, desc: str, initial: int = 0):
-    """A tqdm bar (set_postfix shows the running loss) when stderr is a terminal, and under torchrun on the first
-    process only; in logs and tests a silent stand-in, and the plain status lines carry the progress. tqdm comes with
-    transformers and datasets."""
+    """A tqdm bar on a terminal, first process only (tqdm comes with transformers); the status lines carry the rest."""
     from tqdm.auto import tqdm
 
     hidden = not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0"
@@ -1291,22 +1238,21 @@ def progress_bar(total: int, desc: str, initial: int = 0):
 
 
 # ---- several processes: torchrun, DDP or FSDP2, data shards, reductions, whole weights for saving ----
-# `torchrun --nproc_per_node N script.py ...` starts N copies of the script, one per GPU (--nnodes and a rendezvous
-# endpoint span several machines). Every copy reads the same data in the same order and takes its share of each batch
-# (this_rank); DDP or FSDP2 (--parallel) average the gradients over the processes, so an optimizer step sees the whole
-# batch, and each process scales its loss as its share of the whole batch's. Statistics are averaged over the
-# processes before they are logged. Evaluations run alike on every process (FSDP2's forward passes need all of them);
-# only the first process prints, logs and writes files. DDP and FSDP2 act around a module's forward, so each function
-# that runs a model is marked @forward_pass: given parallelize()'s wrapper, sft_batch_loss(policy, ...) runs as its forward.
-# A plain `python script.py` is one process, and none of this changes what it computes.
+# `torchrun --nproc_per_node N script.py ...` starts N copies of the script, one per GPU. Each reads the same data in
+# the same order and takes its share of each batch (this_rank); DDP or FSDP2 (--parallel) average the gradients, each
+# process scaling its loss as its share of the whole batch's, so a step sees the whole batch. Statistics are averaged
+# before they are logged; evaluations run on every process (FSDP2's forward passes need all of them); only the first
+# prints and writes. DDP and FSDP2 act around a module's forward, so a function that runs a model is @forward_pass:
+# given parallelize()'s wrapper, sft_batch_loss(policy, ...) runs as its forward. One process changes nothing.
 DISTRIBUTED = "WORLD_SIZE" in os.environ  # started by torchrun (also with one process: DDP or FSDP2 of world size 1)
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))
 RANK = int(os.environ.get("RANK", 0))  # this process among all of them; 0 prints, logs and writes
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))  # this process among those of its node: its GPU
 SHARDED = False  # parameters sharded by FSDP2 (DTensors); setup_torch() sets it
+
+
 def init_distributed(device):
-    """Joins the processes that torchrun started (NCCL between GPUs, gloo between CPU processes), on this process's
-    GPU; the processes other than the first print nothing (their errors still reach stderr)."""
+    """Joins torchrun's processes (NCCL between GPUs, gloo between CPUs) on this process's GPU; only the first prints."""
     if device.type == "cuda":
         device = torch.device("cuda", LOCAL_RANK)
         torch.cuda.set_device(device)
@@ -1317,19 +1263,12 @@ def init_distributed(device):
 
 
 def parallelize(model, args):
-    """The model wrapped for @forward_pass functions. One process: Parallel(model). Under torchrun, --parallel ddp:
-    DistributedDataParallel, a replica per process whose gradients are averaged during the backward (a frozen model,
-    which has none, stays a plain replica); --parallel fsdp: FSDP2 (fully_shard) shards parameters, gradients and
-    optimizer state over the processes, one unit per transformer block and one root unit with the rest (embeddings,
-    final norm, LM or scalar head), each gathered for its forward and again for its backward, and freed after. With
-    --bf16, FSDP2 gathers the weights in bf16, reduces the gradients in fp32 and updates fp32 shards. The model comes
-    from the CPU (load_device): fully_shard moves each unit's shard to this process's GPU, unit by unit.
-
-    The fused LM-head losses run inside the root's forward, so under FSDP2 they see the head's weight whole, compute
-    its gradient exactly as on one process, and FSDP2 reduce-scatters that gradient like any other. Whole, because
-    the log-softmax of a token needs every row (vocabulary entry) of the head: a head sharded by rows would need a
-    log-sum-exp across processes for every token (vocabulary parallelism, another algorithm). The price: the whole
-    head and its gradient on every GPU during a step, and the root's all-gathers."""
+    """The model wrapped for @forward_pass functions: Parallel(model) on one process; under torchrun DDP (a frozen
+    model stays a plain replica) or FSDP2, one unit per transformer block and a root unit with the rest, the weights
+    gathered in bf16 with --bf16 and the gradients reduced in fp32. The model comes from the CPU (load_device) and
+    fully_shard moves each shard to this process's GPU. The fused losses run inside the root's forward, so they see
+    the LM head whole and its gradient is the one-process gradient: a head sharded by rows would need a log-sum-exp
+    across processes for every token (vocabulary parallelism, another algorithm)."""
     parallel = Parallel(model)
     if not DISTRIBUTED:
         return parallel
@@ -1343,9 +1282,8 @@ def parallelize(model, args):
     for module in model.modules():
         if type(module).__name__ in (model._no_split_modules or []):  # the transformer blocks (HF's list of them)
             fully_shard(module, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16))
-    # The root's inputs are the function's own (reference log-probs, weights): FSDP2 must not cast them to bf16. The
-    # root is freed after each forward too (gathered again for the backward): outside a forward every parameter is a
-    # shard, which is what an optimizer made after an evaluation (a forward without backward) must see.
+    # The root's inputs (reference log-probs, weights) must not be cast to bf16. The root is freed after each forward
+    # too: outside a forward every parameter is a shard, which an optimizer made after an evaluation must see.
     fully_shard(parallel, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16, cast_forward_inputs=False),
                 reshard_after_forward=True)
     return parallel
@@ -1353,28 +1291,24 @@ def parallelize(model, args):
 
 @cache
 def process_mesh():
-    """FSDP2's 1-D mesh of all the processes, made once: their GPUs with NCCL, else their CPUs (also with --device cpu
-    on a machine that has GPUs, where FSDP2's default mesh would be the GPUs)."""
+    """FSDP2's mesh of all the processes: their GPUs with NCCL, else their CPUs (also with --device cpu beside GPUs)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (WORLD_SIZE,))
 
 
 def sync_gradients(now: bool, *models):
-    """Whether the next forward-backward through each model all-reduces its gradients (DDP). With gradient
-    accumulation only the optimizer step's last micro-batch needs to: the others add into the local .grad and the last
-    backward all-reduces the sum, one all-reduce per step instead of one per micro-batch. This is DDP's no_sync as a
-    flag, so the loop needs no extra block. FSDP2 reduce-scatters every micro-batch: keeping whole unsharded gradients
-    between micro-batches would cost the memory it shards to save."""
+    """DDP's no_sync as a flag: whether the next backward all-reduces the gradients. With gradient accumulation only a
+    step's last micro-batch needs to; the others add into the local .grad. (FSDP2 reduce-scatters every micro-batch:
+    whole gradients kept between them would cost the memory it shards to save.)"""
     for model in models:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model.require_backward_grad_sync = now
 
 
 def this_rank(items):
-    """This process's share of a batch or a list: the RANK-th of WORLD_SIZE equal, contiguous slices. A list that does
-    not split evenly gets copies of its last item first, so that every process runs as many forward passes as the
-    others (FSDP2 needs all of them in each); gather() drops the copies again."""
+    """This process's share of a batch or list: the RANK-th of WORLD_SIZE contiguous slices. An uneven list gets copies
+    of its last item, so every process runs as many forward passes (FSDP2 needs all in each); gather() drops them."""
     if WORLD_SIZE == 1:
         return items
     share = -(-len(items) // WORLD_SIZE)
@@ -1383,8 +1317,8 @@ def this_rank(items):
 
 
 def gather(local, total=None):
-    """Every process's `local` (the rows of a tensor, the same shape on each; or a list), concatenated in process order
-    and cut to `total` items (dropping this_rank's copies); the same result on every process."""
+    """Every process's `local` (tensor rows of one shape, or a list), concatenated in process order and cut to `total`
+    items (dropping this_rank's copies); the same on every process."""
     if not DISTRIBUTED:
         return local if total is None else local[:total]
     if torch.is_tensor(local):
@@ -1408,13 +1342,12 @@ def global_sum(x):
 
 
 def global_mean(x):
-    """The mean of a tensor over the processes: of a statistic that each process measured on its equal share."""
+    """The mean over the processes of a statistic that each measured on its equal share."""
     return global_sum(x) / WORLD_SIZE if DISTRIBUTED else x
 
 
 def seed_share(seed):
-    """torch.manual_seed for sampling this process's share of the prompts: each process a stream of its own (the
-    first process, like a single one, that of the seed itself; the others one seeded by a hash of seed and rank)."""
+    """torch.manual_seed for this process's sampling: the seed itself on the first (as on one), else a hash."""
     torch.manual_seed(seed if RANK == 0 else hash((seed, RANK)) % 2**32)
 
 
@@ -1443,8 +1376,8 @@ def whole(x):
 
 
 def whole_state(state):
-    """A (nested) state dict with each FSDP2-sharded tensor gathered whole onto the first process's CPU (None in its
-    place on the others): what a checkpoint or save_pretrained holds, as on one process. Every process calls it."""
+    """A (nested) state dict with each FSDP2 shard gathered whole onto the first process's CPU (None on the others), as
+    one process would save it. Every process calls it."""
     if isinstance(state, dict):
         return type(state)((k, whole_state(v)) for k, v in state.items())
     if isinstance(state, (list, tuple)):
@@ -1456,9 +1389,8 @@ def whole_state(state):
 
 
 def shard_optimizer_state(optimizer, state_dict):
-    """Before optimizer.load_state_dict() of a whole state (a checkpoint, from any number of processes): under FSDP2
-    each process keeps the shards of its parameters, cut one tensor at a time on the way in (a load_state_dict
-    pre-hook, see new_optimizer), so that the whole optimizer state never sits on a GPU."""
+    """optimizer.load_state_dict()'s pre-hook (new_optimizer): under FSDP2 a whole saved state, from any number of
+    processes, is cut to this process's shards one tensor at a time, so it never sits whole on a GPU."""
     if not SHARDED:
         return state_dict
     from torch.distributed.tensor import distribute_tensor
@@ -1474,21 +1406,13 @@ def shard_optimizer_state(optimizer, state_dict):
 
 
 def load_device(device):
-    """Where a model is loaded: its device, or under FSDP2 the CPU, from where parallelize() moves each block's shards
-    to the GPU (fully_shard moves what it shards), so that no GPU ever holds a whole model."""
+    """Where a model loads: its device, or under FSDP2 the CPU, so that no GPU ever holds a whole model."""
     return torch.device("cpu") if SHARDED else device
 
 
-def save_whole(obj, path):
-    """atomic_save by the first process, under FSDP2 of the shards gathered whole (every process calls it)."""
-    obj = whole_state(obj) if SHARDED else obj
-    if RANK == 0:
-        atomic_save(obj, path)
-
-
 def save_model(path, model, tokenizer=None):
-    """model.save_pretrained(path) and the tokenizer's, written by the first process; under FSDP2 with the whole
-    weights gathered from every process (each calls it). The others wait until it is written."""
+    """model.save_pretrained(path) and the tokenizer's by the first process, under FSDP2 of the weights gathered whole
+    (every process calls it); the others wait until it is written."""
     state = whole_state(model.state_dict()) if SHARDED else None
     if RANK == 0:
         model.save_pretrained(path, state_dict=state)
@@ -1497,36 +1421,9 @@ def save_model(path, model, tokenizer=None):
     barrier()
 
 
-def summary_writer(run_dir, args):
-    """TensorBoard's SummaryWriter on the first process, with --track mirrored to Weights & Biases as CleanRL does (the
-    same scalars, the flags as the run's config; a resumed run continues its W&B run); on the others one that drops
-    what it is given."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    if RANK:
-        return NoWriter()
-    if args.track:  # before the writer: W&B mirrors the TensorBoard files written after init
-        import wandb
-
-        name = os.path.basename(os.path.normpath(run_dir))
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=name,
-                   id=re.sub(r"[^\w.-]", "-", name)[-128:], resume="allow", dir=run_dir, sync_tensorboard=True)
-    return SummaryWriter(run_dir)
-
-
-class NoWriter:
-    """What the processes other than the first log to: nothing."""
-
-    def add_scalar(self, *args, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
 def check_processes(args, batches):
-    """Under torchrun, before anything is built: each batch splits evenly over the processes ((what, examples) pairs),
-    --parallel fsdp has FSDP2, and a GPU run has a GPU for each process of its node."""
+    """Under torchrun: each batch ((what, examples) pairs) splits evenly over the processes, --parallel fsdp has FSDP2,
+    and a GPU run has a GPU for each process of its node."""
     if not DISTRIBUTED:
         return
     for what, examples in batches:
@@ -1558,36 +1455,38 @@ class Run:
     response_length: int
     dir: str
     state: dict  # stage, step, global_step, metrics
-    writer: object
+    writer: object  # None on the processes other than the first
     eval_prompts: list = field(default_factory=list)  # token ids of the prompts --eval_reward_model's responses answer
-
-    @property
-    def pad_id(self):
-        return self.tokenizer.pad_token_id
-
-    @property
-    def eos_id(self):
-        return self.tokenizer.eos_token_id
-
-    @property
-    def metrics(self):
-        return self.state["metrics"]
-
-    @property
-    def micro(self):  # examples per micro-batch (--gradient_accumulation_steps of them per optimizer step)
-        return self.args.batch_size // self.args.gradient_accumulation_steps
-
-    @property
-    def rank_batch(self):  # examples per optimizer step on this process (all of them on one)
-        return self.args.batch_size // WORLD_SIZE
+    pad_id = property(lambda self: self.tokenizer.pad_token_id)
+    eos_id = property(lambda self: self.tokenizer.eos_token_id)
+    metrics = property(lambda self: self.state["metrics"])
+    micro = property(lambda self: self.args.batch_size // self.args.gradient_accumulation_steps)  # examples per micro-batch
+    rank_batch = property(lambda self: self.args.batch_size // WORLD_SIZE)  # examples per optimizer step on this process
 
     def micro_batch(self, indices, m):
         """The m-th micro-batch of an optimizer step's example indices."""
         return indices[m * self.micro : (m + 1) * self.micro]
 
-    def log(self, scalars: dict, prefix: str = ""):
-        for k, v in scalars.items():
-            self.writer.add_scalar(prefix + k, v, self.state["global_step"])
+    def log(self, scalars: dict, prefix: str = "", step=None):
+        if self.writer is not None:  # (the first process logs)
+            for k, v in scalars.items():
+                self.writer.add_scalar(prefix + k, v, self.state["global_step"] if step is None else step)
+
+
+def summary_writer(run_dir, args):
+    """TensorBoard's SummaryWriter on the first process (None on the others), with --track mirrored to Weights & Biases
+    as CleanRL does: the same scalars, the flags as the run's config; a resumed run continues its W&B run."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if RANK:
+        return None
+    if args.track:  # before the writer: W&B mirrors the TensorBoard files written after init
+        import wandb
+
+        name = os.path.basename(os.path.normpath(run_dir))
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=name,
+                   id=re.sub(r"[^\w.-]", "-", name)[-128:], resume="allow", dir=run_dir, sync_tensorboard=True)
+    return SummaryWriter(run_dir)
 
 
 def open_run(args, model, first_stage):
@@ -1613,10 +1512,13 @@ def open_run(args, model, first_stage):
 
 def save_checkpoint(run, model, optimizer=None, scheduler=None, **extra):
     """The run's state and model (+ extra models), and within a stage its optimizer, schedule and RNG, written
-    atomically (save_whole)."""
+    atomically by the first process (under FSDP2 gathered whole from every process's shards; each calls it)."""
     stage = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "torch_rng": torch.get_rng_state()} if optimizer is not None else {}
-    save_whole({**run.state, "model": model.state_dict(), **stage, **extra}, os.path.join(run.dir, "checkpoint.pt"))
+    checkpoint = {**run.state, "model": model.state_dict(), **stage, **extra}
+    checkpoint = whole_state(checkpoint) if SHARDED else checkpoint
+    if RANK == 0:
+        atomic_save(checkpoint, os.path.join(run.dir, "checkpoint.pt"))
 
 
 def finish_run(run, model, started, algo):
@@ -1628,11 +1530,11 @@ def finish_run(run, model, started, algo):
               "steps": step, "wall_s": round(time.time() - started, 1), **run.metrics}
     if RANK == 0:
         write_json(result, os.path.join(run.dir, "metrics.json"))
-    run.writer.close()
-    if args.track and RANK == 0:
-        import wandb
+        run.writer.close()
+        if args.track:
+            import wandb
 
-        wandb.finish()
+            wandb.finish()
     print(json.dumps(result))
     if DISTRIBUTED:
         # the processes leave together, so that none closes its connections while the first still writes its results
@@ -1695,7 +1597,7 @@ def validate_args(args: Args):
             fail(message)
     check_processes(args, [("--batch_size / --gradient_accumulation_steps", args.batch_size // args.gradient_accumulation_steps)])
     if embedded:
-        check_embedded_task(args)
+        embedded_task(args, build=False)
         check_batches_fit([("preference pairs (--task.num_prefs)", args.task.num_prefs, args.num_epochs, args.batch_size, "--batch_size"),
                            ("demonstrations (--task.num_demos)", args.task.num_demos, args.sft_epochs, args.batch_size, "--batch_size")])
 
@@ -1714,25 +1616,18 @@ def check_context(model, prompts, response_length, examples):
              f"({context_limit}); lower --response_length or --max_prompt_length")
 
 
-def check_embedded_task(args):
-    """The embedded task's own checks (sort_task.validate), before it is built."""
-    try:
-        import_embedded_task().validate(args.task)
-    except ValueError as e:
-        fail(str(e))
-
-
-def import_embedded_task():
+def embedded_task(args, build=True):
+    """The embedded task of --task.* (sort_task.py beside this script), checked by its own validate(), then built."""
     try:
         import sort_task
     except ImportError:
         fail("the embedded task needs sort_task.py beside this script (copy it too), "
              "or give your data with --dataset_name and --model_name_or_path")
-    return sort_task
-
-
-def load_embedded_task(args):
-    return import_embedded_task().SortTask(args.task)
+    try:
+        sort_task.validate(args.task)
+    except ValueError as e:
+        fail(str(e))
+    return sort_task.SortTask(args.task) if build else None
 
 
 def check_batches_fit(needs):
